@@ -1,0 +1,100 @@
+"""The X-LoRA classifier: hidden states of the scaling pass -> one weight per expert, per token and LoRA layer.
+
+Architecture and parameter names match `peft.tuners.xlora.classifier.XLoraClassifier`
+(`layers.{i}.weight|bias` in an `nn.Sequential`), so checkpoints are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import XLoraConfig, check_global_scaling_weight, check_top_k
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Run-time routing knobs: top-k experts per token (None = dense) and the global scaling weight."""
+
+    top_k: int | None = None
+    global_scaling_weight: float = 1.0
+
+    def validate(self, n_adapters: int) -> Routing:
+        """Raise ValueError naming the field; return self so it can be chained."""
+        try:
+            check_top_k(self.top_k, n_adapters)
+        except ValueError as e:
+            raise ValueError(str(e).replace("top_k_lora", "top_k")) from None
+        check_global_scaling_weight(self.global_scaling_weight)
+        return self
+
+
+class XLoraClassifier(nn.Module):
+    def __init__(self, config: XLoraConfig, n_layers: int, n_classes: int):
+        super().__init__()
+        self.config = config
+        self.n_layers = n_layers
+        self.n_classes = n_classes
+        out = n_classes * n_layers if config.layerwise_scalings else n_classes
+        layers: list[nn.Module] = []
+        width = config.hidden_size
+        for _ in range(config.xlora_depth - 1):
+            layers += [nn.Linear(width, config.xlora_size), nn.ReLU()]
+            if config.xlora_dropout_p > 0:
+                layers.append(nn.Dropout(p=config.xlora_dropout_p))
+            width = config.xlora_size
+        layers.append(nn.Linear(width, out))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, hidden] -> scalings [batch, seq, n_layers, n_classes]."""
+        batch, seq, _ = hidden_states.shape
+        logits = self.layers(hidden_states)
+        if not self.config.layerwise_scalings:
+            logits = logits.unsqueeze(2).expand(-1, -1, self.n_layers, -1)
+        scalings = logits.reshape(batch, seq, self.n_layers, self.n_classes)
+        if self.config.enable_softmax:
+            scalings = torch.softmax(scalings / self.config.softmax_temperature, dim=-1)
+        return scalings
+
+    def dummy_scalings(self, batch: int, seq: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The scalings of the scaling pass: every expert at scaling_pass_value."""
+        shape = (batch, seq, self.n_layers, self.n_classes)
+        return torch.full(shape, self.config.scaling_pass_value, device=device, dtype=dtype)
+
+
+def expert_weights(scalings: torch.Tensor, routing: Routing | list[Routing], softmax_topk: bool) -> torch.Tensor:
+    """What each expert's LoRA output is multiplied by: top-k mask, optional softmax over the kept
+    experts, times the global scaling weight (as peft's XLoraLayer). `routing` is one setting for the
+    whole batch or one per row, so requests with different settings can share a batch."""
+    rows = routing if isinstance(routing, list) else [routing] * scalings.shape[0]
+    if len(rows) != scalings.shape[0]:
+        raise ValueError(f"routing has {len(rows)} entries for a batch of {scalings.shape[0]}")
+    groups: dict[int | None, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.top_k, []).append(i)
+    if len(groups) == 1:
+        weights = _select(scalings, rows[0].top_k, softmax_topk)
+    else:
+        weights = torch.empty_like(scalings)
+        for k, idx in groups.items():
+            weights[idx] = _select(scalings[idx], k, softmax_topk)
+    gsw = {r.global_scaling_weight for r in rows}
+    if len(gsw) == 1:
+        return weights * gsw.pop()
+    per_row = torch.tensor([r.global_scaling_weight for r in rows], device=weights.device, dtype=weights.dtype)
+    return weights * per_row.view(-1, 1, 1, 1)
+
+
+def _select(scalings: torch.Tensor, top_k: int | None, softmax_topk: bool) -> torch.Tensor:
+    if top_k is not None:
+        _, indices = torch.topk(scalings, k=top_k, dim=-1)
+        mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, indices, True)
+        scalings = scalings * mask.to(scalings.dtype)
+    if softmax_topk:
+        # peft applies this softmax over the non-zero experts whenever enable_softmax_topk is set.
+        nonzero = scalings != 0
+        scalings = torch.softmax(scalings.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
+    return scalings

@@ -1,0 +1,114 @@
+"""X-LoRA configuration: the same fields, defaults and meaning as `peft.XLoraConfig`, validated."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class XLoraConfig:
+    """Hyper-parameters of the X-LoRA router (see `peft.XLoraConfig` for the reference semantics).
+
+    hidden_size: hidden size of the base model (the classifier's input).
+    adapters: expert name -> folder of a PEFT LoRA adapter; order defines the expert index.
+    enable_softmax: softmax (with softmax_temperature) over experts on the classifier's output.
+    enable_softmax_topk: after the top-k mask, a softmax over the kept experts only.
+    layerwise_scalings: one scaling per expert *and* LoRA layer instead of one broadcast to every layer.
+    xlora_depth / xlora_size / xlora_dropout_p: depth, hidden width and dropout of the classifier MLP.
+    use_trainable_adapters: train the experts together with the classifier.
+    softmax_temperature: lower is sharper.
+    top_k_lora: keep the k largest scalings per token and layer (None = dense).
+    scaling_pass_value: the value every scaling takes in the scaling pass.
+    global_scaling_weight: multiplies every expert's output.
+    """
+
+    hidden_size: int
+    adapters: dict[str, str] = field(default_factory=dict)
+    enable_softmax: bool = True
+    enable_softmax_topk: bool = False
+    layerwise_scalings: bool = False
+    xlora_depth: int = 1
+    xlora_size: int = 2048
+    xlora_dropout_p: float = 0.2
+    use_trainable_adapters: bool = False
+    softmax_temperature: float = 1.0
+    top_k_lora: int | None = None
+    scaling_pass_value: float = 0.0
+    global_scaling_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {self.hidden_size!r}")
+        if not isinstance(self.adapters, dict) or not self.adapters:
+            raise ValueError("adapters must name at least one LoRA expert (name -> folder)")
+        for name in self.adapters:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"adapters: expert names must be non-empty strings, got {name!r}")
+        _check_int("xlora_depth", self.xlora_depth, minimum=1)
+        _check_int("xlora_size", self.xlora_size, minimum=1)
+        if not (_finite(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0):
+            raise ValueError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p!r}")
+        if not (_finite(self.softmax_temperature) and self.softmax_temperature > 0):
+            raise ValueError(f"softmax_temperature must be a finite number > 0, got {self.softmax_temperature!r}")
+        check_top_k(self.top_k_lora, len(self.adapters))
+        if not _finite(self.scaling_pass_value):
+            raise ValueError(f"scaling_pass_value must be a finite number, got {self.scaling_pass_value!r}")
+        check_global_scaling_weight(self.global_scaling_weight)
+
+    @property
+    def n_adapters(self) -> int:
+        return len(self.adapters)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XLoraConfig:
+        """Build from a dict such as peft's adapter_config.json; keys that are not X-LoRA fields are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, folder: str | Path) -> None:
+        data = {"peft_type": "XLORA", **self.to_dict()}
+        Path(folder, CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> XLoraConfig:
+        path = Path(folder, CONFIG_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no X-LoRA config here (expected {CONFIG_NAME})")
+        data = json.loads(path.read_text())
+        if data.get("peft_type") != "XLORA":
+            raise ValueError(f"{path}: peft_type is {data.get('peft_type')!r}, expected 'XLORA'")
+        return cls.from_dict(data)
+
+
+def check_top_k(top_k: int | None, n_adapters: int) -> None:
+    if top_k is None:
+        return
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_adapters:
+        raise ValueError(f"top_k_lora must be null (dense) or an integer in 1..{n_adapters}, got {top_k!r}")
+
+
+def check_global_scaling_weight(weight: float) -> None:
+    if isinstance(weight, bool) or not _finite(weight):
+        raise ValueError(f"global_scaling_weight must be a finite number, got {weight!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

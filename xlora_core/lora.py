@@ -1,0 +1,206 @@
+"""LoRA experts: reading PEFT adapters, and the fused layer that runs every expert of a module at once.
+
+A `FusedLoraLinear` replaces one `nn.Linear` of the base model. The A matrices of all experts that
+target it are stacked into one [sum of ranks, in] matrix and the B matrices into one [out, sum of
+ranks] matrix, so a forward costs two matmuls whatever the number of experts. Each rank column
+knows its expert, so the per-token expert weights scale the columns between the two matmuls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# LoRA variants and extras that change the computation: refused rather than silently ignored.
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA",
+    "use_qalora": "QA-LoRA",
+    "lora_bias": "LoRA bias",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+    "modules_to_save": "modules_to_save",
+    "target_parameters": "target_parameters",
+    "layer_replication": "layer_replication",
+    "alora_invocation_tokens": "aLoRA",
+    "arrow_config": "Arrow",
+    "use_bdlora": "BD-LoRA",
+    "trainable_token_indices": "trainable tokens",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+class ExpertError(ValueError):
+    """An expert that cannot be used with this base model; the message names the expert and module."""
+
+
+@dataclass
+class LoraExpert:
+    """One PEFT LoRA adapter read from disk: per module name, A [r, in], B [out, r] and the scale."""
+
+    name: str
+    folder: Path
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def read_expert(name: str, folder: str | Path) -> LoraExpert:
+    """Read a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ExpertError(f"expert {name!r}: {path} not found")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExpertError(f"expert {name!r}: {config_path} is not valid JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise ExpertError(f"expert {name!r}: peft_type is {config.get('peft_type')!r}; only LORA is supported")
+    for key, label in UNSUPPORTED_OPTIONS.items():
+        if config.get(key):
+            raise ExpertError(f"expert {name!r}: {label} ({key}) is not supported")
+    if config.get("bias", "none") != "none":
+        raise ExpertError(f"expert {name!r}: bias={config['bias']!r} is not supported (only 'none')")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExpertError(f"expert {name!r}: cannot read {weights_path}: {e}") from None
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, part = _split_key(key)
+        if part not in ("lora_A", "lora_B"):
+            what = "DoRA" if part == "lora_magnitude_vector" else f"the tensor {key!r}"
+            raise ExpertError(f"expert {name!r}: {what} is not supported (only Linear lora_A/lora_B)")
+        pairs.setdefault(module, {})[part] = tensor
+    if not pairs:
+        raise ExpertError(f"expert {name!r}: {weights_path} holds no LoRA tensors")
+
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    modules = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ExpertError(f"expert {name!r}: module {module!r} lacks {({'lora_A', 'lora_B'} - set(ab)).pop()}")
+        a, b = ab["lora_A"], ab["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ExpertError(f"expert {name!r}: module {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}")
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r_default)
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha_default)
+        if r != a.shape[0]:
+            raise ExpertError(f"expert {name!r}: module {module!r} has rank {a.shape[0]}, config says {r}")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[module] = (a, b, float(scale))
+    return LoraExpert(name=name, folder=folder, modules=modules)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'base_model.model.model.layers.0.q_proj.lora_A.weight' -> ('model.layers.0.q_proj', 'lora_A')."""
+    parts = key.split(".")
+    if parts[:2] == ["base_model", "model"]:
+        parts = parts[2:]
+    if parts and parts[-1] == "weight":
+        parts = parts[:-1]
+    for i, p in enumerate(parts):
+        if p.startswith("lora_") or p == "lora_magnitude_vector":
+            return ".".join(parts[:i]), p
+    return ".".join(parts), ""
+
+
+class ExpertWeightsSlot:
+    """The per-token expert weights [batch, seq, n_lora_layers, n_experts] of the pass being run.
+
+    transformers' decoder layers call `q_proj(x)` with no room for more arguments, so the model puts
+    the weights here right before running the backbone and takes them out after; every fused layer
+    reads its own layer's slice. None means the experts are off (a scaling pass at value 0).
+    """
+
+    def __init__(self) -> None:
+        self.weights: torch.Tensor | None = None
+
+
+class FusedLoraLinear(nn.Module):
+    """base(x) + sum over experts e of w_e(token) * scale_e * B_e A_e x, as two matmuls."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        layer_index: int,
+        experts: list[tuple[int, torch.Tensor, torch.Tensor, float]],
+        slot: ExpertWeightsSlot,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.slot = slot
+        ref = base_layer.weight
+        self.lora_A = nn.Parameter(torch.cat([a for _, a, _, _ in experts]).to(ref.device, ref.dtype))
+        self.lora_B = nn.Parameter(torch.cat([b for _, _, b, _ in experts], dim=1).to(ref.device, ref.dtype))
+        expert_of_column = [e for e, a, _, _ in experts for _ in range(a.shape[0])]
+        scale_of_column = [s for _, a, _, s in experts for _ in range(a.shape[0])]
+        self.register_buffer("expert_of_column", torch.tensor(expert_of_column, device=ref.device), persistent=False)
+        self.register_buffer(
+            "scale_of_column", torch.tensor(scale_of_column, device=ref.device, dtype=ref.dtype), persistent=False
+        )
+        self.ranks = {e: a.shape[0] for e, a, _, _ in experts}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        weights = self.slot.weights
+        if weights is None:
+            return result
+        # [batch, seq, n_experts] -> one weight per rank column
+        column_weights = weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
+        hidden = nn.functional.linear(x, self.lora_A) * column_weights.to(x.dtype)
+        return result + nn.functional.linear(hidden, self.lora_B)
+
+    def expert_matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This module's (A, B) of one expert, as stored by PEFT (for saving and inspection)."""
+        columns = (self.expert_of_column == expert).nonzero().flatten()
+        return self.lora_A[columns], self.lora_B[:, columns]
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}, ranks={self.ranks}"
+
+
+def attach_experts(base: nn.Module, experts: list[LoraExpert], slot: ExpertWeightsSlot) -> list[FusedLoraLinear]:
+    """Replace every nn.Linear that some expert targets by a FusedLoraLinear.
+
+    LoRA layers are numbered in module order, as peft numbers them, so scalings tensors of both
+    implementations index the same modules.
+    """
+    named = dict(base.named_modules())
+    targeted: set[str] = set()
+    for expert in experts:
+        for module, (a, b, _) in expert.modules.items():
+            target = named.get(module)
+            if target is None:
+                raise ExpertError(f"expert {expert.name!r}: module {module!r} does not exist in the base model")
+            if not isinstance(target, nn.Linear):
+                raise ExpertError(
+                    f"expert {expert.name!r}: module {module!r} is a {type(target).__name__}; "
+                    "only nn.Linear targets are supported"
+                )
+            if a.shape[1] != target.in_features or b.shape[0] != target.out_features:
+                raise ExpertError(
+                    f"expert {expert.name!r}: module {module!r} is {target.in_features}->{target.out_features} "
+                    f"in the base model but the expert has A {tuple(a.shape)}, B {tuple(b.shape)}"
+                )
+            targeted.add(module)
+    layers = []
+    for module_name in [n for n in named if n in targeted]:
+        parent_name, _, attr = module_name.rpartition(".")
+        parts = [(i, *expert.modules[module_name]) for i, expert in enumerate(experts) if module_name in expert.modules]
+        fused = FusedLoraLinear(named[module_name], len(layers), parts, slot)
+        setattr(base.get_submodule(parent_name) if parent_name else base, attr, fused)
+        layers.append(fused)
+    return layers
