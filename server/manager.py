@@ -1,0 +1,233 @@
+"""ModelManager: loads the model in the background, then turns HTTP requests into scheduler jobs.
+
+Loading (base model, experts, classifier) runs in a thread started by the app's lifespan, so /health
+answers at once and /ready says 503 until the model serves. A load failure is fatal: the manager calls
+`on_fatal`, and the process exits non-zero with the message (which names the expert or file at fault);
+there is never a half-loaded model serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Literal
+
+from server.errors import APIError
+from server.metrics import Metrics
+from server.scalings_log import ScalingsLog
+from server.scheduler import GenerationJob, Scheduler
+from server.schemas import RoutingUpdate
+from server.settings import Settings
+
+log = logging.getLogger("xlora.manager")
+
+State = Literal["loading", "ready", "failed", "draining"]
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.scalings_log = ScalingsLog(settings.server.scalings_log_size)
+        self.state: State = "loading"
+        self.error: str | None = None
+        self.model = None
+        self.tokenizer = None
+        self.scheduler: Scheduler | None = None
+        self.routing = None  # xlora_core.Routing in force; replaced whole, never mutated
+        self.model_name = settings.model.name or _default_name(settings)
+        self.context_length: int | None = None
+        self.on_fatal: Callable[[str], None] | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="xlora-loader", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._load_model()
+        except Exception as exc:  # every failure is fatal: say what and where, then stop the server
+            self.error = f"{type(exc).__name__}: {exc}" if not _names_itself(exc) else str(exc)
+            self.state = "failed"
+            log.error("loading the model failed: %s", self.error)
+            if self.on_fatal is not None:
+                self.on_fatal(self.error)
+            return
+        if self.state == "loading":
+            self.state = "ready"
+            self.metrics.model_loaded.set(1)
+            log.info("model ready: %s with experts %s", self.model_name, ", ".join(self.model.adapter_names))
+
+    def _load_model(self) -> None:
+        from xlora_core import Routing, XLoraConfig, XLoraModel
+        from xlora_core.base_model import load_base_model
+
+        s = self.settings
+        started = time.monotonic()
+        base, tokenizer = load_base_model(s.base_spec(), s.model.device, s.model.dtype, s.model.cache_dir)
+        checkpoint, adapters = s.checkpoint_dir(), s.adapter_dirs()
+        overrides = s.xlora.config_overrides()
+        if checkpoint is not None:
+            model = XLoraModel.from_pretrained(base, checkpoint, adapters=adapters, **overrides)
+        elif adapters:
+            log.warning("no xlora.checkpoint: the classifier is untrained (random routing)")
+            config = XLoraConfig(hidden_size=base.config.hidden_size, adapters=adapters, **overrides)
+            model = XLoraModel(base, config)
+        else:
+            raise ValueError(f"{s.source}: xlora: give a checkpoint, adapters, or both")
+        model.eval()
+
+        routing = Routing(s.routing.top_k, s.routing.global_scaling_weight)
+        try:
+            routing.validate(len(model.adapter_names))
+        except ValueError as exc:
+            raise ValueError(f"{s.source}: routing: {exc}") from None
+
+        self.model, self.tokenizer, self.routing = model, tokenizer, routing
+        self.context_length = getattr(base.config, "max_position_embeddings", None)
+        self.metrics.set_routing(routing.top_k, routing.global_scaling_weight)
+        self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
+        eos = getattr(base.generation_config, "eos_token_id", None) if base.generation_config else None
+        self.scheduler = Scheduler(
+            model,
+            tokenizer,
+            max_batch_size=s.server.max_batch_size,
+            max_queue=s.server.max_queue,
+            metrics=self.metrics,
+            scalings_log=self.scalings_log,
+            eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+        )
+        self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
+        self.scheduler.start()
+        log.info("loaded in %.1f s", time.monotonic() - started)
+
+    def begin_draining(self) -> None:
+        if self.state in ("ready", "loading"):
+            self.state = "draining"
+            self.metrics.model_loaded.set(0)
+
+    @property
+    def in_flight(self) -> int:
+        return self.scheduler.in_flight if self.scheduler is not None else 0
+
+    def shutdown(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    # ---- serving ---------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "draining":
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.state == "failed":
+            raise APIError(503, f"the model failed to load: {self.error}", code="load_failed")
+        raise APIError(503, "the model is still loading; retry when /ready says ready", code="loading",
+                       headers={"Retry-After": "5"})
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.model.adapter_names) if self.model is not None else []
+
+    def set_routing(self, update: RoutingUpdate):
+        """Apply a PATCH: validate the merged settings first, then swap them in whole."""
+        new = self.merge_routing(update, param_prefix="")
+        self.routing = new
+        self.metrics.set_routing(new.top_k, new.global_scaling_weight)
+        return new
+
+    def merge_routing(self, update: RoutingUpdate | None, param_prefix: str = "routing."):
+        """The routing in force with the fields the request set; 422 naming the field if invalid."""
+        routing = self.routing
+        if update is None:
+            return routing
+        fields = update.model_fields_set
+        if "top_k" in fields:
+            routing = replace(routing, top_k=update.top_k)
+        if "global_scaling_weight" in fields:
+            routing = replace(routing, global_scaling_weight=float(update.global_scaling_weight))
+        try:
+            return routing.validate(len(self.model.adapter_names))
+        except ValueError as exc:
+            field = "top_k" if "top_k" in str(exc) else "global_scaling_weight"
+            raise APIError(422, str(exc), param=param_prefix + field, code="invalid_value") from None
+
+    async def tokenize(self, prompt: str | None, messages: list[dict] | None, param: str) -> list[int]:
+        """Prompt text or chat messages -> token ids, off the event loop; 422 naming `param` if unusable."""
+        return await asyncio.to_thread(self._tokenize, prompt, messages, param)
+
+    def _tokenize(self, prompt: str | None, messages: list[dict] | None, param: str) -> list[int]:
+        tok = self.tokenizer
+        if messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise APIError(422, "this model has no chat template; send a prompt instead", param=param)
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # a template may reject a role order (e.g. two system messages)
+                raise APIError(422, f"the chat template refused these messages: {exc}", param=param) from None
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(prompt)["input_ids"]
+        if not ids:
+            raise APIError(422, "the prompt is empty (no tokens)", param=param, code="empty_prompt")
+        limit = self.settings.server.max_prompt_tokens
+        if len(ids) > limit:
+            raise APIError(
+                422, f"the prompt has {len(ids)} tokens; this server takes at most {limit}", param=param,
+                code="prompt_too_long",
+            )
+        return list(ids)
+
+    def check_lengths(self, prompt_tokens: int, max_new_tokens: int, param: str, prompt_param: str) -> None:
+        limit = self.settings.server.max_new_tokens
+        if max_new_tokens > limit:
+            raise APIError(422, f"must be at most {limit} on this server, got {max_new_tokens}", param=param,
+                           code="invalid_value")
+        if self.context_length and prompt_tokens + max_new_tokens > self.context_length:
+            at_fault = prompt_param if prompt_tokens >= self.context_length else param
+            raise APIError(
+                422,
+                f"the model's context is {self.context_length} tokens; the prompt ({prompt_tokens}) plus "
+                f"{max_new_tokens} new tokens does not fit",
+                param=at_fault, code="context_length_exceeded",
+            )
+
+    def submit(self, prompt_ids: list[int], params, routing, prefix: str = "gen") -> GenerationJob:
+        self.require_ready()
+        job = GenerationJob(
+            id=f"{prefix}-{uuid.uuid4().hex[:24]}",
+            prompt_ids=prompt_ids,
+            params=params,
+            routing=routing,
+            deadline=time.monotonic() + self.settings.server.request_timeout_s,
+            loop=asyncio.get_running_loop(),
+        )
+        self.scheduler.submit(job)
+        return job
+
+    def readiness(self) -> dict:
+        return {
+            "ready": self.state == "ready",
+            "state": self.state,
+            "model": self.model_name,
+            "adapters": self.adapter_names,
+            "detail": self.error,
+        }
+
+
+def _default_name(settings: Settings) -> str:
+    from xlora_core.base_model import base_model_name
+
+    return f"xlora-{base_model_name(settings.model.base)}"
+
+
+def _names_itself(exc: Exception) -> bool:
+    # xlora_core's load errors already say which expert or file; do not prefix the class name.
+    return type(exc).__name__ in {"ExpertError", "CheckpointError", "FileNotFoundError"}

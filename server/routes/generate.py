@@ -1,0 +1,105 @@
+"""POST /generate: text or chat in, completion out; optionally streamed as server-sent events."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from server.deps import ready_manager, require_api_key
+from server.errors import error_body
+from server.manager import ModelManager
+from server.scheduler import DoneEvent, ErrorEvent, GenerationJob, TokenEvent, routing_dict
+from server.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    StreamDone,
+    StreamToken,
+    TokenScalings,
+    Usage,
+    error_responses,
+)
+from server.streaming import events_from, first_event, wait_done
+from xlora_core.generation import SamplingParams
+
+router = APIRouter(tags=["generation"])
+
+_STREAM_DOC = {
+    "description": "With `stream: true`: server-sent events. `event: token` (StreamToken) per token, then "
+    "`event: done` (StreamDone), or `event: error` ({error: {...}}) if the request fails midway.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    dependencies=[Depends(require_api_key)],
+    responses={200: _STREAM_DOC, **error_responses(400, 401, 413, 422, 429, 500, 503, 504)},
+)
+async def generate(
+    body: GenerateRequest, request: Request, manager: ModelManager = Depends(ready_manager)
+):
+    """Generate from `prompt` or `messages`. `routing` applies to this request only."""
+    prompt_param = "prompt" if body.prompt is not None else "messages"
+    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    prompt_ids = await manager.tokenize(body.prompt, messages, prompt_param)
+    max_new = body.max_new_tokens or manager.settings.server.default_max_new_tokens
+    manager.check_lengths(len(prompt_ids), max_new, "max_new_tokens", prompt_param)
+    routing = manager.merge_routing(body.routing)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=stop,
+    )
+    job = manager.submit(prompt_ids, params, routing, prefix="gen")
+    if body.stream:
+        first = await first_event(job, request)
+        return EventSourceResponse(_sse(job, first, manager, body.return_scalings), ping=15)
+    done = await wait_done(job, request)
+    return GenerateResponse(
+        id=job.id,
+        text=done.text,
+        finish_reason=done.finish_reason,
+        usage=_usage(done),
+        routing=routing_dict(done.routing),
+        scalings=_scalings(done, manager) if body.return_scalings else None,
+    )
+
+
+async def _sse(job: GenerationJob, first, manager: ModelManager, return_scalings: bool):
+    async for event in events_from(job, first):
+        if isinstance(event, TokenEvent):
+            token = StreamToken(id=job.id, index=event.index, token_id=event.token_id, text=event.text)
+            yield ServerSentEvent(data=token.model_dump_json(), event="token")
+        elif isinstance(event, DoneEvent):
+            done = StreamDone(
+                id=job.id,
+                finish_reason=event.finish_reason,
+                usage=_usage(event),
+                routing=routing_dict(event.routing),
+                scalings=_scalings(event, manager) if return_scalings else None,
+            )
+            yield ServerSentEvent(data=done.model_dump_json(), event="done")
+        elif isinstance(event, ErrorEvent):
+            body = error_body(event.status, event.message, code=event.code)
+            yield ServerSentEvent(data=json.dumps(body), event="error")
+
+
+def _usage(done: DoneEvent) -> Usage:
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )
+
+
+def _scalings(done: DoneEvent, manager: ModelManager) -> TokenScalings:
+    prompt, completion = done.token_scalings()
+    return TokenScalings(adapter_names=manager.adapter_names, prompt=prompt, completion=completion)

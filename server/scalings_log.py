@@ -1,0 +1,98 @@
+"""A bounded log of recent requests' scalings (the server's `get_scalings_log`).
+
+Each entry keeps the full [token, layer, adapter] scalings so `GET /scalings/{id}` can show them; the
+oldest entry goes when the log is full, so memory stays bounded by `scalings_log_size`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ScalingsEntry:
+    id: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_names: list[str]
+    routing: dict
+    scalings: torch.Tensor  # [tokens processed, layers, adapters], float32 on the CPU
+    created: float = field(default_factory=time.time)
+    mean: list[float] = field(init=False)  # per adapter, over tokens and layers; computed once
+
+    def __post_init__(self) -> None:
+        if self.scalings.numel() == 0:
+            self.mean = [0.0] * len(self.adapter_names)
+        else:
+            self.mean = self.scalings.mean(dim=(0, 1)).tolist()
+
+    def summary(self) -> dict:
+        return {
+            "id": self.id,
+            "created": self.created,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "adapter_names": self.adapter_names,
+            "mean_scalings": self.mean,
+            "routing": self.routing,
+        }
+
+    def detail(self) -> dict:
+        return {**self.summary(), "n_layers": self.scalings.shape[1], "scalings": self.scalings.tolist()}
+
+
+class ScalingsLog:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, ScalingsEntry] = OrderedDict()
+        self._lock = threading.Lock()  # written by the model worker, read by the event loop
+
+    def add(self, entry: ScalingsEntry) -> None:
+        with self._lock:
+            self._entries[entry.id] = entry
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def get(self, request_id: str) -> ScalingsEntry | None:
+        with self._lock:
+            return self._entries.get(request_id)
+
+    def latest(self) -> ScalingsEntry | None:
+        with self._lock:
+            return next(reversed(self._entries.values()), None)
+
+    def entries(self) -> list[ScalingsEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def clear(self) -> int:
+        with self._lock:
+            count = len(self._entries)
+            self._entries.clear()
+            return count
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def bucketed(self) -> list[dict]:
+        """Group by sequence length (prompt + completion), as peft's get_bucketed_scalings_log."""
+        buckets: dict[int, dict] = {}
+        for entry in self.entries():
+            seq_len = entry.prompt_tokens + entry.completion_tokens
+            bucket = buckets.setdefault(seq_len, {"seq_len": seq_len, "ids": [], "mean_scalings": []})
+            bucket["ids"].append(entry.id)
+            bucket["mean_scalings"].append(entry.mean)
+        return [buckets[k] for k in sorted(buckets)]
+
+    def mean_of(self, adapter: int) -> float:
+        """Mean scaling of one adapter over the logged requests (0 when empty); for the metrics gauge."""
+        entries = self.entries()
+        if not entries:
+            return 0.0
+        return sum(e.mean[adapter] for e in entries) / len(entries)

@@ -1,0 +1,197 @@
+"""The server's YAML configuration, validated by pydantic.
+
+Sections: model, xlora, routing, server, logging. An unknown key or a bad value stops start-up with a
+message that names the file and the key (`ConfigError`). Auth tokens never come from the file: they are
+read from the environment (XLORA_ADMIN_TOKEN, XLORA_API_KEY) by `AuthSettings.from_env`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ADMIN_TOKEN_ENV = "XLORA_ADMIN_TOKEN"
+API_KEY_ENV = "XLORA_API_KEY"
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_SECRET_KEYS = {"admin_token", "api_key", "token", "tokens"}
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    base: str = Field("default", description="'default' (embedded SmolLM2), a .gguf file or a transformers folder")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache_dir: str | None = Field(None, description="where converted GGUF models are cached")
+    name: str | None = Field(None, description="model id shown by /v1/models (default: derived from base)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
+        return value
+
+
+class XLoraSection(_Section):
+    # Any XLoraConfig field is also allowed here; `_check_xlora_fields` rejects the rest by name.
+    model_config = ConfigDict(extra="allow", validate_default=True)
+
+    checkpoint: str | None = Field(None, description="folder written by XLoraModel.save_pretrained")
+    adapters: dict[str, str] | None = Field(None, description="expert name -> PEFT adapter folder")
+
+    @model_validator(mode="after")
+    def _check_xlora_fields(self) -> XLoraSection:
+        extra = dict(self.model_extra or {})
+        if not extra:
+            return self
+        allowed = xlora_config_fields()
+        for key in extra:
+            if key not in allowed:
+                raise ValueError(f"unknown key {key!r} (not an XLoraConfig field)")
+        return self
+
+    def config_overrides(self) -> dict[str, Any]:
+        """The XLoraConfig fields set in the file (everything but checkpoint and adapters)."""
+        return dict(self.model_extra or {})
+
+
+class RoutingSection(_Section):
+    top_k: int | None = Field(None, ge=1, description="experts per token; null = dense")
+    global_scaling_weight: float = Field(1.0, allow_inf_nan=False)
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_queue: int = Field(64, ge=1, description="requests waiting for a batch slot before 429")
+    max_new_tokens: int = Field(512, ge=1, description="upper limit a request may ask for")
+    default_max_new_tokens: int = Field(128, ge=1, description="used when a request does not say")
+    max_prompt_tokens: int = Field(2048, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    scalings_log_size: int = Field(128, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    shutdown_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ServerSection:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        return self
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    xlora: XLoraSection = Field(default_factory=XLoraSection)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    # Where the file was; relative paths inside it are resolved against its folder.
+    source: Path | None = Field(None, exclude=True)
+
+    def resolve_path(self, value: str) -> str:
+        """A path from the file, relative to the file's folder (so configs work from any cwd)."""
+        path = Path(value).expanduser()
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.parent / path
+        return str(path)
+
+    def base_spec(self) -> str:
+        base = self.model.base
+        return base if base == "default" else self.resolve_path(base)
+
+    def checkpoint_dir(self) -> str | None:
+        return None if self.xlora.checkpoint is None else self.resolve_path(self.xlora.checkpoint)
+
+    def adapter_dirs(self) -> dict[str, str] | None:
+        if self.xlora.adapters is None:
+            return None
+        return {name: self.resolve_path(folder) for name, folder in self.xlora.adapters.items()}
+
+
+def xlora_config_fields() -> set[str]:
+    """Field names of xlora_core's XLoraConfig (dataclass or pydantic model)."""
+    from xlora_core import XLoraConfig
+
+    if dataclasses.is_dataclass(XLoraConfig):
+        names = {f.name for f in dataclasses.fields(XLoraConfig)}
+    else:
+        names = set(getattr(XLoraConfig, "model_fields", {}))
+    return names - {"adapters"}
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def load_settings(path: str | os.PathLike) -> Settings:
+    """Read and validate a YAML config; raise ConfigError naming the file and the offending key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, xlora, routing, server, logging)")
+    _reject_secrets(data, path)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{path}: {_where(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(problems)) from None
+    settings.source = path.resolve()
+    return settings
+
+
+def _reject_secrets(data: dict[str, Any], path: Path) -> None:
+    # Tokens in a config file end up in git and in logs; say where they belong instead.
+    for section, body in data.items():
+        if isinstance(body, dict):
+            for key in body:
+                if key in _SECRET_KEYS:
+                    raise ConfigError(
+                        f"{path}: {section}.{key}: tokens are not read from the config file; "
+                        f"set {ADMIN_TOKEN_ENV} / {API_KEY_ENV} in the environment"
+                    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSettings:
+    """Bearer tokens, from the environment only. None = that check is off."""
+
+    admin_token: str | None = None
+    api_key: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> AuthSettings:
+        env = os.environ if environ is None else environ
+        return cls(admin_token=env.get(ADMIN_TOKEN_ENV) or None, api_key=env.get(API_KEY_ENV) or None)

@@ -1,0 +1,87 @@
+"""Waiting on a job's events from a route, for plain and streamed answers alike.
+
+Every way a handler can stop waiting (client gone, deadline, the handler task cancelled) cancels the
+job, so the worker drops its row and frees its cache at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from server.errors import APIError
+from server.scheduler import DoneEvent, ErrorEvent, Event, GenerationJob, TokenEvent
+
+_POLL_S = 0.25  # how often a plain (non-streamed) request checks whether its client is still there
+_BACKSTOP_S = 2.0  # the worker enforces deadlines; this only covers a worker stuck in one long step
+
+
+class ClientGone(APIError):
+    """The client closed the connection before its answer (nginx's 499); nobody reads this response."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client closed the request", code="client_closed")
+
+
+async def next_event(job: GenerationJob, request: Request | None) -> Event:
+    """The job's next event; cancels the job and raises if the client left or time ran out.
+    `request` None: do not poll for a disconnect (sse-starlette already listens for it)."""
+    try:
+        while True:
+            remaining = job.deadline + _BACKSTOP_S - time.monotonic()
+            if remaining <= 0:
+                job.cancel()
+                raise APIError(504, "request timed out waiting for the model", code="timeout")
+            try:
+                return await asyncio.wait_for(job.events.get(), min(_POLL_S, remaining))
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    job.cancel()
+                    raise ClientGone() from None
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+
+
+async def wait_done(job: GenerationJob, request: Request) -> DoneEvent:
+    """Wait for the whole answer; an ErrorEvent becomes the APIError it describes."""
+    while True:
+        event = await next_event(job, request)
+        if isinstance(event, ErrorEvent):
+            raise event.to_api_error()
+        if isinstance(event, DoneEvent):
+            return event
+
+
+async def first_event(job: GenerationJob, request: Request) -> Event:
+    """Wait for the first event before committing to a 200 stream, so that an error that comes before
+    any token (model failure, timeout in the queue) still gets its real status code."""
+    event = await next_event(job, request)
+    if isinstance(event, ErrorEvent):
+        raise event.to_api_error()
+    return event
+
+
+async def events_from(job: GenerationJob, first: Event) -> AsyncIterator[Event]:
+    """Yield `first`, then every event up to and including Done or Error. Cancels the job if the
+    consumer stops early (sse-starlette cancels the generator when the client disconnects)."""
+    try:
+        event = first
+        while True:
+            yield event
+            if isinstance(event, DoneEvent | ErrorEvent):
+                return
+            try:
+                event = await next_event(job, None)
+            except APIError as exc:
+                yield ErrorEvent(exc.status, exc.message, exc.code or "error")
+                return
+    finally:
+        if not job.finished:
+            job.cancel()
+
+
+__all__ = ["ClientGone", "TokenEvent", "events_from", "first_event", "next_event", "wait_done"]
