@@ -44,6 +44,8 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        if param and not message.startswith(param):
+            message = f"{param}: {message}"  # the message alone names the field too
         super().__init__(message)
         self.status = status
         self.message = message

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
+import torch
+
 from server.errors import APIError
 from server.metrics import Metrics
 from server.scalings_log import ScalingsLog
@@ -71,6 +73,8 @@ class ModelManager:
 
         s = self.settings
         started = time.monotonic()
+        if s.model.torch_threads is not None:
+            torch.set_num_threads(s.model.torch_threads)
         base, tokenizer = load_base_model(s.base_spec(), s.model.device, s.model.dtype, s.model.cache_dir)
         checkpoint, adapters = s.checkpoint_dir(), s.adapter_dirs()
         overrides = s.xlora.config_overrides()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length"]
 
@@ -67,11 +67,13 @@ class RoutingUpdate(_Request):
     top_k: int | None = Field(None, ge=1, description="1..number of experts, or null for dense")
     global_scaling_weight: float | None = Field(None, allow_inf_nan=False)
 
-    @model_validator(mode="after")
-    def _weight_not_null(self) -> RoutingUpdate:
-        if "global_scaling_weight" in self.model_fields_set and self.global_scaling_weight is None:
-            raise ValueError("global_scaling_weight: must be a finite number, not null")
-        return self
+    @field_validator("global_scaling_weight")
+    @classmethod
+    def _weight_not_null(cls, value: float | None) -> float:
+        # Runs only when the field is sent: leaving it out is fine, sending null is not.
+        if value is None:
+            raise ValueError("must be a finite number, not null")
+        return value
 
 
 # -----------------------------------------------------------------------------
@@ -99,14 +101,18 @@ class GenerateRequest(_Request):
     return_scalings: bool = False
     routing: RoutingUpdate | None = Field(None, description="this request only; unset fields use the server's")
 
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: list[str] | str | None) -> list[str] | str | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ValueError("at most 16 non-empty strings")
+        return value
+
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        if isinstance(self.stop, list) and (len(self.stop) > 16 or any(not s for s in self.stop)):
-            raise ValueError("stop: at most 16 non-empty strings")
-        if self.stop == "":
-            raise ValueError("stop: must not be empty")
         return self
 
 

@@ -111,7 +111,8 @@ def world(tmp_path_factory) -> dict:
 def server_config(world: dict, **sections) -> dict:
     """A config dict for the tiny world; `sections` are merged into its sections."""
     config = {
-        "model": {"base": world["base"], "device": "cpu", "dtype": "float32", "name": "tiny-xlora"},
+        "model": {"base": world["base"], "device": "cpu", "dtype": "float32", "name": "tiny-xlora",
+                  "torch_threads": 1},
         "xlora": {"checkpoint": world["checkpoint"]},
         "routing": {"top_k": None, "global_scaling_weight": 1.0},
         "server": {"max_batch_size": 4, "max_queue": 32, "max_new_tokens": 256, "request_timeout_s": 60},
