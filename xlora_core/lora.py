@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -50,6 +52,7 @@ class LoraExpert:
     name: str
     folder: Path
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    lora_config: LoraConfig
 
 
 def read_expert(name: str, folder: str | Path) -> LoraExpert:
@@ -71,6 +74,10 @@ def read_expert(name: str, folder: str | Path) -> LoraExpert:
     if config.get("bias", "none") != "none":
         raise ExpertError(f"expert {name!r}: bias={config['bias']!r} is not supported (only 'none')")
     try:
+        lora_config = LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as e:
+        raise ExpertError(f"expert {name!r}: {config_path}: {e}") from None
+    try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExpertError(f"expert {name!r}: cannot read {weights_path}: {e}") from None
@@ -78,6 +85,8 @@ def read_expert(name: str, folder: str | Path) -> LoraExpert:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, part = _split_key(key)
+        if not part:
+            continue  # not a LoRA tensor: peft's X-LoRA save writes base and classifier weights here too
         if part not in ("lora_A", "lora_B"):
             what = "DoRA" if part == "lora_magnitude_vector" else f"the tensor {key!r}"
             raise ExpertError(f"expert {name!r}: {what} is not supported (only Linear lora_A/lora_B)")
@@ -100,18 +109,23 @@ def read_expert(name: str, folder: str | Path) -> LoraExpert:
             raise ExpertError(f"expert {name!r}: module {module!r} has rank {a.shape[0]}, config says {r}")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[module] = (a, b, float(scale))
-    return LoraExpert(name=name, folder=folder, modules=modules)
+    return LoraExpert(name=name, folder=folder, modules=modules, lora_config=lora_config)
 
 
 def _split_key(key: str) -> tuple[str, str]:
-    """'base_model.model.model.layers.0.q_proj.lora_A.weight' -> ('model.layers.0.q_proj', 'lora_A')."""
+    """'base_model.model.model.layers.0.q_proj.lora_A.weight' -> ('model.layers.0.q_proj', 'lora_A').
+
+    The module path is relative to the causal LM: PEFT's wrappers (`base_model.`, the X-LoRA
+    `lora_model.`, and the LoraModel's `model.`) are stripped. Non-LoRA tensors give part ''.
+    """
     parts = key.split(".")
-    if parts[:2] == ["base_model", "model"]:
-        parts = parts[2:]
+    for wrapper in ("base_model", "lora_model", "model"):
+        if parts and parts[0] == wrapper:
+            parts = parts[1:]
     if parts and parts[-1] == "weight":
         parts = parts[:-1]
     for i, p in enumerate(parts):
-        if p.startswith("lora_") or p == "lora_magnitude_vector":
+        if p.startswith("lora_"):
             return ".".join(parts[:i]), p
     return ".".join(parts), ""
 
@@ -196,6 +210,7 @@ def attach_experts(base: nn.Module, experts: list[LoraExpert], slot: ExpertWeigh
                     f"in the base model but the expert has A {tuple(a.shape)}, B {tuple(b.shape)}"
                 )
             targeted.add(module)
+        _check_every_target_has_weights(expert, named)
     layers = []
     for module_name in [n for n in named if n in targeted]:
         parent_name, _, attr = module_name.rpartition(".")
@@ -204,3 +219,18 @@ def attach_experts(base: nn.Module, experts: list[LoraExpert], slot: ExpertWeigh
         setattr(base.get_submodule(parent_name) if parent_name else base, attr, fused)
         layers.append(fused)
     return layers
+
+
+def _check_every_target_has_weights(expert: LoraExpert, named: dict[str, nn.Module]) -> None:
+    """A module that the expert's config targets but that has no weights means a damaged adapter
+    (peft 0.21.2's X-LoRA save_pretrained writes such expert folders); refuse it by name."""
+    if isinstance(expert.lora_config.target_modules, str) and expert.lora_config.target_modules == "all-linear":
+        return  # peft expands this at injection time; nothing exact to check against
+    for module_name, module in named.items():
+        if not isinstance(module, nn.Linear) or module_name in expert.modules:
+            continue
+        if check_target_module_exists(expert.lora_config, module_name):
+            raise ExpertError(
+                f"expert {expert.name!r}: its adapter_config.json targets module {module_name!r} "
+                f"but {expert.folder / ADAPTER_WEIGHTS} has no weights for it"
+            )

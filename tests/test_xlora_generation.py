@@ -1,0 +1,178 @@
+"""Generation with two KV caches: batching, joining and leaving a batch, streaming, sampling, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xlora_core import Routing, RowDecoder, SamplingParams, XLoraCache, XLoraConfig, XLoraModel
+
+from .helpers import make_tiny_tokenizer
+from .xlora_builders import VOCAB, build_world, load_base
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # Expert names other than "0", "1", ...: peft 0.21.2 fails on those in generate; ours must not.
+    base, experts = build_world(tmp_path_factory.mktemp("gen"), names=["math", "code", "prose"])
+    torch.manual_seed(5)
+    return XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def prompts(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (1, n), generator=g) for n in lengths]
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.shape[1] :] = r[0]
+        mask[i, width - r.shape[1] :] = 1
+    return ids, mask
+
+
+def test_named_experts_and_fused_layers(model):
+    assert model.adapter_names == ["math", "code", "prose"]
+    q_proj = model.base.model.layers[0].self_attn.q_proj
+    # Experts "math" (r=4) and "code" (r=6) target q_proj: one stacked A and one stacked B.
+    assert q_proj.lora_A.shape == (4 + 6, 32) and q_proj.lora_B.shape == (32, 4 + 6)
+    assert q_proj.ranks == {0: 4, 1: 6}
+
+
+def test_left_padded_batch_matches_each_prompt_alone(model):
+    rows = prompts(5, 9, 3)
+    ids, mask = left_pad(rows)
+    batch_logits, _, batch_cache = model.prefill(ids, mask)
+    alone = [model.prefill(r) for r in rows]
+    for i, (logits, _, _) in enumerate(alone):
+        assert (batch_logits[i] - logits[0]).abs().max() <= TOL
+    # Three decode steps: every row still matches its own cache.
+    for step in range(3):
+        tokens = torch.tensor([3 + step, 10 + step, 20 + step])
+        batch_logits, _ = model.decode(tokens, batch_cache)
+        for i, (_, _, cache) in enumerate(alone):
+            logits, _ = model.decode(tokens[i : i + 1], cache)
+            assert (batch_logits[i] - logits[0]).abs().max() <= TOL, (step, i)
+
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+    for i, r in enumerate(rows):
+        assert generated[i, ids.shape[1] :].tolist() == model.generate(r, max_new_tokens=12)[0, r.shape[1] :].tolist()
+
+
+def test_a_request_joins_and_leaves_a_running_batch(model):
+    a, b = prompts(4, 8, seed=1)
+    logits_a, _, cache = model.prefill(a)
+    tokens_a = [int(logits_a.argmax())]
+    for _ in range(3):  # `a` runs alone for a while
+        logits_a, _ = model.decode(torch.tensor(tokens_a[-1:]), cache)
+        tokens_a.append(int(logits_a.argmax()))
+    logits_b, _, cache_b = model.prefill(b)
+    cache = XLoraCache.concat([cache, cache_b])  # `b` joins at the next step
+    tokens_b = [int(logits_b.argmax())]
+    for _ in range(5):
+        logits, _ = model.decode(torch.tensor([tokens_a[-1], tokens_b[-1]]), cache)
+        tokens_a.append(int(logits[0].argmax()))
+        tokens_b.append(int(logits[1].argmax()))
+    cache = cache.select([1])  # `a` leaves; `b` goes on alone
+    for _ in range(3):
+        logits, _ = model.decode(torch.tensor(tokens_b[-1:]), cache)
+        tokens_b.append(int(logits[0].argmax()))
+    assert cache.batch_size == 1 and cache.seq_len == 8 + 8
+    assert tokens_a == model.generate(a, max_new_tokens=9)[0, 4:].tolist()
+    assert tokens_b == model.generate(b, max_new_tokens=9)[0, 8:].tolist()
+
+
+def test_routing_per_row(model):
+    """Rows of one batch can run with different routing: each equals its prompt run alone with it."""
+    (p,) = prompts(6, seed=2)
+    ids = torch.cat([p, p])
+    settings = [Routing(top_k=1, global_scaling_weight=0.5), Routing(top_k=None, global_scaling_weight=1.0)]
+    batch_logits, _, _ = model.prefill(ids, routing=settings)
+    for i, routing in enumerate(settings):
+        logits, _, _ = model.prefill(p, routing=routing)
+        assert (batch_logits[i] - logits[0]).abs().max() <= TOL
+    assert (batch_logits[0] - batch_logits[1]).abs().max() > 1e-3
+
+
+def test_stream_yields_the_generated_tokens_with_their_scalings(model, tokenizer):
+    (p,) = prompts(6, seed=3)
+    events = list(model.stream(p, tokenizer=tokenizer, max_new_tokens=10))
+    expected = model.generate(p, max_new_tokens=10)[0, 6:].tolist()
+    assert [e.token_id for e in events] == expected
+    assert [e.finish_reason for e in events] == [None] * 9 + ["length"]
+    assert "".join(e.text for e in events) == tokenizer.decode(expected, skip_special_tokens=True)
+    # The scalings that routed token t come from the position that produced it.
+    scalings = model.get_latest_scalings()
+    assert scalings.shape == (1, 6 + 9, model.n_lora_layers, 3)
+    for t, event in enumerate(events):
+        assert event.scalings.shape == (model.n_lora_layers, 3)
+        assert torch.allclose(event.scalings, scalings[0, 6 + t - 1], atol=TOL)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    (p,) = prompts(5, seed=4)
+    sample = dict(max_new_tokens=16, do_sample=True, temperature=1.5)
+    first = model.generate(p, seed=7, **sample)
+    assert model.generate(p, seed=7, **sample).tolist() == first.tolist()
+    assert any(model.generate(p, seed=s, **sample).tolist() != first.tolist() for s in (8, 9, 10))
+    greedy = model.generate(p, max_new_tokens=16)
+    assert model.generate(p, seed=1, top_k=1, **sample).tolist() == greedy.tolist()
+
+
+def test_eos_and_stop_strings_end_generation(model, tokenizer):
+    (p,) = prompts(5, seed=5)
+    free = model.generate(p, max_new_tokens=20)[0, 5:].tolist()
+    eos = free[6]
+    stopped = model.generate(p, max_new_tokens=20, eos_token_id=eos)[0, 5:].tolist()
+    assert stopped[: free.index(eos) + 1] == free[: free.index(eos) + 1]
+    assert len(stopped) == free.index(eos) + 1
+
+    text = tokenizer.decode(free, skip_special_tokens=True)
+    stop = text[8:10]
+    dec = RowDecoder(SamplingParams(max_new_tokens=20, stop=[stop]), tokenizer, p[0].tolist())
+    streamed = ""
+    for token in free:
+        finish = dec.push(token)
+        streamed += dec.new_text()
+        if finish:
+            break
+    assert dec.finish_reason == "stop"
+    assert dec.text == text[: text.index(stop)]
+    assert streamed == dec.text  # nothing of the stop string was streamed before it was recognised
+
+
+def test_sampling_params_are_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("nan"))
+
+
+def test_scalings_log_is_bounded_and_bucketed(model):
+    model.clear_scalings_log()
+    model.enable_scalings_logging()
+    (p,) = prompts(7, seed=6)
+    model.generate(p, max_new_tokens=4)
+    log = model.get_scalings_log()
+    assert [s.shape[1] for s in log] == [7, 1, 1, 1]  # the prompt, then one entry per cached step
+    buckets = model.get_bucketed_scalings_log()
+    assert buckets[7][0] == [0] and buckets[1][0] == [1, 2, 3]
+    for _ in range(model.scalings_log.max_entries + 10):
+        model.decode(torch.tensor([3]), model.prefill(p)[2])
+    assert len(model.get_scalings_log()) == model.scalings_log.max_entries
+    model.disable_scalings_logging()
+    model.clear_scalings_log()
+    model.generate(p, max_new_tokens=2)
+    assert model.get_scalings_log() == []
