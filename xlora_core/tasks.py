@@ -1,0 +1,189 @@
+"""Synthetic data for the three expert tasks, and the helpers to train and score on it.
+
+Each example is one user message (the prompt) whose answer is the assistant reply:
+  - arithmetic: "Compute: 47 + 38" -> "85"
+  - sorting:    "Sort alphabetically: pear, apple, fig" -> "apple, fig, pear"
+  - json:       "Extract as JSON: name is Alice, age is 31, city is Paris"
+                -> '{"name": "Alice", "age": 31, "city": "Paris"}'
+
+Generators are deterministic in (task, n, seed, split). The eval split draws words, names and places from
+lists disjoint from the train lists, so a high eval score means the skill was learned, not the vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+import torch
+
+TASKS = ("arithmetic", "sorting", "json")
+IGNORE_INDEX = -100  # labels with this value are skipped by the causal-LM loss
+
+# -----------------------------------------------------------------------------
+# vocabularies, one list per split (disjoint)
+
+WORDS = {
+    "train": """
+        apple pear fig plum grape lemon mango peach cherry melon olive onion garlic carrot potato tomato
+        bread butter cheese honey sugar salt pepper rice bean corn wheat oat barley
+        river ocean lake forest desert valley canyon island meadow hill cliff glacier
+        tiger zebra horse sheep goat rabbit mouse eagle falcon parrot otter beaver badger
+        chair table lamp sofa shelf mirror pillow blanket carpet curtain window door
+        hammer wrench shovel ladder bucket rope nail screw drill chisel
+        violin guitar piano flute drum trumpet banjo harp
+        """.split(),
+    "eval": """
+        kiwi lime papaya guava apricot quince radish turnip spinach celery
+        noodle yogurt walnut almond cashew pecan
+        swamp prairie tundra lagoon marsh reef dune
+        lizard turtle gecko walrus moose bison heron pelican
+        stool bench cabinet dresser closet drawer
+        sickle trowel pliers anvil
+        cello oboe tuba lute
+        """.split(),
+}
+NAMES = {
+    "train": """Alice Bob Carol David Emma Frank Grace Henry Irene Jack Laura Mike Nina Oscar Paula Quentin
+        Rachel Sam Tina Victor Wendy Xavier Yara Zack Hugo Iris Leo Mia Noah Olga""".split(),
+    "eval": """Bianca Conrad Delia Elias Fiona Gustav Helena Ivan Julia Kasper Lydia Marco Nadia Otto
+        Petra""".split(),
+}
+CITIES = {
+    "train": """Paris London Berlin Madrid Rome Vienna Prague Dublin Lisbon Oslo Warsaw Athens Tokyo Seoul
+        Chicago Boston Denver Sydney Toronto Cairo""".split(),
+    "eval": """Lyon Munich Seville Milan Krakow Porto Bergen Osaka Dallas Perth Quebec Nairobi""".split(),
+}
+COUNTRIES = {
+    "train": """France Germany Spain Italy Austria Ireland Portugal Norway Poland Greece Japan Canada Egypt
+        Brazil Mexico""".split(),
+    "eval": """Chile Peru Kenya Finland Denmark Belgium Vietnam Morocco""".split(),
+}
+JOBS = {
+    "train": """teacher doctor nurse pilot chef farmer lawyer painter baker plumber writer singer""".split(),
+    "eval": """dentist architect florist jeweler surgeon tailor""".split(),
+}
+COLORS = {
+    "train": """red blue green yellow purple orange black white pink brown""".split(),
+    "eval": """teal maroon violet beige indigo crimson""".split(),
+}
+JSON_FIELDS = ("name", "age", "city", "country", "job", "color")
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str
+
+
+# -----------------------------------------------------------------------------
+# generators
+
+
+def _arithmetic(rng: random.Random, split: str) -> Example:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    op = rng.choice("+-")
+    return Example("arithmetic", f"Compute: {a} {op} {b}", str(a + b if op == "+" else a - b))
+
+
+def _sorting(rng: random.Random, split: str) -> Example:
+    words = rng.sample(WORDS[split], rng.randint(3, 6))
+    return Example("sorting", "Sort alphabetically: " + ", ".join(words), ", ".join(sorted(words)))
+
+
+def _json(rng: random.Random, split: str) -> Example:
+    keys = rng.sample(JSON_FIELDS, rng.randint(2, 4))  # keys in the order given in the prompt
+    pools = {"name": NAMES, "city": CITIES, "country": COUNTRIES, "job": JOBS, "color": COLORS}
+    record = {k: rng.randint(18, 90) if k == "age" else rng.choice(pools[k][split]) for k in keys}
+    prompt = "Extract as JSON: " + ", ".join(f"{k} is {v}" for k, v in record.items())
+    return Example("json", prompt, json.dumps(record))
+
+
+_GENERATORS = {"arithmetic": _arithmetic, "sorting": _sorting, "json": _json}
+
+
+def make_examples(task: str, n: int, seed: int, split: str = "train") -> list[Example]:
+    """n examples of one task. Deterministic; the eval split uses its own seed stream and vocabulary."""
+    if task not in _GENERATORS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if split not in ("train", "eval"):
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
+    rng = random.Random(f"{task}/{split}/{seed}")  # str seeds are stable across runs and processes
+    return [_GENERATORS[task](rng, split) for _ in range(n)]
+
+
+def make_mixed(n: int, seed: int, split: str = "train", tasks: tuple[str, ...] = TASKS) -> list[Example]:
+    """n examples interleaving the tasks round-robin: arithmetic, sorting, json, arithmetic, ..."""
+    per_task = [make_examples(t, -(-n // len(tasks)), seed, split) for t in tasks]
+    return [per_task[i % len(tasks)][i // len(tasks)] for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# tokenization for causal-LM fine-tuning
+
+
+def _ids(encoded) -> list[int]:
+    # apply_chat_template returns a BatchEncoding in transformers 5 and a plain list in 4
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant header (where generation starts)."""
+    messages = [{"role": "user", "content": prompt}]
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token the chat template closes an assistant turn with (SmolLM2: <|im_end|>), else eos.
+
+    Found by rendering a turn around a sentinel and reading what follows it, so any template works.
+    """
+    sentinel = "XLORA_SENTINEL"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    tail = rendered.split(sentinel, 1)[-1].strip()
+    for token in tokenizer.all_special_tokens:
+        if tail.startswith(token):
+            return token
+    return tokenizer.eos_token
+
+
+def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
+    """input_ids = prompt + answer + end-of-turn; labels = -100 over the prompt, so loss is on the answer."""
+    prompt = prompt_ids(tokenizer, example.prompt)
+    answer = tokenizer(example.answer + end_of_turn_token(tokenizer), add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+def collate(
+    batch: list[dict[str, list[int]]], pad_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad input_ids/labels to the longest in the batch; attention_mask marks the real tokens."""
+    width = max(len(b["input_ids"]) for b in batch)
+    out = {"input_ids": [], "labels": [], "attention_mask": []}
+    for b in batch:
+        n, pad = len(b["input_ids"]), width - len(b["input_ids"])
+        labels = b.get("labels", b["input_ids"])
+        rows = (b["input_ids"], labels, [1] * n)
+        fills = (pad_id, IGNORE_INDEX, 0)
+        for key, row, fill in zip(out, rows, fills, strict=True):
+            out[key].append(row + [fill] * pad if padding_side == "right" else [fill] * pad + row)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whitespace-insensitive at the ends; JSON answers are compared parsed, key order included."""
+    prediction, answer = prediction.strip(), answer.strip()
+    if answer.startswith("{"):
+        try:
+            got, want = json.loads(prediction), json.loads(answer)
+        except json.JSONDecodeError:
+            return False
+        return got == want and isinstance(got, dict) and list(got) == list(want)
+    return prediction == answer
