@@ -1,0 +1,100 @@
+"""xlora-train: train LoRA experts and the X-LoRA classifier.
+
+xlora-train expert --task arithmetic --base default --out experts/arithmetic
+xlora-train classifier ...   (to come)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from xlora_core.tasks import TASKS
+from xlora_core.training import DEFAULT_TARGET_MODULES, ExpertTrainConfig, train_expert
+
+
+def add_expert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--out", required=True, help="folder for the adapter (PEFT layout) and train_log.jsonl")
+    p.add_argument(
+        "--base", default="default", help="'default', a .gguf file, or a local transformers folder"
+    )
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument(
+        "--target-modules",
+        default=",".join(DEFAULT_TARGET_MODULES),
+        help="comma-separated module names to put LoRA on",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-n", type=int, default=0, help="score this many eval examples after training")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--cache-dir", default=None, help="where converted GGUF models are cached")
+
+
+def run_expert(args: argparse.Namespace) -> None:
+    cfg = ExpertTrainConfig(
+        task=args.task,
+        out=args.out,
+        base=args.base,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=min(args.warmup_steps, args.steps),
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        seed=args.seed,
+        log_every=args.log_every,
+        eval_n=args.eval_n,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+    )
+    summary = train_expert(cfg)
+    print(json.dumps(summary))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# classifier subcommand: PLACEHOLDER, to be filled in with the X-LoRA classifier training (issue 3)
+
+
+def add_classifier_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run_classifier(args: argparse.Namespace) -> None:
+    raise SystemExit("xlora-train classifier: not implemented yet")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="xlora-train", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_expert_args(sub.add_parser("expert", help="train one LoRA expert on a synthetic task"))
+    add_classifier_args(
+        sub.add_parser("classifier", help="train the X-LoRA classifier (not implemented yet)")
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"expert": run_expert, "classifier": run_classifier}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
