@@ -116,7 +116,7 @@ class Settings(_Section):
         """A path from the file, relative to the file's folder (so configs work from any cwd)."""
         path = Path(value).expanduser()
         if not path.is_absolute() and self.source is not None:
-            path = self.source.parent / path
+            path = (self.source.parent / path).resolve()
         return str(path)
 
     def base_spec(self) -> str:

@@ -142,10 +142,10 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m server --config FILE` on a free port; stderr goes to a file the tests can read."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = config_path.with_suffix(".log")
+        self.log_path = log_path or config_path.with_suffix(".log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("XLORA_")}
         full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         self._log = open(self.log_path, "wb")
