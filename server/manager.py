@@ -44,6 +44,7 @@ class ModelManager:
         self.routing = None  # xlora_core.Routing in force; replaced whole, never mutated
         self.model_name = settings.model.name or _default_name(settings)
         self.context_length: int | None = None
+        self.eos_token_id: int | list[int] | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,8 +107,8 @@ class ModelManager:
             max_queue=s.server.max_queue,
             metrics=self.metrics,
             scalings_log=self.scalings_log,
-            eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
         )
+        self.eos_token_id = eos if eos is not None else tokenizer.eos_token_id
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
         self.scheduler.start()
         log.info("loaded in %.1f s", time.monotonic() - started)
@@ -203,12 +204,26 @@ class ModelManager:
                 param=at_fault, code="context_length_exceeded",
             )
 
-    def submit(self, prompt_ids: list[int], params, routing, prefix: str = "gen") -> GenerationJob:
+    async def submit(
+        self, prompt_ids: list[int], sampling: dict, routing, prefix: str = "gen", names: dict[str, str] | None = None
+    ) -> GenerationJob:
+        """Build the request's decoder (off the event loop: stop strings are preprocessed against the
+        whole vocabulary) and queue it. A setting the decoder refuses is a 422 naming the field, as
+        `names` maps it to the request's own field name."""
+        from xlora_core.generation import RowDecoder, SamplingParams
+
         self.require_ready()
+        names = names or {}
+        try:
+            params = SamplingParams(**sampling, eos_token_id=self.eos_token_id)
+            decoder = await asyncio.to_thread(RowDecoder, params, self.tokenizer, prompt_ids)
+        except ValueError as exc:
+            field = next((f for f in sampling if str(exc).startswith(f)), "stop" if sampling.get("stop") else None)
+            raise APIError(422, str(exc), param=names.get(field, field), code="invalid_value") from None
         job = GenerationJob(
             id=f"{prefix}-{uuid.uuid4().hex[:24]}",
             prompt_ids=prompt_ids,
-            params=params,
+            decoder=decoder,
             routing=routing,
             deadline=time.monotonic() + self.settings.server.request_timeout_s,
             loop=asyncio.get_running_loop(),

@@ -28,7 +28,7 @@ from server.metrics import Metrics
 from server.scalings_log import ScalingsEntry, ScalingsLog
 from xlora_core import Routing, XLoraModel
 from xlora_core.cache import XLoraCache
-from xlora_core.generation import RowDecoder, SamplingParams
+from xlora_core.generation import RowDecoder
 
 log = logging.getLogger("xlora.scheduler")
 
@@ -80,7 +80,7 @@ class GenerationJob:
 
     id: str
     prompt_ids: list[int]
-    params: SamplingParams
+    decoder: RowDecoder  # built by the route (it can refuse a request's settings: a 4xx, not a model error)
     routing: Routing
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
@@ -133,7 +133,6 @@ class Scheduler:
         max_queue: int,
         metrics: Metrics,
         scalings_log: ScalingsLog,
-        eos_token_id: int | list[int] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -141,7 +140,6 @@ class Scheduler:
         self.max_queue = max_queue
         self.metrics = metrics
         self.scalings_log = scalings_log
-        self.eos_token_id = eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         self._pending: deque[GenerationJob] = deque()
@@ -162,8 +160,6 @@ class Scheduler:
                 raise APIError(503, "the server is shutting down", code="shutting_down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFullError(retry_after=1)
-            if job.params.eos_token_id is None:
-                job.params.eos_token_id = self.eos_token_id
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
@@ -292,7 +288,7 @@ class Scheduler:
             n = len(job.prompt_ids)
             ids[i, width - n :] = torch.tensor(job.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
-        decoders = [RowDecoder(job.params, self.tokenizer, job.prompt_ids) for job in jobs]
+        decoders = [job.decoder for job in jobs]
         self.metrics.batch_size.labels(phase="prefill").observe(len(jobs))
         with torch.inference_mode():
             logits, scalings, cache = self.model.prefill(ids, mask, [job.routing for job in jobs])

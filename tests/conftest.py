@@ -174,9 +174,11 @@ class ServerProcess:
         try:
             return self.proc.wait(timeout)
         finally:
-            self._log.close()
+            if not self._log.closed:
+                self._log.close()
 
     def stop(self) -> None:
+        """SIGTERM and wait (a no-op once stopped)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -184,7 +186,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 @pytest.fixture(scope="session")

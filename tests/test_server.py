@@ -300,6 +300,7 @@ BAD_BODIES = [
     ({"messages": []}, 422, "messages"),
     ({"messages": [{"role": "robot", "content": "y"}]}, 422, "messages.0.role"),
     ({"prompt": "x", "stop": ["a", ""]}, 422, "stop"),
+    ({"prompt": "x", "stop": ["\u2603"]}, 422, "stop"),  # no token of this tokenizer can spell it
     ({"prompt": "x" * 600}, 422, "prompt"),  # longer than the model's 512-token context
     ({"prompt": "x" * 400, "max_new_tokens": 200}, 422, "max_new_tokens"),  # does not fit the context
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -106,7 +107,11 @@ API_KEY, ADMIN = "api-secret", "admin-secret"
 
 @pytest.fixture(scope="module")
 def auth_server(start_server, world):
-    return start_server(server_config(world), env={"XLORA_API_KEY": API_KEY, "XLORA_ADMIN_TOKEN": ADMIN})
+    # JSON logs here too, so one extra server covers both.
+    config = server_config(world, logging={"format": "json"})
+    proc = start_server(config, env={"XLORA_API_KEY": API_KEY, "XLORA_ADMIN_TOKEN": ADMIN})
+    yield proc
+    proc.stop()
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -146,3 +151,10 @@ def test_openai_client_with_wrong_and_right_key(auth_server):
     right = openai.OpenAI(base_url=auth_server.url + "/v1", api_key=API_KEY, max_retries=0)
     out = right.completions.create(model="tiny-xlora", prompt="x", max_tokens=2, temperature=0)
     assert out.usage.completion_tokens >= 1
+
+
+def test_json_logs_are_one_object_per_line_without_secrets(auth_server):
+    entries = [json.loads(line) for line in auth_server.log().splitlines() if line.startswith("{")]
+    assert any(e["logger"] == "xlora.manager" and "model ready" in e["message"] for e in entries)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert API_KEY not in auth_server.log() and ADMIN not in auth_server.log()

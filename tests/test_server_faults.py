@@ -154,7 +154,9 @@ def test_patch_racing_twenty_generations(client, server):
 
 @pytest.fixture(scope="module")
 def small_queue_server(start_server, world):
-    return start_server(server_config(world, server={"max_batch_size": 1, "max_queue": 1, "max_new_tokens": 500}))
+    proc = start_server(server_config(world, server={"max_batch_size": 1, "max_queue": 1, "max_new_tokens": 500}))
+    yield proc
+    proc.stop()
 
 
 def test_full_queue_is_429_with_retry_after_then_succeeds(small_queue_server):
@@ -178,7 +180,9 @@ def test_full_queue_is_429_with_retry_after_then_succeeds(small_queue_server):
 
 @pytest.fixture(scope="module")
 def impatient_server(start_server, world):
-    return start_server(server_config(world, server={"request_timeout_s": 0.3, "max_new_tokens": 500}))
+    proc = start_server(server_config(world, server={"request_timeout_s": 0.3, "max_new_tokens": 500}))
+    yield proc
+    proc.stop()
 
 
 def test_timeout_is_504_and_the_worker_goes_on(impatient_server):

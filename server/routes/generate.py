@@ -21,7 +21,6 @@ from server.schemas import (
     error_responses,
 )
 from server.streaming import events_from, first_event, wait_done
-from xlora_core.generation import SamplingParams
 
 router = APIRouter(tags=["generation"])
 
@@ -49,7 +48,7 @@ async def generate(
     manager.check_lengths(len(prompt_ids), max_new, "max_new_tokens", prompt_param)
     routing = manager.merge_routing(body.routing)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    params = SamplingParams(
+    sampling = dict(
         max_new_tokens=max_new,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -58,7 +57,7 @@ async def generate(
         seed=body.seed,
         stop=stop,
     )
-    job = manager.submit(prompt_ids, params, routing, prefix="gen")
+    job = await manager.submit(prompt_ids, sampling, routing, prefix="gen")
     if body.stream:
         first = await first_event(job, request)
         return EventSourceResponse(_sse(job, first, manager, body.return_scalings), ping=15)

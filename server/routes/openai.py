@@ -33,7 +33,6 @@ from server.openai_schemas import (
 from server.scheduler import DoneEvent, ErrorEvent, GenerationJob, TokenEvent, routing_dict
 from server.schemas import TokenScalings, Usage, error_responses
 from server.streaming import events_from, first_event, wait_done
-from xlora_core.generation import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -55,7 +54,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
     _check_model(body.model, manager)
     ids = await manager.tokenize(body.prompt_text(), None, "prompt")
     # OpenAI's default for completions is 16 tokens.
-    job, created = _submit(manager, body, ids, body.max_tokens or 16, "max_tokens", "prompt", "cmpl")
+    job, created = await _submit(manager, body, ids, body.max_tokens or 16, "max_tokens", "prompt", "cmpl")
     if body.stream:
         first = await first_event(job, request)
         return EventSourceResponse(_completion_chunks(job, first, body, manager, created), ping=15)
@@ -82,7 +81,7 @@ async def chat_completions(
     ids = await manager.tokenize(None, messages, "messages")
     limit = body.token_limit() or manager.settings.server.default_max_new_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    job, created = _submit(manager, body, ids, limit, param, "messages", "chatcmpl")
+    job, created = await _submit(manager, body, ids, limit, param, "messages", "chatcmpl")
     if body.stream:
         first = await first_event(job, request)
         return EventSourceResponse(_chat_chunks(job, first, body, manager, created), ping=15)
@@ -106,10 +105,10 @@ def _check_model(name: str, manager: ModelManager) -> None:
                        param="model", code="model_not_found")
 
 
-def _submit(manager, body, ids: list[int], max_new: int, param: str, prompt_param: str, prefix: str):
+async def _submit(manager, body, ids: list[int], max_new: int, param: str, prompt_param: str, prefix: str):
     manager.check_lengths(len(ids), max_new, param, prompt_param)
     routing = manager.merge_routing(body.xlora_routing, param_prefix="xlora_routing.")
-    params = SamplingParams(
+    sampling = dict(
         max_new_tokens=max_new,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -118,7 +117,8 @@ def _submit(manager, body, ids: list[int], max_new: int, param: str, prompt_para
         seed=body.seed,
         stop=body.stop_list(),
     )
-    return manager.submit(ids, params, routing, prefix=prefix), int(time.time())
+    job = await manager.submit(ids, sampling, routing, prefix=prefix, names={"max_new_tokens": param})
+    return job, int(time.time())
 
 
 def _usage(done: DoneEvent) -> Usage:
