@@ -140,7 +140,7 @@ def xlora_config_fields() -> set[str]:
         names = {f.name for f in dataclasses.fields(XLoraConfig)}
     else:
         names = set(getattr(XLoraConfig, "model_fields", {}))
-    return names - {"adapters"}
+    return names - {"adapters", "hidden_size"}  # hidden_size comes from the base model
 
 
 def _where(loc: tuple[Any, ...]) -> str:
