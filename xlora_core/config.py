@@ -80,7 +80,8 @@ class XLoraConfig:
 
     def save(self, folder: str | Path) -> None:
         data = {"peft_type": "XLORA", **self.to_dict()}
-        Path(folder, CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        # Not sort_keys: the order of `adapters` is the expert index.
+        Path(folder, CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> XLoraConfig:

@@ -163,6 +163,19 @@ class XLoraModel(nn.Module):
         hidden = self._backbone(input_ids, attention_mask, position_ids, cache.real if cache else None, weights)
         return hidden, scalings
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        routing: Routing | list[Routing] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both passes over the whole sequence, no cache, no LM head: (hidden states, scalings).
+        Training uses it to run the LM head only where there are labels."""
+        hidden, scalings = self._two_passes(input_ids, attention_mask, position_ids, routing, cache=None)
+        self._latest_scalings = scalings
+        return hidden, scalings
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -173,8 +186,7 @@ class XLoraModel(nn.Module):
         **_: Any,
     ) -> CausalLMOutputWithPast:
         """Both passes over the whole sequence, no cache; logits for every position, loss with labels."""
-        hidden, scalings = self._two_passes(input_ids, attention_mask, position_ids, routing, cache=None)
-        self._latest_scalings = scalings
+        hidden, _ = self.hidden_states(input_ids, attention_mask, position_ids, routing)
         logits = self.base.get_output_embeddings()(hidden)
         loss = None
         if labels is not None:

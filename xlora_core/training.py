@@ -209,3 +209,115 @@ def train_expert(cfg: ExpertTrainConfig) -> dict:
 
 # -----------------------------------------------------------------------------
 # X-LoRA classifier training: to be written (issue 3, classifier part)
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """The X-LoRA router, trained on a mixture of the tasks with the experts frozen."""
+
+    experts: dict[str, str]  # name -> PEFT LoRA folder; the order is the expert index
+    out: str
+    base: str = "default"
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    xlora_depth: int = 2
+    xlora_size: int = 256
+    layerwise_scalings: bool = False
+    # Weight of an auxiliary loss that tells the router which task a training example comes from
+    # (cross-entropy of its mean scalings over the answer tokens). 0 = the paper's LM loss alone.
+    routing_loss_weight: float = 0.1
+    seed: int = 0
+    log_every: int = 10
+    eval_n: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | None = None
+
+
+def xlora_losses(model, batch: dict[str, torch.Tensor], expert_of_row: torch.Tensor | None):
+    """(answer-token cross-entropy, routing loss or None) for a right-padded batch; the LM head runs
+    only where there are labels (on SmolLM2 it is a fifth of the weights)."""
+    hidden, scalings = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    lm_loss = F.cross_entropy(logits, targets[keep])
+    if expert_of_row is None:
+        return lm_loss, None
+    # mean scaling of each expert over the positions that predict answer tokens, per row
+    weights = keep.to(scalings.dtype)[:, :, None]
+    per_row = (scalings[:, :-1].mean(dim=2) * weights).sum(1) / weights.sum(1).clamp(min=1)
+    routing_loss = F.nll_loss(per_row.clamp(min=1e-6).log(), expert_of_row)
+    return lm_loss, routing_loss
+
+
+def train_classifier(cfg: ClassifierTrainConfig) -> dict:
+    """Train the classifier of an X-LoRA model on the experts in cfg.experts; save the checkpoint to cfg.out."""
+    from xlora_core.config import XLoraConfig
+    from xlora_core.model import XLoraModel
+    from xlora_core.tasks import TASKS, make_mixed
+
+    torch.manual_seed(cfg.seed)
+    base, tokenizer = load_base_model(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+    config = XLoraConfig(
+        hidden_size=base.config.hidden_size,
+        adapters=dict(cfg.experts),
+        xlora_depth=cfg.xlora_depth,
+        xlora_size=cfg.xlora_size,
+        layerwise_scalings=cfg.layerwise_scalings,
+        xlora_dropout_p=0.0,
+    )
+    model = XLoraModel(base, config)
+    model.train()
+    device = model.device
+    names = list(cfg.experts)
+    supervise = cfg.routing_loss_weight > 0
+    if supervise and set(names) != set(TASKS):
+        raise ValueError(f"routing_loss_weight needs experts named after the tasks {TASKS}, got {names}")
+
+    examples = make_mixed(cfg.steps * cfg.batch_size, seed=cfg.seed, split="train")
+    features = [encode_example(tokenizer, e) for e in examples]
+    params = list(model.classifier.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    schedule = ExpertTrainConfig(task="", out="", steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps)
+
+    log = [{"config": asdict(cfg)}]  # written into the checkpoint folder once it is saved
+    t0, running, seen = time.time(), [0.0, 0.0], 0
+    bar = tqdm(range(cfg.steps), desc="classifier", dynamic_ncols=True)
+    for step in bar:
+        rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        batch = {k: v.to(device) for k, v in collate(features[rows], tokenizer.pad_token_id).items()}
+        expert_of_row = None
+        if supervise:
+            expert_of_row = torch.tensor([names.index(e.task) for e in examples[rows]], device=device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, schedule)
+        lm_loss, routing_loss = xlora_losses(model, batch, expert_of_row)
+        loss = lm_loss + cfg.routing_loss_weight * routing_loss if supervise else lm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+        running = [running[0] + lm_loss.item(), running[1] + (routing_loss.item() if supervise else 0.0)]
+        seen += 1
+        bar.set_postfix(loss=f"{lm_loss.item():.4f}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            record = {"step": step + 1, "loss": round(running[0] / seen, 5), "lr": lr_at(step, schedule),
+                      "elapsed_s": round(time.time() - t0, 2)}  # fmt: skip
+            if supervise:
+                record["routing_loss"] = round(running[1] / seen, 5)
+            tqdm.write(json.dumps(record))
+            log.append(record)
+            running, seen = [0.0, 0.0], 0
+    model.eval()
+    summary = {"steps": cfg.steps, "train_s": round(time.time() - t0, 1)}
+    if cfg.eval_n > 0:
+        summary["eval_accuracy"] = accuracy(model, tokenizer, make_mixed(cfg.eval_n, seed=cfg.seed, split="eval"))
+    tqdm.write(json.dumps({"summary": summary}))
+    log.append({"summary": summary})
+    model.save_pretrained(cfg.out)
+    Path(cfg.out, "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return summary

@@ -1,7 +1,7 @@
 """xlora-train: train LoRA experts and the X-LoRA classifier.
 
 xlora-train expert --task arithmetic --base default --out experts/arithmetic
-xlora-train classifier ...   (to come)
+xlora-train classifier --out checkpoints/default   (experts: experts/arithmetic, sorting, json)
 """
 
 from __future__ import annotations
@@ -12,15 +12,19 @@ import json
 import torch
 
 from xlora_core.tasks import TASKS
-from xlora_core.training import DEFAULT_TARGET_MODULES, ExpertTrainConfig, train_expert
+from xlora_core.training import (
+    DEFAULT_TARGET_MODULES,
+    ClassifierTrainConfig,
+    ExpertTrainConfig,
+    train_classifier,
+    train_expert,
+)
 
 
 def add_expert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--out", required=True, help="folder for the adapter (PEFT layout) and train_log.jsonl")
-    p.add_argument(
-        "--base", default="default", help="'default', a .gguf file, or a local transformers folder"
-    )
+    p.add_argument("--base", default="default", help="'default', a .gguf file, or a local transformers folder")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -65,16 +69,62 @@ def run_expert(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# classifier subcommand: PLACEHOLDER, to be filled in with the X-LoRA classifier training (issue 3)
-
-
 def add_classifier_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument(
+        "--experts",
+        default="arithmetic=experts/arithmetic,sorting=experts/sorting,json=experts/json",
+        help="comma-separated name=folder of PEFT LoRA experts, in expert order",
+    )
+    p.add_argument("--out", required=True, help="folder for the X-LoRA checkpoint (classifier + experts)")
+    p.add_argument("--base", default="default", help="'default', a .gguf file, or a local transformers folder")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--depth", type=int, default=2, help="xlora_depth of the classifier")
+    p.add_argument("--size", type=int, default=256, help="xlora_size (hidden width) of the classifier")
+    p.add_argument("--layerwise", action="store_true", help="one scaling per LoRA layer (layerwise_scalings)")
+    p.add_argument("--routing-loss-weight", type=float, default=0.1,
+                   help="auxiliary loss on the task of each example (0 = LM loss alone, as the paper)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-n", type=int, default=0, help="score this many mixed eval examples after training")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--cache-dir", default=None, help="where converted GGUF models are cached")
+
+
+def parse_experts(text: str) -> dict[str, str]:
+    experts = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--experts: expected name=folder, got {item!r}")
+        experts[name] = folder
+    return experts
 
 
 def run_classifier(args: argparse.Namespace) -> None:
-    raise SystemExit("xlora-train classifier: not implemented yet")
+    cfg = ClassifierTrainConfig(
+        experts=parse_experts(args.experts),
+        out=args.out,
+        base=args.base,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=min(args.warmup_steps, args.steps),
+        xlora_depth=args.depth,
+        xlora_size=args.size,
+        layerwise_scalings=args.layerwise,
+        routing_loss_weight=args.routing_loss_weight,
+        seed=args.seed,
+        log_every=args.log_every,
+        eval_n=args.eval_n,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+    )
+    print(json.dumps(train_classifier(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,14 +132,10 @@ def run_classifier(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="xlora-train", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_expert_args(sub.add_parser("expert", help="train one LoRA expert on a synthetic task"))
-    add_classifier_args(
-        sub.add_parser("classifier", help="train the X-LoRA classifier (not implemented yet)")
-    )
+    add_classifier_args(sub.add_parser("classifier", help="train the X-LoRA classifier with the experts frozen"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

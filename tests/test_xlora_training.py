@@ -1,0 +1,79 @@
+"""Training the X-LoRA classifier: forward with labels returns the loss, and training lowers it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from xlora_core import XLoraConfig, XLoraModel
+
+from .helpers import make_tiny_llama, make_tiny_tokenizer
+from .xlora_builders import EXPERT_SPECS, VOCAB, build_world, load_base, save_expert
+
+
+def test_forward_with_labels_returns_the_causal_lm_loss(tmp_path):
+    base, experts = build_world(tmp_path)
+    model = XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16))
+    ids = torch.randint(3, VOCAB, (2, 10))
+    out = model(ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+
+
+def test_only_the_classifier_trains_and_its_loss_falls(tmp_path):
+    base, experts = build_world(tmp_path)
+    model = XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16))
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("classifier.") for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    # Toy task: a fixed batch of sequences the router can fit by choosing experts per token.
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (4, 12))
+    optimizer = torch.optim.Adam(model.classifier.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(40):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.01, losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_trainable_adapters(tmp_path):
+    base, experts = build_world(tmp_path)
+    config = XLoraConfig(hidden_size=32, adapters=experts, use_trainable_adapters=True)
+    model = XLoraModel(load_base(base), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any(n.startswith("classifier.") for n in trainable)
+    assert not any("base_layer" in n or "embed_tokens" in n for n in trainable)
+
+
+def test_train_classifier_command_writes_a_checkpoint_that_loads(tmp_path):
+    tokenizer = make_tiny_tokenizer(tmp_path / "base")
+    make_tiny_llama(tmp_path / "base", vocab_size=len(tokenizer))
+    experts = {
+        name: save_expert(tmp_path / "base", tmp_path / name, seed=i, **spec)
+        for i, (name, spec) in enumerate(zip(["arithmetic", "sorting", "json"], EXPERT_SPECS, strict=True))
+    }
+    out = tmp_path / "ckpt"
+    expert_arg = ",".join(f"{n}={p}" for n, p in experts.items())
+    cmd = [sys.executable, "-m", "xlora_core.cli.train", "--threads", "1", "classifier", "--base",
+           str(tmp_path / "base"), "--out", str(out), "--steps", "12", "--batch-size", "6", "--size", "16",
+           "--lr", "1e-2", "--log-every", "4", "--experts", expert_arg]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "step" in r]
+    assert [r["step"] for r in steps] == [4, 8, 12]
+    assert steps[-1]["routing_loss"] < steps[0]["routing_loss"]  # the router learns which task is which
+
+    model = XLoraModel.from_pretrained(load_base(tmp_path / "base"), out)
+    assert model.adapter_names == ["arithmetic", "sorting", "json"]
+    assert model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, len(tokenizer))
