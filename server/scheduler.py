@@ -223,7 +223,8 @@ class Scheduler:
                 job = self._pending.popleft()
                 if job.cancelled:
                     continue
-                if now > job.deadline:
+                if now > job.deadline:  # timed out while waiting in the queue
+                    self.metrics.generations.labels(outcome="timeout").inc()
                     job.post(_timeout(job, 0))
                     continue
                 admitted.append(job)
@@ -245,8 +246,8 @@ class Scheduler:
             if row.job.cancelled:
                 self.metrics.generations.labels(outcome="cancelled").inc()
             elif now > row.job.deadline:
+                self.metrics.generations.labels(outcome="timeout").inc()  # counted before the client hears
                 row.job.post(_timeout(row.job, len(row.decoder.completion_ids)))
-                self.metrics.generations.labels(outcome="timeout").inc()
             else:
                 keep.append(i)
         return self._keep(rows, cache, keep)
@@ -346,12 +347,7 @@ class Scheduler:
         job, dec = row.job, row.decoder
         n_out = len(dec.completion_ids)
         scalings = torch.cat(row.scalings, dim=0)
-        job.post(DoneEvent(finish_reason, dec.text, len(job.prompt_ids), n_out, job.routing, scalings))
-        self.metrics.generations.labels(outcome=finish_reason).inc()
-        self.metrics.prompt_tokens_per_request.observe(len(job.prompt_ids))
-        self.metrics.generated_tokens_per_request.observe(n_out)
-        if n_out > 1:
-            self.metrics.time_per_output_token.observe((row.last_token_at - row.first_token_at) / (n_out - 1))
+        # Log first, answer second: a client that asks /scalings/{id} right after its answer finds it.
         self.scalings_log.add(
             ScalingsEntry(
                 id=job.id,
@@ -362,6 +358,12 @@ class Scheduler:
                 scalings=scalings,
             )
         )
+        self.metrics.generations.labels(outcome=finish_reason).inc()
+        self.metrics.prompt_tokens_per_request.observe(len(job.prompt_ids))
+        self.metrics.generated_tokens_per_request.observe(n_out)
+        if n_out > 1:
+            self.metrics.time_per_output_token.observe((row.last_token_at - row.first_token_at) / (n_out - 1))
+        job.post(DoneEvent(finish_reason, dec.text, len(job.prompt_ids), n_out, job.routing, scalings))
 
     def _fail(self, job: GenerationJob, exc: Exception) -> None:
         log.error("generation %s failed inside the model: %s: %s", job.id, type(exc).__name__, exc)
