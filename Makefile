@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-load experts eval clean
+.PHONY: install serve test lint bench bench-load experts router eval clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/constraints.txt
 	EDITABLE=1 scripts/install.sh $(VENV) dev
@@ -28,11 +28,16 @@ bench: $(STAMP)
 bench-load: $(STAMP)
 	$(PY) -m bench.load --config $(CONFIG)
 
+# The three experts of the embedded default (fixed seeds; ~25 minutes on 2 cores; not run in CI).
 experts: $(STAMP)
 	scripts/make_experts.sh
 
+# The router of the embedded default (experts frozen; fixed seed; ~10 minutes on 2 cores).
+router: $(STAMP)
+	$(VENV)/bin/xlora-train --threads 2 classifier --out checkpoints/default --steps 150 --batch-size 8 --seed 0
+
 eval: $(STAMP)
-	$(VENV)/bin/xlora-eval --config $(CONFIG)
+	$(VENV)/bin/xlora-eval --checkpoint checkpoints/default --threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache
