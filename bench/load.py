@@ -1,0 +1,364 @@
+"""Load on a live server: C concurrent clients, batching on and one-at-a-time, side by side in one run.
+
+    python -m bench.load --config configs/default.yaml                  # C = 1,4,8,16; 4 requests per client
+    python -m bench.load --config X.yaml --concurrency 1,4,8 --requests 2 --max-new-tokens 32
+
+Starts `python -m server --config X` on 127.0.0.1 (a free port), waits for /ready, runs each C in turn
+(every client sends --requests requests one after another; half of them streamed, alternating, unless
+--stream says otherwise), stops the server, then does the same with `server.max_batch_size: 1` (a
+temporary copy of the config with its paths made absolute). Greedy, fixed prompts, fixed max_new_tokens.
+
+Reports per C and mode: aggregate generated tokens/s (sum of completion_tokens / wall time of the round),
+p50/p99 latency, p50/p99 time to first token (streamed requests), and every error (status + body). One
+markdown table at the end with both modes and the ratio batched / one-at-a-time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+PROMPTS = [
+    "Compute: 12 + 30",
+    "Sort alphabetically: pear, apple, fig",
+    "Extract as JSON: name is Alice, age is 31, city is Paris",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle on a stormy night, "
+    "and what she decides to do about it the next morning.",
+]
+
+
+# -----------------------------------------------------------------------------
+# the server process (also used by bench.soak)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_copy(config: Path, folder: Path, overrides: dict[str, dict] | None = None, name: str = "bench.yaml") -> Path:
+    """The config, its relative paths made absolute (against its own folder), `overrides` merged per section,
+    written to folder/name."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    base_dir = config.resolve().parent
+
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+    model = data.get("model") or {}
+    if model.get("base") not in (None, "default"):
+        model["base"] = absolute(model["base"])
+    if model.get("cache_dir"):
+        model["cache_dir"] = absolute(model["cache_dir"])
+    xlora = data.get("xlora") or {}
+    if xlora.get("checkpoint"):
+        xlora["checkpoint"] = absolute(xlora["checkpoint"])
+    if xlora.get("adapters"):
+        xlora["adapters"] = {k: absolute(v) for k, v in xlora["adapters"].items()}
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {})
+        data[section] = {**(data[section] or {}), **values}
+    out = folder / name
+    out.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return out
+
+
+class Server:
+    """`python -m server --config X --host 127.0.0.1 --port P`, output to a log file; SIGTERM (then kill) on stop."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XLORA_")}  # no auth for the bench
+        env["PYTHONUNBUFFERED"] = "1"
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -----------------------------------------------------------------------------
+# one request
+
+
+@dataclass
+class Result:
+    stream: bool
+    latency: float = math.nan
+    ttft: float | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, max_new: int, stream: bool) -> Result:
+    body = {"prompt": prompt, "max_new_tokens": max_new, "temperature": 0.0, "stream": stream}
+    result = Result(stream=stream)
+    start = time.perf_counter()
+    try:
+        if not stream:
+            r = await client.post("/generate", json=body)
+            if r.status_code != 200:
+                result.error = f"{r.status_code} {r.text[:500]}"
+            else:
+                result.completion_tokens = r.json()["usage"]["completion_tokens"]
+        else:
+            async with client.stream("POST", "/generate", json=body) as r:
+                if r.status_code != 200:
+                    result.error = f"{r.status_code} {(await r.aread()).decode(errors='replace')[:500]}"
+                else:
+                    event = None
+                    async for line in r.aiter_lines():
+                        if line.startswith("event:"):
+                            event = line.split(":", 1)[1].strip()
+                        elif line.startswith("data:"):
+                            if event == "token" and result.ttft is None:
+                                result.ttft = time.perf_counter() - start
+                            elif event == "done":
+                                result.completion_tokens = json.loads(line.split(":", 1)[1])["usage"][
+                                    "completion_tokens"
+                                ]
+                            elif event == "error":
+                                result.error = f"200 stream error event: {line[5:].strip()[:500]}"
+                    if result.error is None and event != "done":
+                        result.error = "200 stream ended without a done event"
+    except httpx.HTTPError as exc:
+        result.error = f"transport {type(exc).__name__}: {exc}"
+    result.latency = time.perf_counter() - start
+    return result
+
+
+# -----------------------------------------------------------------------------
+# one round: C clients
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Round:
+    mode: str
+    concurrency: int
+    wall: float
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.results)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall if self.wall > 0 else math.nan
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.results if r.error]
+
+    def latency(self, q: float) -> float:
+        return percentile([r.latency for r in self.results if not r.error], q)
+
+    def ttft(self, q: float) -> float:
+        return percentile([r.ttft for r in self.results if r.ttft is not None and not r.error], q)
+
+
+def stream_choice(mode: str, client_index: int, request_index: int) -> bool:
+    if mode == "both":
+        return (client_index + request_index) % 2 == 1
+    return mode == "on"
+
+
+async def run_round(url: str, concurrency: int, requests: int, max_new: int, stream_mode: str,
+                    timeout: float, mode: str) -> Round:  # fmt: skip
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+
+        async def one_client(c: int) -> list[Result]:
+            out = []
+            for i in range(requests):
+                prompt = PROMPTS[(c + i) % len(PROMPTS)]
+                out.append(await one_request(client, prompt, max_new, stream_choice(stream_mode, c, i)))
+            return out
+
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(one_client(c) for c in range(concurrency)))
+        wall = time.perf_counter() - start
+    return Round(mode=mode, concurrency=concurrency, wall=wall, results=[r for rs in per_client for r in rs])
+
+
+def warm_up(url: str, max_new: int, timeout: float) -> None:
+    with httpx.Client(base_url=url, timeout=timeout) as c:
+        for prompt in PROMPTS[:2]:
+            c.post("/generate", json={"prompt": prompt, "max_new_tokens": max_new, "temperature": 0.0})
+
+
+def run_mode(config: Path, mode: str, args, log_path: Path) -> list[Round]:
+    print(f"\n## {mode}: starting the server ({config})", flush=True)
+    rounds = []
+    with Server(config, log_path) as server:
+        t0 = time.perf_counter()
+        server.wait_ready(args.ready_timeout)
+        print(f"ready after {time.perf_counter() - t0:.1f} s (pid {server.pid}, log {log_path})", flush=True)
+        warm_up(server.url, args.max_new_tokens, args.timeout)
+        for c in args.concurrency:
+            rnd = asyncio.run(run_round(server.url, c, args.requests, args.max_new_tokens, args.stream,
+                                        args.timeout, mode))  # fmt: skip
+            rounds.append(rnd)
+            print(f"{mode} C={c}: {len(rnd.results)} requests, {rnd.tokens} tokens in {rnd.wall:.1f} s = "
+                  f"{rnd.tokens_per_s:.1f} tok/s; latency p50 {rnd.latency(50):.2f} s p99 {rnd.latency(99):.2f} s; "
+                  f"TTFT p50 {rnd.ttft(50):.2f} s p99 {rnd.ttft(99):.2f} s; errors {len(rnd.errors)}", flush=True)
+            for err in rnd.errors:
+                print(f"  error: {err}", flush=True)
+    return rounds
+
+
+# -----------------------------------------------------------------------------
+# report
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def table(batched: list[Round], single: list[Round], batch_size: int) -> str:
+    head = (f"| C | requests | tok/s batched (max_batch_size {batch_size}) | tok/s one-at-a-time | ratio "
+            "| latency p50/p99 batched (s) | latency p50/p99 one-at-a-time (s) "
+            "| TTFT p50/p99 batched (s) | TTFT p50/p99 one-at-a-time (s) | errors b/1 |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    by_c = {r.concurrency: r for r in single}
+
+    def pair(rnd: Round | None, what: str) -> str:
+        if rnd is None:
+            return "-"
+        get = getattr(rnd, what)
+        return f"{fmt(get(50))} / {fmt(get(99))}"
+
+    for b in batched:
+        s = by_c.get(b.concurrency)
+        ratio = b.tokens_per_s / s.tokens_per_s if s and s.tokens_per_s else math.nan
+        lines.append(
+            f"| {b.concurrency} | {len(b.results)} | {fmt(b.tokens_per_s, 1)} | {fmt(s.tokens_per_s, 1) if s else '-'} "
+            f"| {fmt(ratio)}x | {pair(b, 'latency')} | {pair(s, 'latency')} | {pair(b, 'ttft')} | {pair(s, 'ttft')} "
+            f"| {len(b.errors)} / {len(s.errors) if s else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"load average {', '.join(f'{x:.2f}' for x in load)}, Python {platform.python_version()}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
+    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--stream", choices=["both", "on", "off"], default="both",
+                        help="both = alternate streamed and plain requests (half each)")  # fmt: skip
+    parser.add_argument("--modes", default="batched,single", help="batched (config as is), single (max_batch_size 1)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, s")
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+
+    settings = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    batch_size = (settings.get("server") or {}).get("max_batch_size", 8)
+    print(f"# bench.load: {args.config}\nmachine: {machine()}\n"
+          f"C={args.concurrency}, {args.requests} requests per client, max_new_tokens {args.max_new_tokens}, "
+          f"greedy, stream={args.stream}", flush=True)  # fmt: skip
+
+    results: dict[str, list[Round]] = {}
+    with tempfile.TemporaryDirectory(prefix="xlora-bench-load-") as tmp:
+        folder = Path(tmp)
+        configs = {
+            "batched": config_copy(args.config, folder, name="batched.yaml"),
+            "single": config_copy(args.config, folder, {"server": {"max_batch_size": 1}}, name="single.yaml"),
+        }
+        for mode in modes:
+            results[mode] = run_mode(configs[mode], mode, args, folder / f"{mode}.log")
+
+    batched, single = results.get("batched", []), results.get("single", [])
+    print(f"\n## results ({args.config}, {args.requests} requests per client, max_new_tokens "
+          f"{args.max_new_tokens}, stream={args.stream})\nmachine: {machine()}\n")  # fmt: skip
+    print(table(batched or single, single if batched else [], batch_size))
+    errors = [e for rounds in results.values() for r in rounds for e in r.errors]
+    print(f"\nerrors: {len(errors)}")
+    if args.json:
+        raw = {mode: [{"concurrency": r.concurrency, "wall": r.wall, "tokens": r.tokens,
+                       "results": [r_.__dict__ for r_ in r.results]} for r in rounds]
+               for mode, rounds in results.items()}  # fmt: skip
+        args.json.write_text(json.dumps(raw, indent=1))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
