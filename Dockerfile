@@ -21,7 +21,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends python3 python3-venv \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
