@@ -50,6 +50,20 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": text.get(code, "Error")} for code in codes}
 
 
+def sse_doc(description: str, events: list[str] | None = None, json_data: bool = True) -> dict[str, Any]:
+    """OpenAPI `responses=` entry of a 200 that may be server-sent events; `schema` describes one event (as
+    OpenAPI 3.1 tools read text/event-stream). `events`: the `event:` names, if any; `json_data`: every
+    event's `data` is a JSON text."""
+    data: dict[str, Any] = {"type": "string"}
+    if json_data:
+        data["contentMediaType"] = "application/json"
+    properties: dict[str, Any] = {"data": data}
+    if events:
+        properties["event"] = {"type": "string", "enum": events}
+    schema = {"type": "object", "properties": properties, "required": ["data", *(["event"] if events else [])]}
+    return {"description": description, "content": {"text/event-stream": {"schema": schema}}}
+
+
 # -----------------------------------------------------------------------------
 # routing
 

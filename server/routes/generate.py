@@ -19,16 +19,17 @@ from server.schemas import (
     TokenScalings,
     Usage,
     error_responses,
+    sse_doc,
 )
 from server.streaming import events_from, first_event, wait_done
 
 router = APIRouter(tags=["generation"])
 
-_STREAM_DOC = {
-    "description": "With `stream: true`: server-sent events. `event: token` (StreamToken) per token, then "
+_STREAM_DOC = sse_doc(
+    "With `stream: true`: server-sent events. `event: token` (StreamToken) per token, then "
     "`event: done` (StreamDone), or `event: error` ({error: {...}}) if the request fails midway.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}
+    events=["token", "done", "error"],
+)
 
 
 @router.post(

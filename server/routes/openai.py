@@ -31,16 +31,15 @@ from server.openai_schemas import (
     XLoraInfo,
 )
 from server.scheduler import DoneEvent, ErrorEvent, GenerationJob, TokenEvent, routing_dict
-from server.schemas import TokenScalings, Usage, error_responses
+from server.schemas import TokenScalings, Usage, error_responses, sse_doc
 from server.streaming import events_from, first_event, wait_done
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
 _ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503, 504)
-_STREAM_DOC = {
-    "description": "With `stream: true`: OpenAI chunks as server-sent events, ending with `data: [DONE]`.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}
+_STREAM_DOC = sse_doc(
+    "With `stream: true`: OpenAI chunks (JSON) as server-sent events, ending with `data: [DONE]`.", json_data=False
+)
 _STARTED = int(time.time())
 
 
