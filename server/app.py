@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_body, install_error_handlers
+from server.logs import RequestIdMiddleware
 from server.manager import ModelManager
 from server.metrics import Metrics
 from server.routes import generate, health, openai, routing, scalings
@@ -53,9 +54,11 @@ def create_app(
     install_error_handlers(app)
     for module in (health, generate, routing, scalings, openai):
         app.include_router(module.router)
-    # Outermost first: metrics see every answer, including 413s from the body limit.
+    # Last added is outermost: metrics see every answer, including 413s from the body limit; the request id
+    # (and the summary log line) cover everything.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

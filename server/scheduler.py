@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.errors import APIError
+from server.logs import current_request_id, note_request
 from server.metrics import Metrics
 from server.scalings_log import ScalingsEntry, ScalingsLog
 from xlora_core import Routing, XLoraModel
@@ -87,6 +88,7 @@ class GenerationJob:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the event loop (client gone); read by the worker between steps
+    request_id: str | None = field(default_factory=current_request_id)  # the HTTP request's, for log lines
     finished: bool = False
 
     def post(self, event: Event) -> None:
@@ -163,6 +165,7 @@ class Scheduler:
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
+        note_request(generation_id=job.id)
 
     @property
     def in_flight(self) -> int:
@@ -366,7 +369,10 @@ class Scheduler:
         job.post(DoneEvent(finish_reason, dec.text, len(job.prompt_ids), n_out, job.routing, scalings))
 
     def _fail(self, job: GenerationJob, exc: Exception) -> None:
-        log.error("generation %s failed inside the model: %s: %s", job.id, type(exc).__name__, exc)
+        log.error(
+            "generation %s failed inside the model: %s: %s", job.id, type(exc).__name__, exc,
+            extra={"request_id": job.request_id, "generation_id": job.id},
+        )
         self.metrics.generations.labels(outcome="error").inc()
         job.post(ErrorEvent(500, f"the model failed on this request: {type(exc).__name__}: {exc}", "model_error"))
 

@@ -100,6 +100,7 @@ class ServerSection(_Section):
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    log_prompts: bool = Field(False, description="put prompt and completion text in each request's summary line")
 
 
 class Settings(_Section):

@@ -9,6 +9,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.deps import ready_manager, require_api_key
 from server.errors import error_body
+from server.logs import note_generation, note_request
 from server.manager import ModelManager
 from server.scheduler import DoneEvent, ErrorEvent, GenerationJob, TokenEvent, routing_dict
 from server.schemas import (
@@ -61,8 +62,9 @@ async def generate(
     job = await manager.submit(prompt_ids, sampling, routing, prefix="gen")
     if body.stream:
         first = await first_event(job, request)
-        return EventSourceResponse(_sse(job, first, manager, body.return_scalings), ping=15)
+        return EventSourceResponse(_sse(job, first, manager, body.return_scalings, _prompt(body)), ping=15)
     done = await wait_done(job, request)
+    note_generation(done, _prompt(body), manager.settings.logging.log_prompts)
     return GenerateResponse(
         id=job.id,
         text=done.text,
@@ -73,12 +75,18 @@ async def generate(
     )
 
 
-async def _sse(job: GenerationJob, first, manager: ModelManager, return_scalings: bool):
+def _prompt(body: GenerateRequest):
+    """What the summary log line shows as the prompt (only with logging.log_prompts)."""
+    return body.prompt if body.prompt is not None else [m.model_dump() for m in body.messages or []]
+
+
+async def _sse(job: GenerationJob, first, manager: ModelManager, return_scalings: bool, prompt):
     async for event in events_from(job, first):
         if isinstance(event, TokenEvent):
             token = StreamToken(id=job.id, index=event.index, token_id=event.token_id, text=event.text)
             yield ServerSentEvent(data=token.model_dump_json(), event="token")
         elif isinstance(event, DoneEvent):
+            note_generation(event, prompt, manager.settings.logging.log_prompts)
             done = StreamDone(
                 id=job.id,
                 finish_reason=event.finish_reason,
@@ -88,6 +96,7 @@ async def _sse(job: GenerationJob, first, manager: ModelManager, return_scalings
             )
             yield ServerSentEvent(data=done.model_dump_json(), event="done")
         elif isinstance(event, ErrorEvent):
+            note_request(stream_error=event.code)
             body = error_body(event.status, event.message, code=event.code)
             yield ServerSentEvent(data=json.dumps(body), event="error")
 

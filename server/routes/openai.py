@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from server.deps import get_manager, ready_manager, require_api_key
 from server.errors import APIError, error_body
+from server.logs import note_generation, note_request
 from server.manager import ModelManager
 from server.openai_schemas import (
     AssistantMessage,
@@ -58,6 +59,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
         first = await first_event(job, request)
         return EventSourceResponse(_completion_chunks(job, first, body, manager, created), ping=15)
     done = await wait_done(job, request)
+    note_generation(done, _prompt(body), manager.settings.logging.log_prompts)
     return CompletionResponse(
         id=job.id,
         created=created,
@@ -85,6 +87,7 @@ async def chat_completions(
         first = await first_event(job, request)
         return EventSourceResponse(_chat_chunks(job, first, body, manager, created), ping=15)
     done = await wait_done(job, request)
+    note_generation(done, _prompt(body), manager.settings.logging.log_prompts)
     return ChatCompletionResponse(
         id=job.id,
         created=created,
@@ -136,6 +139,13 @@ def _xlora(done: DoneEvent, with_scalings: bool, manager: ModelManager) -> XLora
     return XLoraInfo(routing=routing_dict(done.routing), scalings=scalings)
 
 
+def _prompt(body) -> str | list[dict]:
+    """What the summary log line shows as the prompt (only with logging.log_prompts)."""
+    if isinstance(body, CompletionRequest):
+        return body.prompt_text()
+    return [{"role": m.role, "content": m.text()} for m in body.messages]
+
+
 def _include_usage(body) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
@@ -156,12 +166,14 @@ async def _chat_chunks(job: GenerationJob, first, body: ChatCompletionRequest, m
         if isinstance(event, TokenEvent) and event.text:
             yield chunk(ChatDelta(content=event.text))
         elif isinstance(event, DoneEvent):
+            note_generation(event, _prompt(body), manager.settings.logging.log_prompts)
             yield chunk(ChatDelta(), event.finish_reason, xlora=_xlora(event, body.xlora_return_scalings, manager))
             if _include_usage(body):
                 yield ChatCompletionChunk(
                     id=job.id, created=created, model=manager.model_name, choices=[], usage=_usage(event)
                 ).model_dump_json()
         elif isinstance(event, ErrorEvent):
+            note_request(stream_error=event.code)
             yield _error_chunk(event)
     yield "[DONE]"
 
@@ -177,11 +189,13 @@ async def _completion_chunks(job: GenerationJob, first, body: CompletionRequest,
         if isinstance(event, TokenEvent) and event.text:
             yield chunk(event.text)
         elif isinstance(event, DoneEvent):
+            note_generation(event, _prompt(body), manager.settings.logging.log_prompts)
             yield chunk("", event.finish_reason, xlora=_xlora(event, body.xlora_return_scalings, manager))
             if _include_usage(body):
                 yield CompletionResponse(
                     id=job.id, created=created, model=manager.model_name, choices=[], usage=_usage(event)
                 ).model_dump_json()
         elif isinstance(event, ErrorEvent):
+            note_request(stream_error=event.code)
             yield _error_chunk(event)
     yield "[DONE]"
