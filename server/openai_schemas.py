@@ -31,7 +31,7 @@ class StreamOptions(_Request):
 class _Common(_Request):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 (or below 1e-4) = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)

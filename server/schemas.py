@@ -79,7 +79,9 @@ class RoutingUpdate(_Request):
     """A partial update: only the fields sent change. `top_k: null` means dense."""
 
     top_k: int | None = Field(None, ge=1, description="1..number of experts, or null for dense")
-    global_scaling_weight: float | None = Field(None, allow_inf_nan=False)
+    # Bounded: the experts' outputs are multiplied by it, and 1e20 turns the logits into nan (a 500 for every
+    # sampled request while it is in force).
+    global_scaling_weight: float | None = Field(None, ge=-100.0, le=100.0, allow_inf_nan=False)
 
     @field_validator("global_scaling_weight")
     @classmethod
@@ -105,7 +107,9 @@ class GenerateRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     max_new_tokens: int | None = Field(None, ge=1, description="default and upper limit come from the config")
-    temperature: float = Field(0.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")
+    temperature: float = Field(
+        0.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy (so is anything below 1e-4)"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="0 = off")
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)

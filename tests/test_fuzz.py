@@ -182,6 +182,9 @@ def test_every_operation_conforms_to_its_schema(api_schema, fuzz_server, mode):
 # and the request failed with a 500 (temperature > 0 samples; 0 is greedy).
 EXTREME = [
     {"temperature": 1e-300},
+    {"temperature": 5e-324, "repetition_penalty": 29.5},
+    {"temperature": 2.9e-197, "repetition_penalty": 67.8},
+    {"temperature": 1e-4, "repetition_penalty": 100.0},
     {"temperature": 0.5, "repetition_penalty": 1e-50},
     {"temperature": 1e-30, "repetition_penalty": 1e-50, "top_p": 1e-9},
     {"repetition_penalty": 1e-50},
@@ -198,6 +201,25 @@ def test_extreme_sampling_settings_are_served(fuzz_server, sampling):
         assert r.json()["usage"]["completion_tokens"] >= 1
         body = {"model": "tiny-xlora", "prompt": "x", "max_tokens": 2, "seed": 1, **sampling}
         r = c.post("/v1/completions", json={k: v for k, v in body.items() if k != "temperature" or v <= 2})
+        assert r.status_code == 200, r.text
+
+
+def test_a_routing_weight_that_would_break_the_model_is_422(fuzz_server):
+    # Found by the fuzzing above (FUZZ_RANDOM=1): PATCH /routing accepted global_scaling_weight 1e20, after which
+    # the logits were nan and every sampled request failed with a 500.
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=fuzz_server.url, timeout=30) as c:
+        before = c.get("/routing").json()
+        for weight in (1e20, -1e300, 100.5):
+            r = c.patch("/routing", json={"global_scaling_weight": weight}, headers=admin)
+            assert r.status_code == 422 and r.json()["error"]["param"] == "global_scaling_weight", r.text
+            r = c.post("/generate", json={"prompt": "x", "routing": {"global_scaling_weight": weight}},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "routing.global_scaling_weight", r.text
+        assert c.get("/routing").json() == before
+        r = c.post("/generate", json={"prompt": "x", "temperature": 1.0, "max_new_tokens": 3,
+                                      "routing": {"global_scaling_weight": 100.0}},
+                   headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
         assert r.status_code == 200, r.text
 
 
