@@ -5,8 +5,10 @@
 
 Starts `python -m server --config X` on 127.0.0.1 (a free port), waits for /ready, runs each C in turn
 (every client sends --requests requests one after another; half of them streamed, alternating, unless
---stream says otherwise), stops the server, then does the same with `server.max_batch_size: 1` (a
-temporary copy of the config with its paths made absolute). Greedy, fixed prompts, fixed max_new_tokens.
+--stream says otherwise) against it and against a second server with `server.max_batch_size: 1` (a
+temporary copy of the config with its paths made absolute), in turn. Both servers are up for the whole
+run and idle while the other is measured. Greedy, fixed prompts, fixed max_new_tokens. Server logs go
+to runs/load-<mode>-server.log.
 
 Reports per C and mode: aggregate generated tokens/s (sum of completion_tokens / wall time of the round),
 p50/p99 latency, p50/p99 time to first token (streamed requests), and every error (status + body). One
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -256,24 +259,31 @@ def warm_up(url: str, max_new: int, timeout: float) -> None:
             c.post("/generate", json={"prompt": prompt, "max_new_tokens": max_new, "temperature": 0.0})
 
 
-def run_mode(config: Path, mode: str, args, log_path: Path) -> list[Round]:
-    print(f"\n## {mode}: starting the server ({config})", flush=True)
-    rounds = []
-    with Server(config, log_path) as server:
-        t0 = time.perf_counter()
-        server.wait_ready(args.ready_timeout)
-        print(f"ready after {time.perf_counter() - t0:.1f} s (pid {server.pid}, log {log_path})", flush=True)
-        warm_up(server.url, args.max_new_tokens, args.timeout)
+def run_all(configs: dict[str, Path], args, log_dir: Path) -> dict[str, list[Round]]:
+    """One server per mode, all started before the first round; each C runs in every mode in turn, so a change
+    in the machine's other load during the run touches both modes alike. The servers are idle when not measured."""
+    results: dict[str, list[Round]] = {mode: [] for mode in configs}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for mode, config in configs.items():
+            log_path = log_dir / f"load-{mode}-server.log"
+            servers[mode] = stack.enter_context(Server(config, log_path))
+            t0 = time.perf_counter()
+            servers[mode].wait_ready(args.ready_timeout)
+            print(f"{mode}: ready after {time.perf_counter() - t0:.1f} s (pid {servers[mode].pid}, log {log_path})",
+                  flush=True)  # fmt: skip
+            warm_up(servers[mode].url, args.max_new_tokens, args.timeout)
         for c in args.concurrency:
-            rnd = asyncio.run(run_round(server.url, c, args.requests, args.max_new_tokens, args.stream,
-                                        args.timeout, mode))  # fmt: skip
-            rounds.append(rnd)
-            print(f"{mode} C={c}: {len(rnd.results)} requests, {rnd.tokens} tokens in {rnd.wall:.1f} s = "
-                  f"{rnd.tokens_per_s:.1f} tok/s; latency p50 {rnd.latency(50):.2f} s p99 {rnd.latency(99):.2f} s; "
-                  f"TTFT p50 {rnd.ttft(50):.2f} s p99 {rnd.ttft(99):.2f} s; errors {len(rnd.errors)}", flush=True)
-            for err in rnd.errors:
-                print(f"  error: {err}", flush=True)
-    return rounds
+            for mode, server in servers.items():
+                rnd = asyncio.run(run_round(server.url, c, args.requests, args.max_new_tokens, args.stream,
+                                            args.timeout, mode))  # fmt: skip
+                results[mode].append(rnd)
+                print(f"{mode} C={c}: {len(rnd.results)} requests, {rnd.tokens} tokens in {rnd.wall:.1f} s = "
+                      f"{rnd.tokens_per_s:.1f} tok/s; latency p50 {rnd.latency(50):.2f} s p99 {rnd.latency(99):.2f} s; "
+                      f"TTFT p50 {rnd.ttft(50):.2f} s p99 {rnd.ttft(99):.2f} s; errors {len(rnd.errors)}", flush=True)
+                for err in rnd.errors:
+                    print(f"  error: {err}", flush=True)
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -326,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, s")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--log-dir", type=Path, default=REPO / "runs", help="where the servers' logs go")
     args = parser.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     modes = args.modes.split(",")
@@ -336,15 +347,14 @@ def main(argv: list[str] | None = None) -> int:
           f"C={args.concurrency}, {args.requests} requests per client, max_new_tokens {args.max_new_tokens}, "
           f"greedy, stream={args.stream}", flush=True)  # fmt: skip
 
-    results: dict[str, list[Round]] = {}
+    args.log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xlora-bench-load-") as tmp:
         folder = Path(tmp)
         configs = {
             "batched": config_copy(args.config, folder, name="batched.yaml"),
             "single": config_copy(args.config, folder, {"server": {"max_batch_size": 1}}, name="single.yaml"),
         }
-        for mode in modes:
-            results[mode] = run_mode(configs[mode], mode, args, folder / f"{mode}.log")
+        results = run_all({mode: configs[mode] for mode in modes}, args, args.log_dir)
 
     batched, single = results.get("batched", []), results.get("single", [])
     print(f"\n## results ({args.config}, {args.requests} requests per client, max_new_tokens "
