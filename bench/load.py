@@ -337,28 +337,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs", help="where the servers' logs go")
+    parser.add_argument("--torch-threads", type=int, help="override model.torch_threads in both servers")
     args = parser.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     modes = args.modes.split(",")
 
     settings = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
     batch_size = (settings.get("server") or {}).get("max_batch_size", 8)
+    threads = args.torch_threads or (settings.get("model") or {}).get("torch_threads") or "torch's default"
     print(f"# bench.load: {args.config}\nmachine: {machine()}\n"
           f"C={args.concurrency}, {args.requests} requests per client, max_new_tokens {args.max_new_tokens}, "
-          f"greedy, stream={args.stream}", flush=True)  # fmt: skip
+          f"greedy, stream={args.stream}, torch threads per server: {threads}", flush=True)  # fmt: skip
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xlora-bench-load-") as tmp:
         folder = Path(tmp)
+        model = {"model": {"torch_threads": args.torch_threads}} if args.torch_threads else {}
         configs = {
-            "batched": config_copy(args.config, folder, name="batched.yaml"),
-            "single": config_copy(args.config, folder, {"server": {"max_batch_size": 1}}, name="single.yaml"),
+            "batched": config_copy(args.config, folder, model, name="batched.yaml"),
+            "single": config_copy(args.config, folder, {**model, "server": {"max_batch_size": 1}}, name="single.yaml"),
         }
         results = run_all({mode: configs[mode] for mode in modes}, args, args.log_dir)
 
     batched, single = results.get("batched", []), results.get("single", [])
     print(f"\n## results ({args.config}, {args.requests} requests per client, max_new_tokens "
-          f"{args.max_new_tokens}, stream={args.stream})\nmachine: {machine()}\n")  # fmt: skip
+          f"{args.max_new_tokens}, stream={args.stream}, torch threads {threads})\nmachine: {machine()}\n")  # fmt: skip
     print(table(batched or single, single if batched else [], batch_size))
     errors = [e for rounds in results.values() for r in rounds for e in r.errors]
     print(f"\nerrors: {len(errors)}")

@@ -21,12 +21,13 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.load import PROMPTS, REPO, Server, machine
+from bench.load import PROMPTS, REPO, Server, config_copy, machine
 from server.settings import load_settings
 
 
@@ -140,14 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-growth", type=float, default=5.0, help="allowed RSS growth, percent")
     parser.add_argument("--log", type=Path, help="server log (default: runs/soak-server.log)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--torch-threads", type=int, help="override model.torch_threads")
     args = parser.parse_args(argv)
     capacity = load_settings(args.config).server.scalings_log_size
     log_path = args.log or REPO / "runs" / "soak-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"# bench.soak: {args.config}, {args.requests} requests, {args.clients} clients, "
-          f"max_new_tokens {args.max_new_tokens}\nmachine: {machine()}", flush=True)  # fmt: skip
+          f"max_new_tokens {args.max_new_tokens}, torch threads {args.torch_threads or 'as configured'}\n"
+          f"machine: {machine()}", flush=True)  # fmt: skip
 
-    with Server(args.config, log_path) as server:
+    config = args.config
+    if args.torch_threads:
+        config = config_copy(args.config, Path(tempfile.mkdtemp(prefix="xlora-soak-")),
+                             {"model": {"torch_threads": args.torch_threads}})  # fmt: skip
+    with Server(config, log_path) as server:
         t0 = time.perf_counter()
         server.wait_ready(300)
         print(f"ready after {time.perf_counter() - t0:.1f} s (pid {server.pid}, log {log_path})", flush=True)
