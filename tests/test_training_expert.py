@@ -20,6 +20,7 @@ from xlora_core.tasks import (
     COUNTRIES,
     IGNORE_INDEX,
     JOBS,
+    JSON_POOLS,
     NAMES,
     TASKS,
     WORDS,
@@ -62,7 +63,7 @@ def test_answers_are_right():
         assert int(e.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     for e in make_examples("sorting", 200, seed=0):
         words = e.prompt.removeprefix("Sort alphabetically: ").split(", ")
-        assert 3 <= len(words) <= 6 and len(set(words)) == len(words)
+        assert 3 <= len(words) <= 6 and len({w[0] for w in words}) == len(words)  # distinct initials
         assert e.answer == ", ".join(sorted(words))
     for e in make_examples("json", 200, seed=0):
         pairs = [p.split(" is ") for p in e.prompt.removeprefix("Extract as JSON: ").split(", ")]
@@ -82,6 +83,9 @@ def test_eval_vocabulary_is_disjoint_from_train():
     train_values = set(NAMES["train"] + CITIES["train"] + COUNTRIES["train"] + JOBS["train"] + COLORS["train"])
     for e in make_examples("json", 100, seed=0, split="eval"):
         assert not {v for v in json.loads(e.answer).values() if isinstance(v, str)} & train_values
+    eval_values = {v.lower() for pool in JSON_POOLS.values() for v in pool["eval"]}
+    for e in make_examples("json", 500, seed=0, split="train"):
+        assert not {str(v).lower() for v in json.loads(e.answer).values()} & eval_values
 
 
 def test_mixed_interleaves_tasks():

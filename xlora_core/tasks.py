@@ -18,24 +18,43 @@ from dataclasses import dataclass
 
 import torch
 
+from xlora_core.sort_words import EXTRA_TRAIN_WORDS
+
 TASKS = ("arithmetic", "sorting", "json")
 IGNORE_INDEX = -100  # labels with this value are skipped by the causal-LM loss
 
 # -----------------------------------------------------------------------------
 # vocabularies, one list per split (disjoint)
 
+# Sorting words: the train list is large (hand-written + ~4k entries of the SmolLM2 vocabulary), so the
+# expert learns to order whatever it is given; with ~90 train words it answered unseen ones with train
+# words, and with ~300 it still got the order of unseen words wrong.
 WORDS = {
     "train": """
         apple pear fig plum grape lemon mango peach cherry melon olive onion garlic carrot potato tomato
-        bread butter cheese honey sugar salt pepper rice bean corn wheat oat barley
-        river ocean lake forest desert valley canyon island meadow hill cliff glacier
-        tiger zebra horse sheep goat rabbit mouse eagle falcon parrot otter beaver badger
-        chair table lamp sofa shelf mirror pillow blanket carpet curtain window door
-        hammer wrench shovel ladder bucket rope nail screw drill chisel
-        violin guitar piano flute drum trumpet banjo harp
-        """.split(),
+        bread butter cheese honey sugar salt pepper rice bean corn wheat oat barley pasta soup salad cake
+        river ocean lake forest desert valley canyon island meadow hill cliff glacier beach coast field
+        tiger zebra horse sheep goat rabbit mouse eagle falcon parrot otter beaver badger camel whale shark
+        chair table lamp sofa shelf mirror pillow blanket carpet curtain window door floor roof wall stairs
+        hammer wrench shovel ladder bucket rope nail screw drill chisel needle thread brush broom basket
+        violin guitar piano flute drum trumpet banjo harp organ bell
+        apron badge belt boot button cap cloak coat collar dress glove hat jacket jeans mask ring scarf
+        shirt shoe skirt sock sweater tie vest wallet watch
+        airport bank bridge castle church farm garage garden harbor hospital hotel house library market
+        museum office palace park prison school shop station temple theater tower village
+        arrow axe bow cannon dagger helmet shield spear sword
+        atom cloud comet earth flame frost galaxy moon planet rain rainbow snow storm star sun thunder wind
+        album book card diary letter map novel paper pencil poem stamp ticket
+        bottle bowl candle clock cup fork glass jar kettle knife ladle mug oven pan plate pot spoon tray
+        bicycle boat bus car engine ferry plane rocket ship sled taxi tractor train truck wagon wheel
+        ant bee beetle crab frog moth owl snail spider swan wasp worm
+        acorn branch bush cactus daisy fern flower grass leaf lily moss oak palm pine rose seed tree tulip
+        copper gold iron silver steel stone brick clay coal marble sand wood
+        baby child doctor farmer king knight nurse pilot queen sailor soldier teacher
+        """.split()
+    + EXTRA_TRAIN_WORDS,
     "eval": """
-        kiwi lime papaya guava apricot quince radish turnip spinach celery
+        kiwi lime papaya guava apricot radish turnip spinach celery
         noodle yogurt walnut almond cashew pecan
         swamp prairie tundra lagoon marsh reef dune
         lizard turtle gecko walrus moose bison heron pelican
@@ -69,6 +88,11 @@ COLORS = {
     "eval": """teal maroon violet beige indigo crimson""".split(),
 }
 JSON_FIELDS = ("name", "age", "city", "country", "job", "color")
+JSON_POOLS = {"name": NAMES, "city": CITIES, "country": COUNTRIES, "job": JOBS, "color": COLORS}
+# Half the train values are arbitrary vocabulary words, so the expert learns to copy any value; trained on
+# the short lists alone it rewrote unseen ones ("tailor" -> "tacky", "Otto" -> "Otter").
+_EVAL_VALUES = {v.lower() for pool in JSON_POOLS.values() for v in pool["eval"]}
+JSON_EXTRA_TRAIN_VALUES = [w for w in EXTRA_TRAIN_WORDS if w not in _EVAL_VALUES]
 
 
 @dataclass(frozen=True)
@@ -89,14 +113,29 @@ def _arithmetic(rng: random.Random, split: str) -> Example:
 
 
 def _sorting(rng: random.Random, split: str) -> Example:
-    words = rng.sample(WORDS[split], rng.randint(3, 6))
+    # distinct first letters: the order follows from each word's initial, which a 135M model can learn;
+    # ties broken on later letters were most of its mistakes
+    n, words, initials = rng.randint(3, 6), [], set()
+    while len(words) < n:
+        word = rng.choice(WORDS[split])
+        if word[0] not in initials:
+            words.append(word)
+            initials.add(word[0])
     return Example("sorting", "Sort alphabetically: " + ", ".join(words), ", ".join(sorted(words)))
+
+
+def _json_value(rng: random.Random, key: str, split: str) -> str | int:
+    if key == "age":
+        return rng.randint(18, 90)
+    if split == "train" and rng.random() < 0.5:
+        word = rng.choice(JSON_EXTRA_TRAIN_VALUES)
+        return word.capitalize() if key in ("name", "city", "country") else word
+    return rng.choice(JSON_POOLS[key][split])
 
 
 def _json(rng: random.Random, split: str) -> Example:
     keys = rng.sample(JSON_FIELDS, rng.randint(2, 4))  # keys in the order given in the prompt
-    pools = {"name": NAMES, "city": CITIES, "country": COUNTRIES, "job": JOBS, "color": COLORS}
-    record = {k: rng.randint(18, 90) if k == "age" else rng.choice(pools[k][split]) for k in keys}
+    record = {k: _json_value(rng, k, split) for k in keys}
     prompt = "Extract as JSON: " + ", ".join(f"{k} is {v}" for k, v in record.items())
     return Example("json", prompt, json.dumps(record))
 
@@ -157,9 +196,7 @@ def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
 
 
-def collate(
-    batch: list[dict[str, list[int]]], pad_id: int, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
+def collate(batch: list[dict[str, list[int]]], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad input_ids/labels to the longest in the batch; attention_mask marks the real tokens."""
     width = max(len(b["input_ids"]) for b in batch)
     out = {"input_ids": [], "labels": [], "attention_mask": []}
