@@ -21,22 +21,13 @@ from xlora_core.training import (
 )
 
 
-def add_expert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--out", required=True, help="folder for the adapter (PEFT layout) and train_log.jsonl")
+def add_run_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int, warmup_steps: int) -> None:
+    """Options both subcommands share: the base model, the optimisation schedule, logging, device."""
     p.add_argument("--base", default="default", help="'default', a .gguf file, or a local transformers folder")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument(
-        "--target-modules",
-        default=",".join(DEFAULT_TARGET_MODULES),
-        help="comma-separated module names to put LoRA on",
-    )
+    p.add_argument("--warmup-steps", type=int, default=warmup_steps)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-n", type=int, default=0, help="score this many eval examples after training")
@@ -45,25 +36,46 @@ def add_expert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="where converted GGUF models are cached")
 
 
-def run_expert(args: argparse.Namespace) -> None:
-    cfg = ExpertTrainConfig(
-        task=args.task,
-        out=args.out,
+def run_kwargs(args: argparse.Namespace) -> dict:
+    """The shared options as config fields."""
+    return dict(
         base=args.base,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=min(args.warmup_steps, args.steps),
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
         seed=args.seed,
         log_every=args.log_every,
         eval_n=args.eval_n,
         device=args.device,
         dtype=args.dtype,
         cache_dir=args.cache_dir,
+    )
+
+
+def add_expert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--out", required=True, help="folder for the adapter (PEFT layout) and train_log.jsonl")
+    add_run_args(p, steps=300, batch_size=16, warmup_steps=20)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument(
+        "--target-modules",
+        default=",".join(DEFAULT_TARGET_MODULES),
+        help="comma-separated module names to put LoRA on",
+    )
+
+
+def run_expert(args: argparse.Namespace) -> None:
+    cfg = ExpertTrainConfig(
+        task=args.task,
+        out=args.out,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        **run_kwargs(args),
     )
     summary = train_expert(cfg)
     print(json.dumps(summary))
@@ -76,22 +88,12 @@ def add_classifier_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated name=folder of PEFT LoRA experts, in expert order",
     )
     p.add_argument("--out", required=True, help="folder for the X-LoRA checkpoint (classifier + experts)")
-    p.add_argument("--base", default="default", help="'default', a .gguf file, or a local transformers folder")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=10)
+    add_run_args(p, steps=150, batch_size=8, warmup_steps=10)
     p.add_argument("--depth", type=int, default=2, help="xlora_depth of the classifier")
     p.add_argument("--size", type=int, default=256, help="xlora_size (hidden width) of the classifier")
     p.add_argument("--layerwise", action="store_true", help="one scaling per LoRA layer (layerwise_scalings)")
     p.add_argument("--routing-loss-weight", type=float, default=0.1,
                    help="auxiliary loss on the task of each example (0 = LM loss alone, as the paper)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-n", type=int, default=0, help="score this many mixed eval examples after training")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--cache-dir", default=None, help="where converted GGUF models are cached")
 
 
 def parse_experts(text: str) -> dict[str, str]:
@@ -108,21 +110,11 @@ def run_classifier(args: argparse.Namespace) -> None:
     cfg = ClassifierTrainConfig(
         experts=parse_experts(args.experts),
         out=args.out,
-        base=args.base,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=min(args.warmup_steps, args.steps),
         xlora_depth=args.depth,
         xlora_size=args.size,
         layerwise_scalings=args.layerwise,
         routing_loss_weight=args.routing_loss_weight,
-        seed=args.seed,
-        log_every=args.log_every,
-        eval_n=args.eval_n,
-        device=args.device,
-        dtype=args.dtype,
-        cache_dir=args.cache_dir,
+        **run_kwargs(args),
     )
     print(json.dumps(train_classifier(cfg)))
 
