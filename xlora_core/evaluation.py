@@ -1,6 +1,6 @@
 """Exact-match accuracy of the base model, each expert alone and X-LoRA (dense and top-1) on fresh
 held-out instances of the three tasks, and the routing matrix: the mean scaling of each expert on
-each task's prompts."""
+each task's examples (at the positions that produce the answer)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from peft import PeftModel
 from .base_model import load_base_model
 from .classifier import Routing
 from .model import XLoraModel
-from .tasks import TASKS, Example, collate, make_examples, prompt_ids
+from .tasks import IGNORE_INDEX, TASKS, Example, collate, encode_example, make_examples
 from .training import accuracy
 
 
@@ -42,15 +42,17 @@ def _scores(model, tokenizer, examples: dict[str, list[Example]], batch_size: in
 
 @torch.inference_mode()
 def routing_matrix(model: XLoraModel, tokenizer, examples: dict[str, list[Example]]) -> dict[str, dict[str, float]]:
-    """Mean dense scaling (over prompt tokens, LoRA layers and examples) of each expert, per task."""
+    """Mean dense scaling of each expert, per task, where it matters: at the positions that produce the
+    answer (prompt + reference answer, teacher-forced), averaged over LoRA layers, tokens and examples.
+    The prompt tokens are left out: they start with the same system turn for every task."""
     matrix = {}
     for task, items in examples.items():
-        batch = collate([{"input_ids": prompt_ids(tokenizer, e.prompt)} for e in items], tokenizer.pad_token_id,
-                        padding_side="left")  # fmt: skip
+        batch = collate([encode_example(tokenizer, e) for e in items], tokenizer.pad_token_id, padding_side="left")
         _, scalings, _ = model.prefill(batch["input_ids"], batch["attention_mask"], Routing(None, 1.0))
-        mask = batch["attention_mask"].to(scalings.device, scalings.dtype)[:, :, None]
-        per_token = scalings.float().mean(dim=2)  # [batch, seq, experts], mean over LoRA layers
-        mean = (per_token * mask).sum(dim=(0, 1)) / mask.sum()
+        # position t produces token t + 1: keep the positions whose next token is part of the answer
+        answer = (batch["labels"][:, 1:] != IGNORE_INDEX).to(scalings.device, torch.float32)[:, :, None]
+        per_token = scalings[:, :-1].float().mean(dim=2)  # [batch, seq - 1, experts], mean over LoRA layers
+        mean = (per_token * answer).sum(dim=(0, 1)) / answer.sum()
         matrix[task] = dict(zip(model.adapter_names, mean.tolist(), strict=True))
     return matrix
 

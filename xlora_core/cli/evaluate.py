@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = evaluate(args.checkpoint, base=args.base, n_per_task=args.n, seed=args.seed, batch_size=args.batch_size)
-    print(f"Exact match on {args.n} held-out examples per task (seed {args.seed}); routing: mean dense scaling")
+    print(f"Exact match on {args.n} held-out examples per task (seed {args.seed}).")
+    print("Routing: mean dense scaling at the positions that produce the answer.")
     print(report.markdown())
 
 
