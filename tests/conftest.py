@@ -25,7 +25,9 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .helpers import tiny_llama_config
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_VOCAB = 96
@@ -61,12 +63,7 @@ def save_char_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
 
 def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=MODEL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config(MODEL_VOCAB))
     model.save_pretrained(folder)
     save_char_tokenizer(folder)
     return folder

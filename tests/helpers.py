@@ -41,12 +41,11 @@ def make_tiny_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_llama(path: str | Path, vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama (hidden 32) saved to `path`; about 10k parameters, instant on CPU."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_llama_config(vocab_size: int, hidden_size: int = 32) -> LlamaConfig:
+    """The random 2-layer Llama every test builds on (ids 0, 1, 2 = pad, bos, eos)."""
+    return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -54,7 +53,13 @@ def make_tiny_llama(path: str | Path, vocab_size: int, seed: int = 0) -> LlamaFo
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
+        pad_token_id=0,
     )
-    model = LlamaForCausalLM(config)
+
+
+def make_tiny_llama(path: str | Path, vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A random 2-layer Llama (hidden 32) saved to `path`; about 10k parameters, instant on CPU."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size))
     model.save_pretrained(path)
     return model

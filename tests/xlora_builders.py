@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from .helpers import tiny_llama_config
 
 VOCAB = 99  # the size of tests.helpers.make_tiny_tokenizer, so both can be used together
 LORA_GAIN = 1.0  # peft's random init is already large enough to matter; more makes float32 rounding loud
@@ -19,24 +21,9 @@ EXPERT_SPECS = [
 ]
 
 
-def tiny_llama_config(hidden_size: int = 32) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden_size,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-
-
 def save_tiny_base(folder: Path, hidden_size: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(hidden_size))
+    model = LlamaForCausalLM(tiny_llama_config(VOCAB, hidden_size))
     model.generation_config.eos_token_id = None  # random weights: let generation run its full length
     model.save_pretrained(folder)
     return folder
