@@ -29,17 +29,6 @@ from server.settings import Settings
 log = logging.getLogger("xlora.manager")
 
 
-# Below this a temperature samples as greedy (its limit): logits / 1e-40 overflow float32 to +-inf, and a row of
-# negative logits would become all -inf, with nothing left to sample.
-MIN_TEMPERATURE = 1e-4
-
-
-def _finite_scores(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """The decoder's last logits processor. Valid but extreme settings (repetition_penalty 1e-50) overflow the
-    float32 scores to inf, and softmax over inf is nan, which torch.multinomial refuses (a 500 for a valid
-    request). +inf becomes the largest float, nan becomes -inf; -inf (masked tokens) stays."""
-    return torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf)
-
 State = Literal["loading", "ready", "failed", "draining"]
 
 
@@ -226,12 +215,9 @@ class ModelManager:
 
         self.require_ready()
         names = names or {}
-        if 0 < sampling.get("temperature", 0) < MIN_TEMPERATURE:
-            sampling = {**sampling, "temperature": 0.0}
         try:
             params = SamplingParams(**sampling, eos_token_id=self.eos_token_id)
             decoder = await asyncio.to_thread(RowDecoder, params, self.tokenizer, prompt_ids)
-            decoder.processors.append(_finite_scores)
         except ValueError as exc:
             field = next((f for f in sampling if str(exc).startswith(f)), "stop" if sampling.get("stop") else None)
             raise APIError(422, str(exc), param=names.get(field, field), code="invalid_value") from None

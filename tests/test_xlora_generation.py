@@ -176,3 +176,13 @@ def test_scalings_log_is_bounded_and_bucketed(model):
     model.clear_scalings_log()
     model.generate(p, max_new_tokens=2)
     assert model.get_scalings_log() == []
+
+
+def test_extreme_but_valid_sampling_settings_still_sample(model):
+    (p,) = prompts(5, seed=7)
+    greedy = model.generate(p, max_new_tokens=6)
+    # A vanishing temperature is greedy, its limit (dividing by it would overflow to inf).
+    assert model.generate(p, max_new_tokens=6, do_sample=True, temperature=1e-30).tolist() == greedy.tolist()
+    # Scores that overflow to inf or nan still give a token, not an error.
+    out = model.generate(p, max_new_tokens=6, do_sample=True, repetition_penalty=1e-45, seed=3)
+    assert out.shape == (1, 11) and int(out.min()) >= 0

@@ -32,9 +32,13 @@ if TYPE_CHECKING:
     from .model import XLoraModel
 
 
+# Below this a temperature samples as greedy, its limit: logits / 1e-40 overflow float32 to +-inf.
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass
 class SamplingParams:
-    """How one request picks its tokens. temperature 0 means greedy."""
+    """How one request picks its tokens. temperature 0 (or below MIN_TEMPERATURE) means greedy."""
 
     max_new_tokens: int = 64
     min_new_tokens: int = 0
@@ -67,7 +71,7 @@ class SamplingParams:
 
     @property
     def do_sample(self) -> bool:
-        return self.temperature > 0
+        return self.temperature >= MIN_TEMPERATURE
 
 
 class RowDecoder:
@@ -117,6 +121,9 @@ class RowDecoder:
         scores = self.processors(self._ids(logits.device), logits.view(1, -1).float())
         if self.generator is None:
             return int(scores.argmax(dim=-1))
+        # Valid but extreme settings (repetition_penalty 1e-50) overflow the scores to inf, and softmax over inf
+        # is nan: +inf becomes the largest float, nan becomes -inf; -inf (masked tokens) stays.
+        scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf)
         probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
