@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-load experts router eval clean
+.PHONY: install serve test lint bench bench-load bench-soak experts router eval clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/constraints.txt
 	EDITABLE=1 scripts/install.sh $(VENV) dev
@@ -23,10 +23,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(PY) -m bench.generation
+	$(PY) -m bench.generation --threads 1
 
 bench-load: $(STAMP)
-	$(PY) -m bench.load --config $(CONFIG)
+	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 2 --max-new-tokens 32
+
+bench-soak: $(STAMP)
+	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8
 
 # The three experts of the embedded default (fixed seeds; ~25 minutes on 2 cores; not run in CI).
 experts: $(STAMP)

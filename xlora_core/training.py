@@ -226,7 +226,7 @@ class ClassifierTrainConfig:
     xlora_size: int = 256
     layerwise_scalings: bool = False
     # Weight of an auxiliary loss that tells the router which task a training example comes from
-    # (cross-entropy of its mean scalings over the answer tokens). 0 = the paper's LM loss alone.
+    # (cross-entropy of its mean scalings from the user's message on). 0 = the paper's LM loss alone.
     routing_loss_weight: float = 0.1
     seed: int = 0
     log_every: int = 10
@@ -246,9 +246,13 @@ def xlora_losses(model, batch: dict[str, torch.Tensor], expert_of_row: torch.Ten
     lm_loss = F.cross_entropy(logits, targets[keep])
     if expert_of_row is None:
         return lm_loss, None
-    # mean scaling of each expert over the positions that predict answer tokens, per row
-    weights = keep.to(scalings.dtype)[:, :, None]
-    per_row = (scalings[:, :-1].mean(dim=2) * weights).sum(1) / weights.sum(1).clamp(min=1)
+    # Mean scaling of each expert per row, over every position from the user's message on (the positions
+    # before it are the same in every row, so they cannot tell the task): the prompt's keys and values
+    # then come from the task's expert too, as in that expert's own training.
+    positions = batch["attention_mask"].clone()
+    positions[:, : shared_prefix_len(batch)] = 0
+    weights = positions.to(scalings.dtype)[:, :, None]
+    per_row = (scalings.mean(dim=2) * weights).sum(1) / weights.sum(1).clamp(min=1)
     routing_loss = F.nll_loss(per_row.clamp(min=1e-6).log(), expert_of_row)
     return lm_loss, routing_loss
 
