@@ -74,7 +74,7 @@ class XLoraSection(_Section):
 
 class RoutingSection(_Section):
     top_k: int | None = Field(None, ge=1, description="experts per token; null = dense")
-    global_scaling_weight: float = Field(1.0, allow_inf_nan=False)
+    global_scaling_weight: float = Field(1.0, ge=-100.0, le=100.0, allow_inf_nan=False)  # as PATCH /routing
 
 
 class ServerSection(_Section):
