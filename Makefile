@@ -26,10 +26,10 @@ bench: $(STAMP)
 	$(PY) -m bench.generation --threads 1
 
 bench-load: $(STAMP)
-	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 2 --max-new-tokens 32
+	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --max-new-tokens 32 --torch-threads 1
 
 bench-soak: $(STAMP)
-	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8
+	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8 --torch-threads 1
 
 # The three experts of the embedded default (fixed seeds; ~25 minutes on 2 cores; not run in CI).
 experts: $(STAMP)
