@@ -46,7 +46,7 @@ class ExpertTrainConfig:
     cache_dir: str | None = None
 
 
-def lr_at(step: int, cfg: ExpertTrainConfig) -> float:
+def lr_at(step: int, cfg: ExpertTrainConfig | ClassifierTrainConfig) -> float:
     """Linear warmup, then cosine decay to 10% of the peak: stable start, gentle finish."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -285,7 +285,6 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     features = [encode_example(tokenizer, e) for e in examples]
     params = list(model.classifier.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    schedule = ExpertTrainConfig(task="", out="", steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps)
 
     log = [{"config": asdict(cfg)}]  # written into the checkpoint folder once it is saved
     t0, running, seen = time.time(), [0.0, 0.0], 0
@@ -297,7 +296,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
         if supervise:
             expert_of_row = torch.tensor([names.index(e.task) for e in examples[rows]], device=device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule)
+            group["lr"] = lr_at(step, cfg)
         lm_loss, routing_loss = xlora_losses(model, batch, expert_of_row)
         loss = lm_loss + cfg.routing_loss_weight * routing_loss if supervise else lm_loss
         optimizer.zero_grad(set_to_none=True)
@@ -309,7 +308,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
         seen += 1
         bar.set_postfix(loss=f"{lm_loss.item():.4f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            record = {"step": step + 1, "loss": round(running[0] / seen, 5), "lr": lr_at(step, schedule),
+            record = {"step": step + 1, "loss": round(running[0] / seen, 5), "lr": lr_at(step, cfg),
                       "elapsed_s": round(time.time() - t0, 2)}  # fmt: skip
             if supervise:
                 record["routing_loss"] = round(running[1] / seen, 5)
