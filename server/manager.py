@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -27,6 +27,19 @@ from server.schemas import RoutingUpdate
 from server.settings import Settings
 
 log = logging.getLogger("xlora.manager")
+
+
+def sampling_settings(body: Any, max_new_tokens: int, stop: list[str]) -> dict[str, Any]:
+    """The sampling fields of a /generate or /v1 request body, as SamplingParams arguments."""
+    return dict(
+        max_new_tokens=max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=stop,
+    )
 
 
 State = Literal["loading", "ready", "failed", "draining"]

@@ -10,7 +10,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from server.deps import ready_manager, require_api_key
 from server.errors import error_body
 from server.logs import note_generation, note_request
-from server.manager import ModelManager
+from server.manager import ModelManager, sampling_settings
 from server.scheduler import DoneEvent, ErrorEvent, GenerationJob, TokenEvent, routing_dict
 from server.schemas import (
     GenerateRequest,
@@ -50,15 +50,7 @@ async def generate(
     manager.check_lengths(len(prompt_ids), max_new, "max_new_tokens", prompt_param)
     routing = manager.merge_routing(body.routing)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    sampling = dict(
-        max_new_tokens=max_new,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=stop,
-    )
+    sampling = sampling_settings(body, max_new, stop)
     job = await manager.submit(prompt_ids, sampling, routing, prefix="gen")
     if body.stream:
         first = await first_event(job, request)

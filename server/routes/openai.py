@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse
 from server.deps import get_manager, ready_manager, require_api_key
 from server.errors import APIError, error_body
 from server.logs import note_generation, note_request
-from server.manager import ModelManager
+from server.manager import ModelManager, sampling_settings
 from server.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -110,15 +110,7 @@ def _check_model(name: str, manager: ModelManager) -> None:
 async def _submit(manager, body, ids: list[int], max_new: int, param: str, prompt_param: str, prefix: str):
     manager.check_lengths(len(ids), max_new, param, prompt_param)
     routing = manager.merge_routing(body.xlora_routing, param_prefix="xlora_routing.")
-    sampling = dict(
-        max_new_tokens=max_new,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=body.stop_list(),
-    )
+    sampling = sampling_settings(body, max_new, body.stop_list())
     job = await manager.submit(ids, sampling, routing, prefix=prefix, names={"max_new_tokens": param})
     return job, int(time.time())
 
