@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 
 from xlora_core.base_model import base_model_name, load_base_model
@@ -38,6 +38,8 @@ class ExpertTrainConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
+    init_from: str | None = None  # continue training this PEFT adapter (its rank, alpha and targets are kept)
+    hard_fraction: float = 0.0  # sorting only: share of examples with neighbouring initials (tasks.make_examples)
     seed: int = 0
     log_every: int = 10
     eval_n: int = 0  # after training, score this many eval-split examples (0: skip)
@@ -136,19 +138,23 @@ def train_expert(cfg: ExpertTrainConfig) -> dict:
     """Train one LoRA expert and save it to cfg.out. Returns a summary (final loss, timings, accuracy)."""
     torch.manual_seed(cfg.seed)
     base, tokenizer = load_base_model(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-    )
-    model = get_peft_model(base, lora)
+    if cfg.init_from:
+        model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
+    else:
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+        )
+        model = get_peft_model(base, lora)
     model.train()
     device = next(model.parameters()).device
 
     # one fresh example per sample: steps * batch_size draws from the train split
-    examples = make_examples(cfg.task, cfg.steps * cfg.batch_size, seed=cfg.seed, split="train")
+    n = cfg.steps * cfg.batch_size
+    examples = make_examples(cfg.task, n, seed=cfg.seed, split="train", hard_fraction=cfg.hard_fraction)
     features = [encode_example(tokenizer, e) for e in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

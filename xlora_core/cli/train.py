@@ -65,6 +65,17 @@ def add_expert_args(p: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_TARGET_MODULES),
         help="comma-separated module names to put LoRA on",
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="continue training this PEFT adapter folder (its rank, alpha and targets are kept)",
+    )
+    p.add_argument(
+        "--hard-fraction",
+        type=float,
+        default=0.0,
+        help="sorting only: share of training examples whose words have neighbouring initials",
+    )
 
 
 def run_expert(args: argparse.Namespace) -> None:
@@ -75,6 +86,8 @@ def run_expert(args: argparse.Namespace) -> None:
         alpha=args.alpha,
         dropout=args.dropout,
         target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        init_from=args.init_from,
+        hard_fraction=args.hard_fraction,
         **run_kwargs(args),
     )
     summary = train_expert(cfg)
