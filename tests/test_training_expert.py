@@ -104,23 +104,6 @@ def test_exact_match():
     assert not exact_match('{"name": "Alice", "age": 31', want)  # not JSON
 
 
-def test_hard_sorting_examples_have_neighbouring_initials():
-    plain = make_examples("sorting", 50, seed=5)
-    assert make_examples("sorting", 50, seed=5, hard_fraction=0.0) == plain  # 0 leaves the stream as it was
-    hard = make_examples("sorting", 200, seed=5, hard_fraction=1.0)
-    for e in hard:
-        words = e.answer.split(", ")
-        initials = sorted(ord(w[0]) for w in words)
-        assert len(set(initials)) == len(words) >= 2 and words == sorted(words)
-        assert initials[-1] - initials[0] <= len(words) + 1, e  # n of n + 2 neighbouring letters
-    spans = [max(map(ord, a)) - min(map(ord, a)) for a in ([w[0] for w in e.answer.split(", ")] for e in plain)]
-    assert max(spans) > 10  # plain draws spread over the alphabet
-    with pytest.raises(ValueError, match="sorting task only"):
-        make_examples("json", 1, seed=0, hard_fraction=0.5)
-    with pytest.raises(ValueError, match=r"hard_fraction must be in \[0, 1\]"):
-        make_examples("sorting", 1, seed=0, hard_fraction=1.5)
-
-
 def test_unknown_task_or_split():
     with pytest.raises(ValueError, match="unknown task"):
         make_examples("poetry", 1, seed=0)
@@ -281,7 +264,7 @@ def test_train_expert_cli_continues_from_an_adapter(tiny_base, tmp_path):
     cmd = [
         sys.executable, "-m", "xlora_core.cli.train", "--threads", "1", "expert",
         "--task", "sorting", "--base", str(tiny_base), "--out", str(out), "--init-from", str(tmp_path / "start"),
-        "--hard-fraction", "0.5", "--steps", "2", "--batch-size", "2", "--lr", "1e-9", "--rank", "8",
+        "--steps", "2", "--batch-size", "2", "--lr", "1e-9", "--rank", "8",
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

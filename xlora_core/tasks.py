@@ -112,20 +112,12 @@ def _arithmetic(rng: random.Random, split: str) -> Example:
     return Example("arithmetic", f"Compute: {a} {op} {b}", str(a + b if op == "+" else a - b))
 
 
-def _sorting(rng: random.Random, split: str, hard: bool = False) -> Example:
+def _sorting(rng: random.Random, split: str) -> Example:
     # distinct first letters: the order follows from each word's initial, which a 135M model can learn;
     # ties broken on later letters were most of its mistakes
     n, words, initials = rng.randint(3, 6), [], set()
-    pool = WORDS[split]
-    if hard:
-        # initials close in the alphabet (n of n + 2 neighbouring letters): the trained expert's remaining
-        # mistakes were swaps of neighbours such as kiwi/lime and swamp/trowel, which random draws rarely show
-        first = rng.randint(0, 26 - (n + 2))
-        window = {chr(ord("a") + i) for i in range(first, first + n + 2)}
-        pool = [w for w in pool if w[0] in window]
-        n = min(n, len({w[0] for w in pool}))
     while len(words) < n:
-        word = rng.choice(pool)
+        word = rng.choice(WORDS[split])
         if word[0] not in initials:
             words.append(word)
             initials.add(word[0])
@@ -151,23 +143,14 @@ def _json(rng: random.Random, split: str) -> Example:
 _GENERATORS = {"arithmetic": _arithmetic, "sorting": _sorting, "json": _json}
 
 
-def make_examples(task: str, n: int, seed: int, split: str = "train", hard_fraction: float = 0.0) -> list[Example]:
-    """n examples of one task. Deterministic; the eval split uses its own seed stream and vocabulary.
-
-    hard_fraction (sorting only): the share of examples whose words have neighbouring initials.
-    """
+def make_examples(task: str, n: int, seed: int, split: str = "train") -> list[Example]:
+    """n examples of one task. Deterministic; the eval split uses its own seed stream and vocabulary."""
     if task not in _GENERATORS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
-    if not 0.0 <= hard_fraction <= 1.0:
-        raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
-    if hard_fraction > 0 and task != "sorting":
-        raise ValueError(f"hard_fraction applies to the sorting task only, not {task!r}")
     rng = random.Random(f"{task}/{split}/{seed}")  # str seeds are stable across runs and processes
-    if hard_fraction == 0:  # the stream of plain draws stays as it was
-        return [_GENERATORS[task](rng, split) for _ in range(n)]
-    return [_sorting(rng, split, hard=rng.random() < hard_fraction) for _ in range(n)]
+    return [_GENERATORS[task](rng, split) for _ in range(n)]
 
 
 def make_mixed(n: int, seed: int, split: str = "train", tasks: tuple[str, ...] = TASKS) -> list[Example]:

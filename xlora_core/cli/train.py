@@ -70,12 +70,6 @@ def add_expert_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="continue training this PEFT adapter folder (its rank, alpha and targets are kept)",
     )
-    p.add_argument(
-        "--hard-fraction",
-        type=float,
-        default=0.0,
-        help="sorting only: share of training examples whose words have neighbouring initials",
-    )
 
 
 def run_expert(args: argparse.Namespace) -> None:
@@ -87,7 +81,6 @@ def run_expert(args: argparse.Namespace) -> None:
         dropout=args.dropout,
         target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
         init_from=args.init_from,
-        hard_fraction=args.hard_fraction,
         **run_kwargs(args),
     )
     summary = train_expert(cfg)
@@ -105,7 +98,7 @@ def add_classifier_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=2, help="xlora_depth of the classifier")
     p.add_argument("--size", type=int, default=256, help="xlora_size (hidden width) of the classifier")
     p.add_argument("--layerwise", action="store_true", help="one scaling per LoRA layer (layerwise_scalings)")
-    p.add_argument("--routing-loss-weight", type=float, default=0.1,
+    p.add_argument("--routing-loss-weight", type=float, default=0.5,
                    help="auxiliary loss on the task of each example (0 = LM loss alone, as the paper)")  # fmt: skip
 
 
