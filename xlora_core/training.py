@@ -39,7 +39,6 @@ class ExpertTrainConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
     init_from: str | None = None  # continue training this PEFT adapter (its rank, alpha and targets are kept)
-    hard_fraction: float = 0.0  # sorting only: share of examples with neighbouring initials (tasks.make_examples)
     seed: int = 0
     log_every: int = 10
     eval_n: int = 0  # after training, score this many eval-split examples (0: skip)
@@ -153,8 +152,7 @@ def train_expert(cfg: ExpertTrainConfig) -> dict:
     device = next(model.parameters()).device
 
     # one fresh example per sample: steps * batch_size draws from the train split
-    n = cfg.steps * cfg.batch_size
-    examples = make_examples(cfg.task, n, seed=cfg.seed, split="train", hard_fraction=cfg.hard_fraction)
+    examples = make_examples(cfg.task, cfg.steps * cfg.batch_size, seed=cfg.seed, split="train")
     features = [encode_example(tokenizer, e) for e in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -232,8 +230,8 @@ class ClassifierTrainConfig:
     xlora_size: int = 256
     layerwise_scalings: bool = False
     # Weight of an auxiliary loss that tells the router which task a training example comes from
-    # (cross-entropy of its mean scalings from the user's message on). 0 = the paper's LM loss alone.
-    routing_loss_weight: float = 0.1
+    # (cross-entropy of each token's scalings from the user's message on). 0 = the paper's LM loss alone.
+    routing_loss_weight: float = 0.5
     seed: int = 0
     log_every: int = 10
     eval_n: int = 0
@@ -252,14 +250,17 @@ def xlora_losses(model, batch: dict[str, torch.Tensor], expert_of_row: torch.Ten
     lm_loss = F.cross_entropy(logits, targets[keep])
     if expert_of_row is None:
         return lm_loss, None
-    # Mean scaling of each expert per row, over every position from the user's message on (the positions
-    # before it are the same in every row, so they cannot tell the task): the prompt's keys and values
-    # then come from the task's expert too, as in that expert's own training.
+    # Every position from the user's message on goes to the row's task expert (the positions before it
+    # are the same in every row, so they cannot tell the task): the prompt's keys and values then come
+    # from that expert, as in its own training. Per token, not per row: with a per-row mean the router
+    # still sent word-like tokens of json prompts (names, colours) to the sorting expert, and the json
+    # expert then miscopied them.
     positions = batch["attention_mask"].clone()
     positions[:, : shared_prefix_len(batch)] = 0
-    weights = positions.to(scalings.dtype)[:, :, None]
-    per_row = (scalings.mean(dim=2) * weights).sum(1) / weights.sum(1).clamp(min=1)
-    routing_loss = F.nll_loss(per_row.clamp(min=1e-6).log(), expert_of_row)
+    per_token = scalings.mean(dim=2)  # [batch, seq, experts], mean over LoRA layers
+    expert = expert_of_row[:, None, None].expand(-1, per_token.shape[1], 1)
+    nll = -per_token.gather(2, expert).squeeze(2).clamp(min=1e-6).log()
+    routing_loss = (nll * positions).sum() / positions.sum().clamp(min=1)
     return lm_loss, routing_loss
 
 
