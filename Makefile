@@ -31,13 +31,13 @@ bench-load: $(STAMP)
 bench-soak: $(STAMP)
 	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8 --torch-threads 1
 
-# The three experts of the embedded default (fixed seeds; ~25 minutes on 2 cores; not run in CI).
+# The three experts of the embedded default (fixed seeds; about 2 hours on 2 cores; not run in CI).
 experts: $(STAMP)
 	scripts/make_experts.sh
 
-# The router of the embedded default (experts frozen; fixed seed; ~10 minutes on 2 cores).
+# The router of the embedded default (experts frozen; fixed seed; about 13 minutes on 2 cores).
 router: $(STAMP)
-	$(VENV)/bin/xlora-train --threads 2 classifier --out checkpoints/default --steps 150 --batch-size 8 --seed 0
+	$(VENV)/bin/xlora-train --threads 1 classifier --out checkpoints/default --steps 150 --batch-size 8 --seed 0
 
 eval: $(STAMP)
 	$(VENV)/bin/xlora-eval --checkpoint checkpoints/default --threads 2
