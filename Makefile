@@ -37,7 +37,7 @@ experts: $(STAMP)
 
 # The router of the embedded default (experts frozen; fixed seed; about 13 minutes on 2 cores).
 router: $(STAMP)
-	$(VENV)/bin/xlora-train --threads 1 classifier --out checkpoints/default --steps 150 --batch-size 8 --seed 0
+	$(VENV)/bin/xlora-train --threads 1 classifier --out checkpoints/default --steps 150 --batch-size 8 --lr 2e-3 --seed 0
 
 eval: $(STAMP)
 	$(VENV)/bin/xlora-eval --checkpoint checkpoints/default --threads 2

@@ -231,7 +231,7 @@ class ClassifierTrainConfig:
     layerwise_scalings: bool = False
     # Weight of an auxiliary loss that tells the router which task a training example comes from
     # (cross-entropy of each token's scalings from the user's message on). 0 = the paper's LM loss alone.
-    routing_loss_weight: float = 0.5
+    routing_loss_weight: float = 2.0
     seed: int = 0
     log_every: int = 10
     eval_n: int = 0
