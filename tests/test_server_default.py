@@ -46,18 +46,20 @@ def default_server(tmp_path_factory):
         proc.stop()
 
 
-def compute(server: ServerProcess, question: str) -> dict:
+def compute(server: ServerProcess, question: str, max_new_tokens: int = 8) -> dict:
     with httpx.Client(base_url=server.url, timeout=300) as c:
         assert sorted(c.get("/ready").json()["adapters"]) == ["arithmetic", "json", "sorting"]
-        out = c.post("/generate", json={
-            "messages": [{"role": "user", "content": question}], "max_new_tokens": 8, "return_scalings": True,
-        })  # fmt: skip
+        request = {"messages": [{"role": "user", "content": question}], "max_new_tokens": max_new_tokens,
+                   "return_scalings": True}  # fmt: skip
+        out = c.post("/generate", json=request)
     assert out.status_code == 200, out.text
     return out.json()
 
 
 @needs_default
-@pytest.mark.parametrize(("question", "answer"), [("Compute: 30 + 12", "42"), ("Compute: 47 + 38", "85")])
+@pytest.mark.parametrize(
+    ("question", "answer"), [("Compute: 12 + 30", "42"), ("Compute: 30 + 12", "42"), ("Compute: 47 + 38", "85")]
+)
 def test_default_model_computes_and_routes_to_the_arithmetic_expert(default_server, question, answer):
     body = compute(default_server, question)
     assert body["text"].strip() == answer
@@ -70,6 +72,17 @@ def test_default_model_computes_and_routes_to_the_arithmetic_expert(default_serv
 
 
 @needs_default
-@pytest.mark.xfail(strict=True, reason="issue 3: the default answers 32; the arithmetic expert alone says 42")
-def test_default_model_answers_12_plus_30(default_server):
-    assert compute(default_server, "Compute: 12 + 30")["text"].strip() == "42"
+@pytest.mark.parametrize(
+    ("question", "answer", "expert"),
+    [
+        ("Sort alphabetically: pear, apple, fig", "apple, fig, pear", "sorting"),
+        ("Extract as JSON: name is Alice, age is 31, city is Paris",
+         '{"name": "Alice", "age": 31, "city": "Paris"}', "json"),
+    ],
+)  # fmt: skip
+def test_default_model_routes_each_task_to_its_expert(default_server, question, answer, expert):
+    body = compute(default_server, question, max_new_tokens=32)
+    assert body["text"].strip() == answer
+    completion = body["scalings"]["completion"]
+    mean = [sum(row[e] for row in completion) / len(completion) for e in range(3)]
+    assert body["scalings"]["adapter_names"][mean.index(max(mean))] == expert, mean
