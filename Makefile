@@ -31,7 +31,7 @@ bench-load: $(STAMP)
 bench-soak: $(STAMP)
 	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8 --torch-threads 1
 
-# The three experts of the embedded default (fixed seeds; about 2 hours on 2 cores; not run in CI).
+# The three experts of the embedded default (fixed seeds; about 90 minutes on 2 cores; not run in CI).
 experts: $(STAMP)
 	scripts/make_experts.sh
 

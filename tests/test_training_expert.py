@@ -255,7 +255,7 @@ def test_train_expert_cli(tiny_base, tmp_path):
 
 
 def test_train_expert_cli_continues_from_an_adapter(tiny_base, tmp_path):
-    """--init-from keeps the adapter's shape and starts from its weights (here: 0 steps change nothing)."""
+    """--init-from keeps the adapter's shape and starts from its weights (lr 1e-9: they stay the same)."""
     base, _ = load_base_model(str(tiny_base), device="cpu")
     torch.manual_seed(0)
     start = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], init_lora_weights=False))

@@ -99,7 +99,7 @@ def add_classifier_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=256, help="xlora_size (hidden width) of the classifier")
     p.add_argument("--layerwise", action="store_true", help="one scaling per LoRA layer (layerwise_scalings)")
     p.add_argument("--routing-loss-weight", type=float, default=2.0,
-                   help="auxiliary loss on the task of each example (0 = LM loss alone, as the paper)")  # fmt: skip
+                   help="auxiliary loss on the task of each token (0 = LM loss alone, as the paper)")  # fmt: skip
 
 
 def parse_experts(text: str) -> dict[str, str]:
