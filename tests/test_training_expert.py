@@ -88,6 +88,26 @@ def test_eval_vocabulary_is_disjoint_from_train():
         assert not {str(v).lower() for v in json.loads(e.answer).values()} & eval_values
 
 
+def test_pseudo_words_mix_made_up_words_into_sorting():
+    plain = make_examples("sorting", 50, seed=5)
+    assert make_examples("sorting", 50, seed=5, pseudo_words=0.0) == plain  # off: the same data as before
+    vocab, made_up = set(WORDS["train"]), set()
+    for e in make_examples("sorting", 300, seed=5, pseudo_words=0.5):
+        words = e.prompt.removeprefix("Sort alphabetically: ").split(", ")
+        assert 3 <= len(words) <= 6 and len({w[0] for w in words}) == len(words)
+        assert e.answer == ", ".join(sorted(words))
+        assert not set(words) & set(WORDS["eval"])
+        made_up |= set(words) - vocab
+    assert len(made_up) > 500 and all(w.isalpha() and w.islower() and 4 <= len(w) <= 8 for w in made_up)
+    assert {w[0] for w in made_up} >= set("abcdefghijklmnopqrstuvwxyz")  # every initial, q and x included
+    with pytest.raises(ValueError, match=r"pseudo_words must be in \[0, 1\]"):
+        make_examples("sorting", 1, seed=0, pseudo_words=1.5)
+    with pytest.raises(ValueError, match="sorting task's train split only"):
+        make_examples("json", 1, seed=0, pseudo_words=0.5)
+    with pytest.raises(ValueError, match="sorting task's train split only"):
+        make_examples("sorting", 1, seed=0, split="eval", pseudo_words=0.5)
+
+
 def test_mixed_interleaves_tasks():
     mixed = make_mixed(7, seed=0)
     assert [e.task for e in mixed] == ["arithmetic", "sorting", "json"] * 2 + ["arithmetic"]
@@ -264,10 +284,13 @@ def test_train_expert_cli_continues_from_an_adapter(tiny_base, tmp_path):
     cmd = [
         sys.executable, "-m", "xlora_core.cli.train", "--threads", "1", "expert",
         "--task", "sorting", "--base", str(tiny_base), "--out", str(out), "--init-from", str(tmp_path / "start"),
-        "--steps", "2", "--batch-size", "2", "--lr", "1e-9", "--rank", "8",
+        "--steps", "2", "--batch-size", "2", "--lr", "1e-9", "--rank", "8", "--pseudo-words", "0.5",
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    logged = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["config"]
+    assert logged["init_from"] == str(tmp_path / "start") and logged["pseudo_words"] == 0.5
+    assert logged["rank"] == 2 and logged["target_modules"] == ["v_proj"]  # what was trained, not --rank 8
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["v_proj"]  # the init adapter's, not --rank
     continued = PeftModel.from_pretrained(load_base_model(str(tiny_base), device="cpu")[0], out)
@@ -276,6 +299,17 @@ def test_train_expert_cli_continues_from_an_adapter(tiny_base, tmp_path):
     assert before.keys() == after.keys() and before
     for name, p in after.items():
         torch.testing.assert_close(p, before[name], atol=1e-6, rtol=0)  # lr 1e-9: still the init weights
+
+
+@pytest.mark.parametrize(("task", "fraction"), [("json", "0.5"), ("sorting", "1.5")])
+def test_train_expert_cli_refuses_bad_pseudo_words(tiny_base, tmp_path, task, fraction):
+    cmd = [
+        sys.executable, "-m", "xlora_core.cli.train", "expert", "--task", task, "--base", str(tiny_base),
+        "--out", str(tmp_path / "x"), "--pseudo-words", fraction,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--pseudo-words" in result.stderr and fraction in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_classifier_subcommand_exists():

@@ -112,12 +112,32 @@ def _arithmetic(rng: random.Random, split: str) -> Example:
     return Example("arithmetic", f"Compute: {a} {op} {b}", str(a + b if op == "+" else a - b))
 
 
-def _sorting(rng: random.Random, split: str) -> Example:
+def _pseudo_word(rng: random.Random, initial: str) -> str:
+    """A made-up word like "tebolu": letters alternating consonant/vowel, 4 to 8 long, split by the
+    tokenizer into a few pieces. Unlike vocabulary words it cannot be memorised, every initial is as
+    likely as any other, and its first letter has to be read off its first token."""
+    word, length = initial, rng.randint(4, 8)
+    while len(word) < length:
+        word += rng.choice(_VOWELS if word[-1] not in _VOWELS else _CONSONANTS)
+    return word
+
+
+_VOWELS, _CONSONANTS = "aeiou", "bcdfghjklmnprstvwz"
+_EVAL_WORDS = set(WORDS["eval"])
+
+
+def _sorting(rng: random.Random, split: str, pseudo_words: float = 0.0) -> Example:
     # distinct first letters: the order follows from each word's initial, which a 135M model can learn;
     # ties broken on later letters were most of its mistakes
     n, words, initials = rng.randint(3, 6), [], set()
     while len(words) < n:
-        word = rng.choice(WORDS[split])
+        if pseudo_words > 0 and rng.random() < pseudo_words:  # no extra draw when off: same data as before
+            initial = rng.choice(sorted(set("abcdefghijklmnopqrstuvwxyz") - initials))
+            word = _pseudo_word(rng, initial)
+            if word in _EVAL_WORDS:
+                continue
+        else:
+            word = rng.choice(WORDS[split])
         if word[0] not in initials:
             words.append(word)
             initials.add(word[0])
@@ -143,13 +163,22 @@ def _json(rng: random.Random, split: str) -> Example:
 _GENERATORS = {"arithmetic": _arithmetic, "sorting": _sorting, "json": _json}
 
 
-def make_examples(task: str, n: int, seed: int, split: str = "train") -> list[Example]:
-    """n examples of one task. Deterministic; the eval split uses its own seed stream and vocabulary."""
+def make_examples(task: str, n: int, seed: int, split: str = "train", pseudo_words: float = 0.0) -> list[Example]:
+    """n examples of one task. Deterministic; the eval split uses its own seed stream and vocabulary.
+
+    pseudo_words (sorting, train split): the fraction of words that are made up rather than drawn from
+    the vocabulary."""
     if task not in _GENERATORS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if split not in ("train", "eval"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
+    if not 0.0 <= pseudo_words <= 1.0:
+        raise ValueError(f"pseudo_words must be in [0, 1], got {pseudo_words}")
+    if pseudo_words and (task != "sorting" or split != "train"):
+        raise ValueError("pseudo_words applies to the sorting task's train split only")
     rng = random.Random(f"{task}/{split}/{seed}")  # str seeds are stable across runs and processes
+    if pseudo_words:
+        return [_sorting(rng, split, pseudo_words) for _ in range(n)]
     return [_GENERATORS[task](rng, split) for _ in range(n)]
 
 

@@ -39,6 +39,7 @@ class ExpertTrainConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
     init_from: str | None = None  # continue training this PEFT adapter (its rank, alpha and targets are kept)
+    pseudo_words: float = 0.0  # sorting: fraction of made-up training words (see tasks.make_examples)
     seed: int = 0
     log_every: int = 10
     eval_n: int = 0  # after training, score this many eval-split examples (0: skip)
@@ -139,6 +140,8 @@ def train_expert(cfg: ExpertTrainConfig) -> dict:
     base, tokenizer = load_base_model(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
     if cfg.init_from:
         model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
+        lora = model.peft_config["default"]  # the log records the shape actually trained, not the CLI defaults
+        cfg.rank, cfg.alpha, cfg.target_modules = lora.r, lora.lora_alpha, tuple(sorted(lora.target_modules))
     else:
         lora = LoraConfig(
             task_type="CAUSAL_LM",
@@ -152,7 +155,9 @@ def train_expert(cfg: ExpertTrainConfig) -> dict:
     device = next(model.parameters()).device
 
     # one fresh example per sample: steps * batch_size draws from the train split
-    examples = make_examples(cfg.task, cfg.steps * cfg.batch_size, seed=cfg.seed, split="train")
+    examples = make_examples(
+        cfg.task, cfg.steps * cfg.batch_size, seed=cfg.seed, split="train", pseudo_words=cfg.pseudo_words
+    )
     features = [encode_example(tokenizer, e) for e in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -70,9 +70,17 @@ def add_expert_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="continue training this PEFT adapter folder (its rank, alpha and targets are kept)",
     )
+    p.add_argument(
+        "--pseudo-words",
+        type=float,
+        default=0.0,
+        help="sorting: fraction of the training words that are made up (0..1), read by their letters",
+    )
 
 
 def run_expert(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.pseudo_words <= 1.0 or (args.pseudo_words and args.task != "sorting"):
+        raise SystemExit(f"--pseudo-words: a fraction in [0, 1], for --task sorting only; got {args.pseudo_words}")
     cfg = ExpertTrainConfig(
         task=args.task,
         out=args.out,
@@ -81,6 +89,7 @@ def run_expert(args: argparse.Namespace) -> None:
         dropout=args.dropout,
         target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
         init_from=args.init_from,
+        pseudo_words=args.pseudo_words,
         **run_kwargs(args),
     )
     summary = train_expert(cfg)
