@@ -31,11 +31,12 @@ bench-load: $(STAMP)
 bench-soak: $(STAMP)
 	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8 --torch-threads 1
 
-# The three experts of the embedded default (fixed seeds; about 90 minutes on 2 cores; not run in CI).
+# The three experts of the embedded default (fixed seeds; about 3.5 hours with 1 torch thread, sorting 2.5 of
+# them; not run in CI).
 experts: $(STAMP)
 	scripts/make_experts.sh
 
-# The router of the embedded default (experts frozen; fixed seed; about 13 minutes on 2 cores).
+# The router of the embedded default (experts frozen; fixed seed; about 14 minutes with 1 torch thread).
 router: $(STAMP)
 	$(VENV)/bin/xlora-train --threads 1 classifier --out checkpoints/default --steps 150 --batch-size 8 --lr 2e-3 --seed 0
 
