@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -141,7 +141,7 @@ def train_expert(cfg: ExpertTrainConfig) -> dict:
     if cfg.init_from:
         model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
         lora = model.peft_config["default"]  # the log records the shape actually trained, not the CLI defaults
-        cfg.rank, cfg.alpha, cfg.target_modules = lora.r, lora.lora_alpha, tuple(sorted(lora.target_modules))
+        cfg = replace(cfg, rank=lora.r, alpha=lora.lora_alpha, target_modules=tuple(sorted(lora.target_modules)))
     else:
         lora = LoraConfig(
             task_type="CAUSAL_LM",
