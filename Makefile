@@ -31,7 +31,7 @@ bench-load: $(STAMP)
 bench-soak: $(STAMP)
 	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8 --torch-threads 1
 
-# The three experts of the embedded default (fixed seeds; about 4.5 hours with 1 torch thread, sorting 3.75 of
+# The three experts of the embedded default (fixed seeds; about 6 hours with 1 torch thread, sorting 5 of
 # them; not run in CI).
 experts: $(STAMP)
 	scripts/make_experts.sh
