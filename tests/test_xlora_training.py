@@ -77,3 +77,41 @@ def test_train_classifier_command_writes_a_checkpoint_that_loads(tmp_path):
     model = XLoraModel.from_pretrained(load_base(tmp_path / "base"), out)
     assert model.adapter_names == ["arithmetic", "sorting", "json"]
     assert model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, len(tokenizer))
+
+
+def _tiny_task_experts(root):
+    tokenizer = make_tiny_tokenizer(root / "base")
+    make_tiny_llama(root / "base", vocab_size=len(tokenizer))
+    experts = {
+        name: save_expert(root / "base", root / name, seed=i, **spec)
+        for i, (name, spec) in enumerate(zip(["arithmetic", "sorting", "json"], EXPERT_SPECS, strict=True))
+    }
+    return tokenizer, ",".join(f"{n}={p}" for n, p in experts.items())
+
+
+def test_prefix_expert_routes_the_prefix_every_example_shares(tmp_path):
+    """--prefix-expert arithmetic: the chat header every example starts with ("<|im_start|>user\\n") goes to
+    that expert (without the flag, the same run gives it 0.14 arithmetic and 0.63 json)."""
+    tokenizer, expert_arg = _tiny_task_experts(tmp_path)
+    out = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "xlora_core.cli.train", "--threads", "1", "classifier", "--base",
+           str(tmp_path / "base"), "--out", str(out), "--steps", "40", "--batch-size", "6", "--size", "16",
+           "--lr", "1e-2", "--warmup-steps", "1", "--experts", expert_arg, "--prefix-expert", "arithmetic"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["config"]["prefix_expert"] == "arithmetic"
+
+    model = XLoraModel.from_pretrained(load_base(tmp_path / "base"), out)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Compute: 1 + 2"}], tokenize=True,
+                                        add_generation_prompt=True)["input_ids"]  # fmt: skip
+    _, scalings = model.hidden_states(torch.tensor([ids]))
+    header = scalings[0, :6].mean(dim=(0, 1))  # "<|im_start|>", "u", "s", "e", "r", "\n"
+    assert header.argmax().item() == model.adapter_names.index("arithmetic")
+
+
+def test_train_classifier_command_refuses_an_unknown_prefix_expert(tmp_path):
+    cmd = [sys.executable, "-m", "xlora_core.cli.train", "classifier", "--out", str(tmp_path / "x"),
+           "--experts", "a=one,b=two", "--prefix-expert", "c"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--prefix-expert" in done.stderr and "'c'" in done.stderr
+    assert "a, b" in done.stderr and not (tmp_path / "x").exists()

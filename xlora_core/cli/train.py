@@ -109,6 +109,9 @@ def add_classifier_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerwise", action="store_true", help="one scaling per LoRA layer (layerwise_scalings)")
     p.add_argument("--routing-loss-weight", type=float, default=2.0,
                    help="auxiliary loss on the task of each token (0 = LM loss alone, as the paper)")  # fmt: skip
+    p.add_argument("--prefix-expert", default=None,
+                   help="the expert the routing loss sends the prompt prefix every example shares to "
+                        "(the chat template's system turn); default: leave it to the LM loss")  # fmt: skip
 
 
 def parse_experts(text: str) -> dict[str, str]:
@@ -122,13 +125,19 @@ def parse_experts(text: str) -> dict[str, str]:
 
 
 def run_classifier(args: argparse.Namespace) -> None:
+    experts = parse_experts(args.experts)
+    if args.prefix_expert is not None and args.prefix_expert not in experts:
+        raise SystemExit(f"--prefix-expert: {args.prefix_expert!r} is not one of --experts ({', '.join(experts)})")
+    if args.prefix_expert is not None and args.routing_loss_weight <= 0:
+        raise SystemExit("--prefix-expert needs the routing loss (--routing-loss-weight > 0)")
     cfg = ClassifierTrainConfig(
-        experts=parse_experts(args.experts),
+        experts=experts,
         out=args.out,
         xlora_depth=args.depth,
         xlora_size=args.size,
         layerwise_scalings=args.layerwise,
         routing_loss_weight=args.routing_loss_weight,
+        prefix_expert=args.prefix_expert,
         **run_kwargs(args),
     )
     print(json.dumps(train_classifier(cfg)))
