@@ -55,15 +55,21 @@ def test_trainable_adapters(tmp_path):
     assert not any("base_layer" in n or "embed_tokens" in n for n in trainable)
 
 
-def test_train_classifier_command_writes_a_checkpoint_that_loads(tmp_path):
-    tokenizer = make_tiny_tokenizer(tmp_path / "base")
-    make_tiny_llama(tmp_path / "base", vocab_size=len(tokenizer))
+def _tiny_task_experts(root):
+    """A tiny base in root/base and three random experts named after the tasks; returns (tokenizer,
+    the --experts argument)."""
+    tokenizer = make_tiny_tokenizer(root / "base")
+    make_tiny_llama(root / "base", vocab_size=len(tokenizer))
     experts = {
-        name: save_expert(tmp_path / "base", tmp_path / name, seed=i, **spec)
+        name: save_expert(root / "base", root / name, seed=i, **spec)
         for i, (name, spec) in enumerate(zip(["arithmetic", "sorting", "json"], EXPERT_SPECS, strict=True))
     }
+    return tokenizer, ",".join(f"{n}={p}" for n, p in experts.items())
+
+
+def test_train_classifier_command_writes_a_checkpoint_that_loads(tmp_path):
+    tokenizer, expert_arg = _tiny_task_experts(tmp_path)
     out = tmp_path / "ckpt"
-    expert_arg = ",".join(f"{n}={p}" for n, p in experts.items())
     cmd = [sys.executable, "-m", "xlora_core.cli.train", "--threads", "1", "classifier", "--base",
            str(tmp_path / "base"), "--out", str(out), "--steps", "12", "--batch-size", "6", "--size", "16",
            "--lr", "1e-2", "--log-every", "4", "--experts", expert_arg]  # fmt: skip
@@ -77,16 +83,6 @@ def test_train_classifier_command_writes_a_checkpoint_that_loads(tmp_path):
     model = XLoraModel.from_pretrained(load_base(tmp_path / "base"), out)
     assert model.adapter_names == ["arithmetic", "sorting", "json"]
     assert model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, len(tokenizer))
-
-
-def _tiny_task_experts(root):
-    tokenizer = make_tiny_tokenizer(root / "base")
-    make_tiny_llama(root / "base", vocab_size=len(tokenizer))
-    experts = {
-        name: save_expert(root / "base", root / name, seed=i, **spec)
-        for i, (name, spec) in enumerate(zip(["arithmetic", "sorting", "json"], EXPERT_SPECS, strict=True))
-    }
-    return tokenizer, ",".join(f"{n}={p}" for n, p in experts.items())
 
 
 def test_prefix_expert_routes_the_prefix_every_example_shares(tmp_path):
