@@ -1,8 +1,9 @@
-"""Training: one LoRA expert per task (this file), and the X-LoRA classifier (to come).
+"""Training: one LoRA expert per task, and the X-LoRA classifier (the router) over frozen experts.
 
 An expert is a plain PEFT LoRA adapter on the base model, trained on one synthetic task with loss on the
 answer tokens only. It is saved in PEFT's layout (adapter_config.json + adapter_model.safetensors) with a
-train_log.jsonl beside it.
+train_log.jsonl beside it. The classifier learns from the LM loss of the answer tokens plus a routing loss
+(see xlora_losses) and is saved as an X-LoRA checkpoint, again with its train_log.jsonl.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def train_expert(cfg: ExpertTrainConfig) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# X-LoRA classifier training: to be written (issue 3, classifier part)
+# X-LoRA classifier training: the experts frozen, the classifier learns from a mixture of the tasks
 
 
 @dataclass
