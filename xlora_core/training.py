@@ -248,6 +248,14 @@ class ClassifierTrainConfig:
     dtype: str = "auto"
     cache_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        # checked here, before the base model loads, so a wrong name fails at once
+        if self.prefix_expert is not None and self.prefix_expert not in self.experts:
+            known = ", ".join(self.experts)
+            raise ValueError(f"prefix_expert {self.prefix_expert!r} is not one of the experts ({known})")
+        if self.prefix_expert is not None and self.routing_loss_weight <= 0:
+            raise ValueError("prefix_expert needs the routing loss (routing_loss_weight > 0)")
+
 
 def xlora_losses(
     model, batch: dict[str, torch.Tensor], expert_of_row: torch.Tensor | None, prefix_expert: int | None = None
@@ -307,13 +315,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     supervise = cfg.routing_loss_weight > 0
     if supervise and set(names) != set(TASKS):
         raise ValueError(f"routing_loss_weight needs experts named after the tasks {TASKS}, got {names}")
-    prefix_expert = None
-    if cfg.prefix_expert is not None:
-        if cfg.prefix_expert not in names:
-            raise ValueError(f"prefix_expert {cfg.prefix_expert!r} is not one of the experts {names}")
-        if not supervise:
-            raise ValueError("prefix_expert needs the routing loss (routing_loss_weight > 0)")
-        prefix_expert = names.index(cfg.prefix_expert)
+    prefix_expert = None if cfg.prefix_expert is None else names.index(cfg.prefix_expert)
 
     examples = make_mixed(cfg.steps * cfg.batch_size, seed=cfg.seed, split="train")
     features = [encode_example(tokenizer, e) for e in examples]

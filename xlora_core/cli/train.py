@@ -125,21 +125,19 @@ def parse_experts(text: str) -> dict[str, str]:
 
 
 def run_classifier(args: argparse.Namespace) -> None:
-    experts = parse_experts(args.experts)
-    if args.prefix_expert is not None and args.prefix_expert not in experts:
-        raise SystemExit(f"--prefix-expert: {args.prefix_expert!r} is not one of --experts ({', '.join(experts)})")
-    if args.prefix_expert is not None and args.routing_loss_weight <= 0:
-        raise SystemExit("--prefix-expert needs the routing loss (--routing-loss-weight > 0)")
-    cfg = ClassifierTrainConfig(
-        experts=experts,
-        out=args.out,
-        xlora_depth=args.depth,
-        xlora_size=args.size,
-        layerwise_scalings=args.layerwise,
-        routing_loss_weight=args.routing_loss_weight,
-        prefix_expert=args.prefix_expert,
-        **run_kwargs(args),
-    )
+    try:
+        cfg = ClassifierTrainConfig(
+            experts=parse_experts(args.experts),
+            out=args.out,
+            xlora_depth=args.depth,
+            xlora_size=args.size,
+            layerwise_scalings=args.layerwise,
+            routing_loss_weight=args.routing_loss_weight,
+            prefix_expert=args.prefix_expert,
+            **run_kwargs(args),
+        )
+    except ValueError as e:  # the config's own checks; the flags are the fields with dashes
+        raise SystemExit(f"xlora-train classifier: {e}") from None
     print(json.dumps(train_classifier(cfg)))
 
 
