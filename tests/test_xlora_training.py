@@ -111,3 +111,13 @@ def test_train_classifier_command_refuses_an_unknown_prefix_expert(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "prefix_expert 'c' is not one of the experts (a, b)" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "x").exists()
+
+
+def test_train_classifier_command_refuses_the_routing_loss_without_task_experts(tmp_path):
+    cmd = [sys.executable, "-m", "xlora_core.cli.train", "classifier", "--out", str(tmp_path / "x"),
+           "--experts", "a=one,b=two"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "needs experts named after the tasks (arithmetic, sorting, json); got a, b" in (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr and not (tmp_path / "x").exists()

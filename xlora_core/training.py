@@ -20,7 +20,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 
 from xlora_core.base_model import base_model_name, load_base_model
-from xlora_core.tasks import IGNORE_INDEX, Example, collate, encode_example, exact_match, make_examples, prompt_ids
+from xlora_core.tasks import (
+    IGNORE_INDEX,
+    TASKS,
+    Example,
+    collate,
+    encode_example,
+    exact_match,
+    make_examples,
+    make_mixed,
+    prompt_ids,
+)
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -255,6 +265,12 @@ class ClassifierTrainConfig:
             raise ValueError(f"prefix_expert {self.prefix_expert!r} is not one of the experts ({known})")
         if self.prefix_expert is not None and self.routing_loss_weight <= 0:
             raise ValueError("prefix_expert needs the routing loss (routing_loss_weight > 0)")
+        if self.routing_loss_weight > 0 and set(self.experts) != set(TASKS):
+            names = ", ".join(self.experts)
+            raise ValueError(
+                f"the routing loss (routing_loss_weight > 0) needs experts named after the tasks "
+                f"({', '.join(TASKS)}); got {names}"
+            )
 
 
 def xlora_losses(
@@ -296,7 +312,6 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     """Train the classifier of an X-LoRA model on the experts in cfg.experts; save the checkpoint to cfg.out."""
     from xlora_core.config import XLoraConfig
     from xlora_core.model import XLoraModel
-    from xlora_core.tasks import TASKS, make_mixed
 
     torch.manual_seed(cfg.seed)
     base, tokenizer = load_base_model(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
@@ -313,8 +328,6 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     device = model.device
     names = list(cfg.experts)
     supervise = cfg.routing_loss_weight > 0
-    if supervise and set(names) != set(TASKS):
-        raise ValueError(f"routing_loss_weight needs experts named after the tasks {TASKS}, got {names}")
     prefix_expert = None if cfg.prefix_expert is None else names.index(cfg.prefix_expert)
 
     examples = make_mixed(cfg.steps * cfg.batch_size, seed=cfg.seed, split="train")
