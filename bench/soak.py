@@ -6,8 +6,9 @@ Starts `python -m server --config X` on 127.0.0.1 (a free port; see bench.load).
 --warm requests (100), waits until the server is idle, samples the server process's resident memory
 (psutil, else /proc/PID/status VmRSS), runs the rest, waits until idle, samples again. Requests vary:
 the fixed prompts of bench.load, streamed and plain alternating, every third with return_scalings, every
-fifth through /v1/chat/completions. Every --sample-every requests it also reads `GET /scalings` and
-`xlora_kv_cache_bytes` from /metrics.
+fifth through /v1/chat/completions. Every --sample-every requests it also reads `GET /scalings`,
+`xlora_kv_cache_bytes` from /metrics and the resident memory (mid-run, with requests in flight: a leak
+climbs from sample to sample, warm-up levels off).
 
 Checks (exit code 1 if one fails): zero errors; RSS at the end within --max-growth (5%) of RSS after the
 warm-up; `GET /scalings` never holds more than `server.scalings_log_size` entries and reports that
@@ -83,13 +84,13 @@ async def one(client: httpx.AsyncClient, i: int, max_new: int, model: str) -> st
 
 
 class Soak:
-    def __init__(self, url: str, clients: int, max_new: int, capacity: int, sample_every: int) -> None:
-        self.url, self.clients, self.max_new = url, clients, max_new
+    def __init__(self, url: str, pid: int, clients: int, max_new: int, capacity: int, sample_every: int) -> None:
+        self.url, self.pid, self.clients, self.max_new = url, pid, clients, max_new
         self.model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         self.capacity, self.sample_every = capacity, sample_every
         self.errors: list[str] = []
         self.done = 0
-        self.samples: list[dict] = []  # every sample_every requests: scalings log size, cache bytes
+        self.samples: list[dict] = []  # every sample_every requests: scalings log size, cache bytes, RSS
 
     async def run(self, start: int, stop: int) -> None:
         next_i = start
@@ -112,10 +113,12 @@ class Soak:
     async def sample(self, client: httpx.AsyncClient) -> None:
         log = (await client.get("/scalings")).json()
         cache = metric((await client.get("/metrics")).text, "xlora_kv_cache_bytes")
+        rss = rss_bytes(self.pid)  # mid-run, requests in flight: the trend tells a leak from warm-up
         self.samples.append({"requests": self.done, "scalings_entries": len(log["entries"]),
-                             "scalings_capacity": log["capacity"], "kv_cache_bytes": cache})  # fmt: skip
+                             "scalings_capacity": log["capacity"], "kv_cache_bytes": cache,
+                             "rss_bytes": rss})  # fmt: skip
         print(f"  {self.done} requests: /scalings {len(log['entries'])}/{log['capacity']} entries, "
-              f"kv cache {cache:.0f} B, errors {len(self.errors)}", flush=True)
+              f"kv cache {cache:.0f} B, RSS {mib(rss)}, errors {len(self.errors)}", flush=True)
 
 
 def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float | None]:
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         server.wait_ready(300)
         print(f"ready after {time.perf_counter() - t0:.1f} s (pid {server.pid}, log {log_path})", flush=True)
-        soak = Soak(server.url, args.clients, args.max_new_tokens, capacity, args.sample_every)
+        soak = Soak(server.url, server.pid, args.clients, args.max_new_tokens, capacity, args.sample_every)
         t0 = time.perf_counter()
         asyncio.run(soak.run(0, args.warm))
         wait_idle(server.url)
