@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 
 from xlora_core.base_model import load_base_model
-from xlora_core.tasks import TASKS, exact_match, make_examples
+from xlora_core.recipe.tasks import TASKS, exact_match, make_examples
 from xlora_core.training import generate_answers
 
 

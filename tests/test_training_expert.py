@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tests.helpers import make_tiny_llama, make_tiny_tokenizer
 from xlora_core import base_model as bm
 from xlora_core.base_model import load_base_model, resolve_device, resolve_dtype
-from xlora_core.tasks import (
+from xlora_core.recipe.tasks import (
     CITIES,
     COLORS,
     COUNTRIES,

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 
 from xlora_core.base_model import base_model_name, load_base_model
-from xlora_core.tasks import (
+from xlora_core.recipe.tasks import (
     IGNORE_INDEX,
     TASKS,
     Example,

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from xlora_core.evaluation import evaluate
+from xlora_core.recipe.evaluation import evaluate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from xlora_core.tasks import TASKS
+from xlora_core.recipe.tasks import TASKS
 from xlora_core.training import (
     DEFAULT_TARGET_MODULES,
     ClassifierTrainConfig,

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from .base_model import load_base_model
-from .classifier import Routing
-from .model import XLoraModel
+from ..base_model import load_base_model
+from ..classifier import Routing
+from ..model import XLoraModel
+from ..training import accuracy
 from .tasks import IGNORE_INDEX, TASKS, Example, collate, encode_example, make_examples
-from .training import accuracy
 
 
 @dataclass

@@ -15,10 +15,20 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 
-from xlora_core.sort_words import EXTRA_TRAIN_WORDS
+
+def _read_words(name: str) -> list[str]:
+    """A word list shipped in recipe/data/: one word a line, '#' lines are comments."""
+    text = resources.files(__package__).joinpath("data", name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+# ~4k lower-case single-token words of SmolLM2's vocabulary, for training only (the file says how they
+# were chosen).
+EXTRA_TRAIN_WORDS = _read_words("sort_words.txt")
 
 TASKS = ("arithmetic", "sorting", "json")
 IGNORE_INDEX = -100  # labels with this value are skipped by the causal-LM loss
