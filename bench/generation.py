@@ -1,5 +1,6 @@
 """Greedy generation speed, side by side in one process: the base model alone (its KV cache),
-peft.XLoraModel (no cache: two full passes per token) and xlora_core (two KV caches).
+peft.XLoraModel (no cache: two full passes per token), xlora_core granular (two KV caches), and
+xlora_core with frozen scalings (Routing.freeze_after 0 and 8: after that many tokens one pass per token).
 
     python -m bench.generation                       # SmolLM2-135M, 3 random r=8 experts on q/k/v/o
     python -m bench.generation --prompt-lens 16 --new-tokens 32 --peft-max-new 32   # a quick look
@@ -19,7 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft import XLoraConfig as PeftXLoraConfig
 
-from xlora_core import XLoraConfig, XLoraModel
+from xlora_core import Routing, XLoraConfig, XLoraModel
 from xlora_core.base_model import load_base_model
 
 
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", default="128,256")
     parser.add_argument("--peft-max-new", type=int, default=128, help="skip peft above this many new tokens")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--freeze-after", type=lambda v: [int(x) for x in v.split(",") if x], default=[0, 8],
+                        help="frozen-scalings rows to add (Routing.freeze_after values; empty for none)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
@@ -72,6 +75,8 @@ def main() -> None:
                   if "internal_xlora_classifier" in k}  # fmt: skip
     ours.classifier.load_state_dict(classifier)
 
+    frozen = {f"frozen@{k}": Routing(freeze_after=k) for k in args.freeze_after}
+
     def run(name: str, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
         kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
         with torch.inference_mode():
@@ -79,30 +84,34 @@ def main() -> None:
                 return timed(lambda: base.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs))
             if name == "peft":
                 return timed(lambda: peft_model.generate(input_ids=prompt, **kwargs))
-            return timed(lambda: ours.generate(prompt, **kwargs))
+            return timed(lambda: ours.generate(prompt, routing=frozen.get(name), **kwargs))
 
-    for name in ("base", "peft", "ours"):  # warm-up
+    engines = ["ours", *frozen]
+    for name in ("base", "peft", *engines):  # warm-up
         run(name, torch.tensor([[tokenizer.bos_token_id or 1] * 8]), 4)
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; base {args.base}, {args.experts} experts r={args.rank} on q/k/v/o")  # fmt: skip
-    print("| prompt | new | base tok/s | peft tok/s | xlora_core tok/s | core/peft | core/base |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("tok/s; in brackets the ratio to the base model alone in the same run")
+    print("| prompt | new | base | peft | xlora_core granular | " + " | ".join(frozen) + " | core/peft |")
+    print("|---:|---:|---:|---:|---:|" + "---:|" * len(frozen) + "---:|")
     seconds: dict[tuple[int, int], float] = {}
     for p in prompt_lens:
         g = torch.Generator().manual_seed(p)
         prompt = torch.randint(100, base.config.vocab_size, (1, p), generator=g)
         for n in new_tokens:
             t_base, _ = run("base", prompt, n)
-            t_ours, out_ours = run("ours", prompt, n)
+            times = {name: run(name, prompt, n) for name in engines}
+            t_ours, out_ours = times["ours"]
             seconds[(p, n)] = t_ours
             peft_cell, ratio_peft = "skipped", "-"
             if n <= args.peft_max_new:
                 t_peft, out_peft = run("peft", prompt, n)
                 same = "" if torch.equal(out_peft, out_ours) else " (tokens differ!)"
-                peft_cell, ratio_peft = f"{n / t_peft:.2f}{same}", f"{t_peft / t_ours:.1f}x"
-            print(f"| {p} | {n} | {n / t_base:.2f} | {peft_cell} | {n / t_ours:.2f} | {ratio_peft} | "
-                  f"{t_base / t_ours:.2f}x |", flush=True)  # fmt: skip
+                peft_cell, ratio_peft = f"{n / t_peft:.2f} ({t_base / t_peft:.2f}x){same}", f"{t_peft / t_ours:.1f}x"
+            cells = [f"{n / t:.2f} ({t_base / t:.2f}x)" for t, _ in times.values()]
+            print(f"| {p} | {n} | {n / t_base:.2f} | {peft_cell} | " + " | ".join(cells) + f" | {ratio_peft} |",
+                  flush=True)  # fmt: skip
     for p in prompt_lens:
         if len(new_tokens) > 1:
             lo, hi = min(new_tokens), max(new_tokens)

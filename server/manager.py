@@ -14,32 +14,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any, Literal
+from dataclasses import fields, replace
+from typing import Literal
 
 import torch
 
 from server.errors import APIError
+from server.jobs import GenerationJob
 from server.metrics import Metrics
-from server.scalings_log import ScalingsLog
-from server.scheduler import GenerationJob, Scheduler
-from server.schemas import RoutingUpdate
+from server.scalings_log import RequestScalingsLog
+from server.scheduler import Scheduler
+from server.schemas import GenerationRequest, RoutingUpdate
 from server.settings import Settings
+from xlora_core import ParameterError, Routing, RowDecoder
 
 log = logging.getLogger("xlora.manager")
-
-
-def sampling_settings(body: Any, max_new_tokens: int, stop: list[str]) -> dict[str, Any]:
-    """The sampling fields of a /generate or /v1 request body, as SamplingParams arguments."""
-    return dict(
-        max_new_tokens=max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=stop,
-    )
 
 
 State = Literal["loading", "ready", "failed", "draining"]
@@ -49,13 +38,13 @@ class ModelManager:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.scalings_log = ScalingsLog(settings.server.scalings_log_size)
+        self.scalings_log = RequestScalingsLog(settings.server.scalings_log_size)
         self.state: State = "loading"
         self.error: str | None = None
         self.model = None
         self.tokenizer = None
         self.scheduler: Scheduler | None = None
-        self.routing = None  # xlora_core.Routing in force; replaced whole, never mutated
+        self.routing: Routing | None = None  # in force; replaced whole, never mutated
         self.model_name = settings.model.name or _default_name(settings)
         self.context_length: int | None = None
         self.eos_token_id: int | list[int] | None = None
@@ -83,7 +72,7 @@ class ModelManager:
             log.info("model ready: %s with experts %s", self.model_name, ", ".join(self.model.adapter_names))
 
     def _load_model(self) -> None:
-        from xlora_core import Routing, XLoraConfig, XLoraModel
+        from xlora_core import XLoraConfig, XLoraModel
         from xlora_core.base_model import load_base_model
 
         s = self.settings
@@ -103,15 +92,15 @@ class ModelManager:
             raise ValueError(f"{s.source}: xlora: give a checkpoint, adapters, or both")
         model.eval()
 
-        routing = Routing(s.routing.top_k, s.routing.global_scaling_weight)
         try:
+            routing = Routing(s.routing.top_k, s.routing.global_scaling_weight, s.routing.freeze_after)
             routing.validate(len(model.adapter_names))
-        except ValueError as exc:
-            raise ValueError(f"{s.source}: routing: {exc}") from None
+        except ParameterError as exc:
+            raise ValueError(f"{s.source}: routing.{exc}") from None
 
         self.model, self.tokenizer, self.routing = model, tokenizer, routing
         self.context_length = getattr(base.config, "max_position_embeddings", None)
-        self.metrics.set_routing(routing.top_k, routing.global_scaling_weight)
+        self.metrics.set_routing(routing)
         self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
         eos = getattr(base.generation_config, "eos_token_id", None) if base.generation_config else None
         self.scheduler = Scheduler(
@@ -159,24 +148,18 @@ class ModelManager:
         """Apply a PATCH: validate the merged settings first, then swap them in whole."""
         new = self.merge_routing(update, param_prefix="")
         self.routing = new
-        self.metrics.set_routing(new.top_k, new.global_scaling_weight)
+        self.metrics.set_routing(new)
         return new
 
-    def merge_routing(self, update: RoutingUpdate | None, param_prefix: str = "routing."):
+    def merge_routing(self, update: RoutingUpdate | None, param_prefix: str = "routing.") -> Routing:
         """The routing in force with the fields the request set; 422 naming the field if invalid."""
-        routing = self.routing
         if update is None:
-            return routing
-        fields = update.model_fields_set
-        if "top_k" in fields:
-            routing = replace(routing, top_k=update.top_k)
-        if "global_scaling_weight" in fields:
-            routing = replace(routing, global_scaling_weight=float(update.global_scaling_weight))
+            return self.routing
+        changes = {f.name: getattr(update, f.name) for f in fields(Routing) if f.name in update.model_fields_set}
         try:
-            return routing.validate(len(self.model.adapter_names))
-        except ValueError as exc:
-            field = "top_k" if "top_k" in str(exc) else "global_scaling_weight"
-            raise APIError(422, str(exc), param=param_prefix + field, code="invalid_value") from None
+            return replace(self.routing, **changes).validate(len(self.model.adapter_names))
+        except ParameterError as exc:
+            raise APIError(422, str(exc), param=param_prefix + exc.parameter, code="invalid_value") from None
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, param: str) -> list[int]:
         """Prompt text or chat messages -> token ids, off the event loop; 422 naming `param` if unusable."""
@@ -218,25 +201,27 @@ class ModelManager:
                 param=at_fault, code="context_length_exceeded",
             )
 
-    async def submit(
-        self, prompt_ids: list[int], sampling: dict, routing, prefix: str = "gen", names: dict[str, str] | None = None
-    ) -> GenerationJob:
-        """Build the request's decoder (off the event loop: stop strings are preprocessed against the
-        whole vocabulary) and queue it. A setting the decoder refuses is a 422 naming the field, as
-        `names` maps it to the request's own field name."""
-        from xlora_core.generation import RowDecoder, SamplingParams
-
+    async def start(self, body: GenerationRequest, id_prefix: str) -> GenerationJob:
+        """The one way in for every generation endpoint: tokenize, check lengths, merge the routing,
+        build the row's decoder and queue the job. Every refusal is a 4xx naming the request's field."""
         self.require_ready()
-        names = names or {}
+        prompt, messages, prompt_param = body.prompt_input()
+        prompt_ids = await self.tokenize(prompt, messages, prompt_param)
         try:
-            params = SamplingParams(**sampling, eos_token_id=self.eos_token_id)
+            params = body.to_sampling_params(self.settings.server.default_max_new_tokens)
+        except ParameterError as exc:
+            raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
+        params.eos_token_id = self.eos_token_id
+        self.check_lengths(len(prompt_ids), params.max_new_tokens, body.param_name("max_new_tokens"), prompt_param)
+        update, routing_prefix = body.routing_update()
+        routing = self.merge_routing(update, routing_prefix)
+        try:
+            # Off the event loop: stop strings are preprocessed against the whole vocabulary.
             decoder = await asyncio.to_thread(RowDecoder, params, self.tokenizer, prompt_ids)
-        except ValueError as exc:
-            field = next((f for f in sampling if str(exc).startswith(f)), "stop" if sampling.get("stop") else None)
-            raise APIError(422, str(exc), param=names.get(field, field), code="invalid_value") from None
+        except ParameterError as exc:
+            raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
         job = GenerationJob(
-            id=f"{prefix}-{uuid.uuid4().hex[:24]}",
-            prompt_ids=prompt_ids,
+            id=f"{id_prefix}-{uuid.uuid4().hex[:24]}",
             decoder=decoder,
             routing=routing,
             deadline=time.monotonic() + self.settings.server.request_timeout_s,

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from xlora_core import Routing
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_TIME = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -53,15 +57,23 @@ class Metrics:
         self.routing_global_scaling_weight = Gauge(
             "xlora_routing_global_scaling_weight", "Global scaling weight in force", registry=r
         )
+        self.routing_freeze_after = Gauge(
+            "xlora_routing_freeze_after", "Generated tokens after which scalings freeze in force (-1 = granular)",
+            registry=r,
+        )
+        self.frozen_rows = Gauge(
+            "xlora_frozen_rows", "Rows of the running batch whose scalings are frozen (no scaling pass)", registry=r
+        )
         self.mean_scaling = Gauge(
             "xlora_mean_scaling", "Mean scaling per adapter over the requests in the scalings log",
             ["adapter"], registry=r,
         )
         self.model_loaded = Gauge("xlora_model_loaded", "1 once the model is loaded and serving", registry=r)
 
-    def set_routing(self, top_k: int | None, global_scaling_weight: float) -> None:
-        self.routing_top_k.set(0 if top_k is None else top_k)
-        self.routing_global_scaling_weight.set(global_scaling_weight)
+    def set_routing(self, routing: Routing) -> None:
+        self.routing_top_k.set(0 if routing.top_k is None else routing.top_k)
+        self.routing_global_scaling_weight.set(routing.global_scaling_weight)
+        self.routing_freeze_after.set(-1 if routing.freeze_after is None else routing.freeze_after)
 
     def watch_mean_scaling(self, adapter_names: list[str], mean_of: Callable[[int], float]) -> None:
         """Read each adapter's mean scaling from the log at scrape time (no bookkeeping per request)."""

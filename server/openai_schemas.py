@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.schemas import RoutingSettings, RoutingUpdate, TokenScalings, Usage
+from server.schemas import PromptInput, RoutingSettings, RoutingUpdate, TokenScalings, Usage, stop_list
+from xlora_core import SamplingParams
 
 FinishReason = Literal["stop", "length"]
 
@@ -81,11 +82,8 @@ class _Common(_Request):
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop strings")
-        return value
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        return stop_list(value, limit=4)
 
     @model_validator(mode="after")
     def _options_need_stream(self) -> _Common:
@@ -93,8 +91,26 @@ class _Common(_Request):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    # ---- GenerationRequest (server.schemas) ----
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.token_limit() or default_max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=list(self.stop or []),
+        )
+
+    def param_name(self, sampling_field: str) -> str:
+        return "max_tokens" if sampling_field == "max_new_tokens" else sampling_field
+
+    def routing_update(self) -> tuple[RoutingUpdate | None, str]:
+        return self.xlora_routing, "xlora_routing."
 
 
 class CompletionRequest(_Common):
@@ -133,6 +149,15 @@ class CompletionRequest(_Common):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def prompt_input(self) -> PromptInput:
+        return PromptInput(self.prompt_text(), None, "prompt")
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        return super().to_sampling_params(16)  # OpenAI's default for completions is 16 tokens
+
+    def logged_prompt(self) -> str:
+        return self.prompt_text()
 
 
 class TextPart(_Request):
@@ -191,6 +216,21 @@ class ChatCompletionRequest(_Common):
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def param_name(self, sampling_field: str) -> str:
+        if sampling_field == "max_new_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return super().param_name(sampling_field)
+
+    def chat_messages(self) -> list[dict]:
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def prompt_input(self) -> PromptInput:
+        return PromptInput(None, self.chat_messages(), "messages")
+
+    def logged_prompt(self) -> list[dict]:
+        return self.chat_messages()
 
 
 # -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class ScalingsEntry:
     adapter_names: list[str]
     routing: dict
     scalings: torch.Tensor  # [tokens processed, layers, adapters], float32 on the CPU
+    frozen_from: int | None = None  # first position whose scalings are the frozen ones (Routing.freeze_after)
     created: float = field(default_factory=time.time)
     mean: list[float] = field(init=False)  # per adapter, over tokens and layers; computed once
 
@@ -40,13 +41,14 @@ class ScalingsEntry:
             "adapter_names": self.adapter_names,
             "mean_scalings": self.mean,
             "routing": self.routing,
+            "frozen_from": self.frozen_from,
         }
 
     def detail(self) -> dict:
         return {**self.summary(), "n_layers": self.scalings.shape[1], "scalings": self.scalings.tolist()}
 
 
-class ScalingsLog:
+class RequestScalingsLog:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[str, ScalingsEntry] = OrderedDict()

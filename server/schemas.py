@@ -6,9 +6,11 @@ and are strict about types (`"5"` is not a number). Floats refuse NaN and infini
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from xlora_core import SamplingParams
 
 FinishReason = Literal["stop", "length"]
 
@@ -68,20 +70,29 @@ def sse_doc(description: str, events: list[str] | None = None, json_data: bool =
 # routing
 
 
+_FREEZE_AFTER_DOC = (
+    "freeze the scalings after this many generated tokens: later tokens reuse the scalings of the "
+    "position that produced token `freeze_after` and skip the scaling pass; null = granular (every token routed)"
+)
+
+
 class RoutingSettings(BaseModel):
-    """Routing in force: top_k experts per token (null = dense) and the global scaling weight."""
+    """Routing in force: top_k experts per token (null = dense), the global scaling weight, and
+    freeze_after (null = granular)."""
 
     top_k: int | None = Field(None, description="experts kept per token; null = all (dense)")
     global_scaling_weight: float
+    freeze_after: int | None = Field(None, description=_FREEZE_AFTER_DOC)
 
 
 class RoutingUpdate(_Request):
-    """A partial update: only the fields sent change. `top_k: null` means dense."""
+    """A partial update: only the fields sent change. `top_k: null` means dense, `freeze_after: null` granular."""
 
     top_k: int | None = Field(None, ge=1, description="1..number of experts, or null for dense")
     # Bounded: the experts' outputs are multiplied by it, and 1e20 turns the logits into nan (a 500 for every
     # sampled request while it is in force).
     global_scaling_weight: float | None = Field(None, ge=-100.0, le=100.0, allow_inf_nan=False)
+    freeze_after: int | None = Field(None, ge=0, description=_FREEZE_AFTER_DOC)
 
     @field_validator("global_scaling_weight")
     @classmethod
@@ -90,6 +101,46 @@ class RoutingUpdate(_Request):
         if value is None:
             raise ValueError("must be a finite number, not null")
         return value
+
+
+# -----------------------------------------------------------------------------
+# the one way from a request body to a generation (every generation endpoint's body implements it)
+
+
+class PromptInput(NamedTuple):
+    """Prompt text or chat messages (the other None), and the request field they came from."""
+
+    prompt: str | None
+    messages: list[dict] | None
+    param: str
+
+
+class GenerationRequest(Protocol):
+    """What the model manager needs from a request body (as vLLM's protocol classes offer it)."""
+
+    stream: bool
+
+    def prompt_input(self) -> PromptInput: ...
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        """Raises ParameterError naming the SamplingParams field; `param_name` maps it to the request's."""
+        ...
+
+    def param_name(self, sampling_field: str) -> str: ...
+
+    def routing_update(self) -> tuple[RoutingUpdate | None, str]:
+        """The request's routing changes and the dotted prefix of their fields in the request."""
+        ...
+
+    def logged_prompt(self) -> str | list[dict]: ...
+
+
+def stop_list(value: list[str] | str | None, limit: int) -> list[str]:
+    """`stop` as every API takes it (a string, a list, or null), normalised once to a list."""
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > limit or any(not s for s in stops):
+        raise ValueError(f"at most {limit} non-empty strings")
+    return stops
 
 
 # -----------------------------------------------------------------------------
@@ -121,11 +172,8 @@ class GenerateRequest(_Request):
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, value: list[str] | str | None) -> list[str] | str | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 16 or any(not s for s in stops):
-            raise ValueError("at most 16 non-empty strings")
-        return value
+    def _stops(cls, value: list[str] | str | None) -> list[str]:
+        return stop_list(value, limit=16)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
@@ -133,11 +181,43 @@ class GenerateRequest(_Request):
             raise ValueError("give exactly one of prompt or messages")
         return self
 
+    # ---- GenerationRequest ----
+    def prompt_input(self) -> PromptInput:
+        if self.prompt is not None:
+            return PromptInput(self.prompt, None, "prompt")
+        return PromptInput(None, [m.model_dump() for m in self.messages or []], "messages")
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens or default_max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=list(self.stop or []),
+        )
+
+    def param_name(self, sampling_field: str) -> str:
+        return sampling_field
+
+    def routing_update(self) -> tuple[RoutingUpdate | None, str]:
+        return self.routing, "routing."
+
+    def logged_prompt(self) -> str | list[dict]:
+        """What the summary log line shows as the prompt (only with logging.log_prompts)."""
+        return self.prompt if self.prompt is not None else [m.model_dump() for m in self.messages or []]
+
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        total = prompt_tokens + completion_tokens
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total)
 
 
 class TokenScalings(BaseModel):
@@ -148,6 +228,12 @@ class TokenScalings(BaseModel):
     completion: list[list[float]] = Field(
         description="one row per completion token: the mix at the step that chose it"
     )
+
+    @classmethod
+    def of(cls, done: Any, adapter_names: list[str]) -> TokenScalings:
+        """From a finished job's DoneEvent (server.jobs)."""
+        prompt, completion = done.token_scalings()
+        return cls(adapter_names=adapter_names, prompt=prompt, completion=completion)
 
 
 class GenerateResponse(BaseModel):
@@ -190,9 +276,12 @@ class ScalingsSummary(BaseModel):
     adapter_names: list[str]
     mean_scalings: list[float] = Field(description="mean over tokens and layers, one per adapter")
     routing: RoutingSettings
+    frozen_from: int | None = Field(
+        None, description="first position whose scalings are frozen (routing.freeze_after); null if none were"
+    )
 
 
-class ScalingsLog(BaseModel):
+class ScalingsLogResponse(BaseModel):
     capacity: int
     entries: list[ScalingsSummary]
 

@@ -75,6 +75,7 @@ class XLoraSection(_Section):
 class RoutingSection(_Section):
     top_k: int | None = Field(None, ge=1, description="experts per token; null = dense")
     global_scaling_weight: float = Field(1.0, ge=-100.0, le=100.0, allow_inf_nan=False)  # as PATCH /routing
+    freeze_after: int | None = Field(None, ge=0, description="freeze scalings after this many tokens; null = granular")
 
 
 class ServerSection(_Section):

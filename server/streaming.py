@@ -1,7 +1,8 @@
 """Waiting on a job's events from a route, for plain and streamed answers alike.
 
 Every way a handler can stop waiting (client gone, deadline, the handler task cancelled) cancels the
-job, so the worker drops its row and frees its cache at the next step.
+job, so the worker drops its row and frees its cache at the next step. Streams of every API go through
+one renderer (`stream_response`); each API only says how its events look (a `StreamFormat`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from fastapi import Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.errors import APIError
-from server.scheduler import DoneEvent, ErrorEvent, Event, GenerationJob, TokenEvent
+from server.jobs import DoneEvent, ErrorEvent, Event, GenerationJob, TokenEvent
+from server.logs import note_generation, note_request
 
 _POLL_S = 0.25  # how often a plain (non-streamed) request checks whether its client is still there
 _BACKSTOP_S = 2.0  # the worker enforces deadlines; this only covers a worker stuck in one long step
@@ -84,4 +88,45 @@ async def events_from(job: GenerationJob, first: Event) -> AsyncIterator[Event]:
             job.cancel()
 
 
-__all__ = ["ClientGone", "TokenEvent", "events_from", "first_event", "next_event", "wait_done"]
+Chunk = str | ServerSentEvent
+
+
+class StreamFormat(Protocol):
+    """How one API writes a generation's events as server-sent events."""
+
+    def opening(self) -> list[Chunk]: ...
+
+    def token(self, event: TokenEvent) -> list[Chunk]: ...
+
+    def done(self, event: DoneEvent) -> list[Chunk]: ...
+
+    def error(self, event: ErrorEvent) -> list[Chunk]: ...
+
+    def closing(self) -> list[Chunk]: ...
+
+
+async def stream_response(
+    job: GenerationJob, request: Request, fmt: StreamFormat, prompt: object, log_prompts: bool
+) -> EventSourceResponse:
+    """The 200 stream of a job, once its first event shows it did not fail before any token.
+    `prompt` is what the summary log line shows (only with log_prompts)."""
+    first = await first_event(job, request)
+
+    async def chunks() -> AsyncIterator[Chunk]:
+        for chunk in fmt.opening():
+            yield chunk
+        async for event in events_from(job, first):
+            if isinstance(event, TokenEvent):
+                out = fmt.token(event)
+            elif isinstance(event, DoneEvent):
+                note_generation(event, prompt, log_prompts)
+                out = fmt.done(event)
+            else:
+                note_request(stream_error=event.code)
+                out = fmt.error(event)
+            for chunk in out:
+                yield chunk
+        for chunk in fmt.closing():
+            yield chunk
+
+    return EventSourceResponse(chunks(), ping=15)

@@ -81,14 +81,32 @@ def test_xlora_extensions_through_extra_body(oai):
         extra_body={"xlora_routing": {"top_k": 1, "global_scaling_weight": 0.5}, "xlora_return_scalings": True},
     )
     xlora = out.model_extra["xlora"]
-    assert xlora["routing"] == {"top_k": 1, "global_scaling_weight": 0.5}
+    assert xlora["routing"] == {"top_k": 1, "global_scaling_weight": 0.5, "freeze_after": None}
     scalings = xlora["scalings"]
     assert sorted(scalings["adapter_names"]) == sorted(EXPERTS)
     assert len(scalings["prompt"]) == out.usage.prompt_tokens
     assert len(scalings["completion"]) == out.usage.completion_tokens
     # Without the extensions, the server's routing in force is reported and no scalings come back.
     plain = oai.completions.create(model=MODEL, prompt="route", max_tokens=2, temperature=0)
-    assert plain.model_extra["xlora"] == {"routing": {"top_k": None, "global_scaling_weight": 1.0}, "scalings": None}
+    dense = {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
+    assert plain.model_extra["xlora"] == {"routing": dense, "scalings": None}
+
+
+def test_frozen_scalings_through_extra_body(oai):
+    out = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "freeze"}], max_tokens=6, temperature=0,
+        extra_body={"xlora_routing": {"freeze_after": 1}, "xlora_return_scalings": True},
+    )
+    xlora = out.model_extra["xlora"]
+    assert xlora["routing"]["freeze_after"] == 1
+    completion = xlora["scalings"]["completion"]
+    assert len(completion) == out.usage.completion_tokens > 2
+    assert all(row == completion[1] for row in completion[2:])
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"xlora_routing": {"freeze_after": -3}}
+        )
+    assert info.value.body["param"] == "xlora_routing.freeze_after"
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def test_generate_prompt_greedy_is_repeatable(client):
     assert usage["prompt_tokens"] == 1 + len("add 2 and 3")  # character tokenizer + <s>
     assert 1 <= usage["completion_tokens"] <= 12
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert a["routing"] == {"top_k": None, "global_scaling_weight": 1.0}
+    assert a["routing"] == {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
     assert a["scalings"] is None
 
 
@@ -142,11 +142,11 @@ def test_return_scalings_per_token(client):
 def test_per_request_routing_applies_to_that_request_only(client):
     dense = generate(client, prompt="route me", max_new_tokens=10)
     top1 = generate(client, prompt="route me", max_new_tokens=10, routing={"top_k": 1})
-    assert top1["routing"] == {"top_k": 1, "global_scaling_weight": 1.0}
+    assert top1["routing"] == {"top_k": 1, "global_scaling_weight": 1.0, "freeze_after": None}
     off = generate(client, prompt="route me", max_new_tokens=10, routing={"global_scaling_weight": 0.0})
-    assert off["routing"] == {"top_k": None, "global_scaling_weight": 0.0}
+    assert off["routing"] == {"top_k": None, "global_scaling_weight": 0.0, "freeze_after": None}
     assert len({dense["text"], top1["text"], off["text"]}) > 1  # routing changes what the model says
-    assert client.get("/routing").json() == {"top_k": None, "global_scaling_weight": 1.0}
+    assert client.get("/routing").json() == {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
 
 
 # -----------------------------------------------------------------------------
@@ -155,11 +155,14 @@ def test_per_request_routing_applies_to_that_request_only(client):
 
 def test_patch_routing(client, restore_routing):
     r = client.patch("/routing", json={"top_k": 2})
-    assert r.status_code == 200 and r.json() == {"top_k": 2, "global_scaling_weight": 1.0}
+    assert r.status_code == 200 and r.json() == {"top_k": 2, "global_scaling_weight": 1.0, "freeze_after": None}
     r = client.patch("/routing", json={"global_scaling_weight": 0.5})
-    assert r.json() == {"top_k": 2, "global_scaling_weight": 0.5}  # unsent fields keep their value
-    assert client.get("/routing").json() == {"top_k": 2, "global_scaling_weight": 0.5}
-    assert generate(client, prompt="x", max_new_tokens=2)["routing"] == {"top_k": 2, "global_scaling_weight": 0.5}
+    # unsent fields keep their value
+    assert r.json() == {"top_k": 2, "global_scaling_weight": 0.5, "freeze_after": None}
+    assert client.get("/routing").json() == {"top_k": 2, "global_scaling_weight": 0.5, "freeze_after": None}
+    assert generate(client, prompt="x", max_new_tokens=2)["routing"] == {
+        "top_k": 2, "global_scaling_weight": 0.5, "freeze_after": None
+    }
     r = client.patch("/routing", json={"top_k": None})
     assert r.json()["top_k"] is None  # null = dense
     assert "xlora_routing_global_scaling_weight 0.5" in client.get("/metrics").text
@@ -184,14 +187,43 @@ def test_patch_during_a_running_generation(client, restore_routing, server):
                         running = metric(other.get("/metrics").text, "xlora_running_requests")
             else:
                 done = data
-    assert patched == {"top_k": 1, "global_scaling_weight": 3.0}
+    assert patched == {"top_k": 1, "global_scaling_weight": 3.0, "freeze_after": None}
     assert running == 1, "the generation had already finished when the PATCH returned"
     assert done["usage"]["completion_tokens"] > 3
-    assert done["routing"] == {"top_k": None, "global_scaling_weight": 1.0}
+    assert done["routing"] == {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
     assert "".join(texts) == old["text"]  # unchanged by the PATCH, token for token
     after = generate(client, prompt="long one", max_new_tokens=250)
-    assert after["routing"] == {"top_k": 1, "global_scaling_weight": 3.0}
+    assert after["routing"] == {"top_k": 1, "global_scaling_weight": 3.0, "freeze_after": None}
     assert after["text"] != old["text"]
+
+
+def test_frozen_scalings_per_request_and_as_the_server_default(client, restore_routing):
+    """freeze_after: the scalings after the freeze point are those of position P-1+k, in the answer and in
+    the log; the server-wide default comes from PATCH /routing and shows in GET /routing and /metrics."""
+    body = dict(prompt="freeze me", max_new_tokens=12, return_scalings=True)
+    granular = generate(client, **body)
+    frozen = generate(client, **body, routing={"freeze_after": 2})
+    assert frozen["routing"] == {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": 2}
+    n = frozen["usage"]["completion_tokens"]
+    assert n > 4, "the test needs more tokens than the freeze point"
+    completion = frozen["scalings"]["completion"]
+    assert all(row == completion[2] for row in completion[3:])  # the rows that chose tokens 3.. are frozen
+    assert completion[:3] == granular["scalings"]["completion"][:3]  # routed as usual up to the freeze point
+    logged = client.get(f"/scalings/{frozen['id']}").json()
+    assert logged["frozen_from"] == frozen["usage"]["prompt_tokens"] + 2
+    assert logged["routing"]["freeze_after"] == 2
+    assert client.get(f"/scalings/{granular['id']}").json()["frozen_from"] is None
+
+    r = client.patch("/routing", json={"freeze_after": 0})
+    assert r.status_code == 200 and r.json()["freeze_after"] == 0
+    assert client.get("/routing").json()["freeze_after"] == 0
+    assert "xlora_routing_freeze_after 0.0" in client.get("/metrics").text
+    default = generate(client, **body)
+    assert default["routing"]["freeze_after"] == 0
+    assert all(row == default["scalings"]["completion"][0] for row in default["scalings"]["completion"])
+    r = client.patch("/routing", json={"freeze_after": -1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "freeze_after"
+    assert client.patch("/routing", json={"freeze_after": None}).json()["freeze_after"] is None
 
 
 # -----------------------------------------------------------------------------
@@ -295,6 +327,9 @@ BAD_BODIES = [
     ({"prompt": "x", "routing": {"top_k": 0}}, 422, "routing.top_k"),
     ({"prompt": "x", "routing": {"topk": 1}}, 422, "routing.topk"),
     ({"prompt": "x", "routing": {"global_scaling_weight": "big"}}, 422, "routing.global_scaling_weight"),
+    ({"prompt": "x", "routing": {"freeze_after": -1}}, 422, "routing.freeze_after"),
+    ({"prompt": "x", "routing": {"freeze_after": 2.5}}, 422, "routing.freeze_after"),
+    ({"prompt": "x", "routing": {"freeze_after": "3"}}, 422, "routing.freeze_after"),
     ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 422, None),
     ({}, 422, None),
     ({"messages": []}, 422, "messages"),

@@ -111,8 +111,8 @@ def test_model_failure_fails_that_request_only(client, server):
 
 
 def test_patch_racing_twenty_generations(client, server):
-    old = {"top_k": None, "global_scaling_weight": 1.0}
-    new = {"top_k": 1, "global_scaling_weight": 2.0}
+    old = {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
+    new = {"top_k": 1, "global_scaling_weight": 2.0, "freeze_after": None}
     prompt = "race"
     expected = {
         json.dumps(old): generate(client, prompt=prompt, max_new_tokens=30, routing=old)["text"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xlora_core import Routing, RowDecoder, SamplingParams, XLoraCache, XLoraConfig, XLoraModel
+from xlora_core import ParameterError, Routing, RowDecoder, SamplingParams, XLoraCache, XLoraConfig, XLoraModel
 
 from .helpers import make_tiny_tokenizer
 from .xlora_builders import VOCAB, build_world, load_base
@@ -142,22 +142,13 @@ def test_eos_and_stop_strings_end_generation(model, tokenizer):
     dec = RowDecoder(SamplingParams(max_new_tokens=20, stop=[stop]), tokenizer, p[0].tolist())
     streamed = ""
     for token in free:
-        finish = dec.push(token)
-        streamed += dec.new_text()
+        piece, finish = dec.accept(token)
+        streamed += piece
         if finish:
             break
     assert dec.finish_reason == "stop"
     assert dec.text == text[: text.index(stop)]
     assert streamed == dec.text  # nothing of the stop string was streamed before it was recognised
-
-
-def test_sampling_params_are_validated():
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        SamplingParams(max_new_tokens=0)
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(temperature=float("nan"))
 
 
 def test_scalings_log_is_bounded_and_bucketed(model):
@@ -186,3 +177,112 @@ def test_extreme_but_valid_sampling_settings_still_sample(model):
     # Scores that overflow to inf or nan still give a token, not an error.
     out = model.generate(p, max_new_tokens=6, do_sample=True, repetition_penalty=1e-45, seed=3)
     assert out.shape == (1, 11) and int(out.min()) >= 0
+
+
+# -----------------------------------------------------------------------------
+# frozen (non-granular) scalings: Routing.freeze_after
+
+
+@torch.no_grad()
+def frozen_reference(model: XLoraModel, prompt: torch.Tensor, k: int, new_tokens: int) -> list[int]:
+    """Greedy tokens without any cache: both passes over the whole sequence at every step, with the scalings
+    of every position after P-1+k replaced by those of position P-1+k."""
+    ids, last = prompt, prompt.shape[1] - 1 + k
+    for _ in range(new_tokens):
+        scalings = model.predict_scalings(ids)
+        if ids.shape[1] - 1 > last:
+            scalings[:, last + 1 :] = scalings[:, last : last + 1]
+        logits = model(ids, scalings=scalings).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, prompt.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_frozen_generation_equals_the_uncached_reference(model, k):
+    (p,) = prompts(7, seed=12)
+    frozen = model.generate(p, max_new_tokens=12, routing=Routing(freeze_after=k))[0, 7:].tolist()
+    scalings = model.get_latest_scalings()[0]
+    assert frozen == frozen_reference(model, p, k, 12)
+    assert frozen != model.generate(p, max_new_tokens=12)[0, 7:].tolist(), "freezing must change this answer"
+    # The scalings reported for frozen positions are the ones applied: those of position P-1+k.
+    for position in range(7 + k, scalings.shape[0]):
+        assert torch.equal(scalings[position], scalings[7 - 1 + k])
+    assert not torch.equal(scalings[7 - 2 + k], scalings[7 - 1 + k])
+
+
+def test_freeze_after_at_least_the_new_tokens_is_granular(model):
+    (p,) = prompts(6, seed=12)
+    granular = model.generate(p, max_new_tokens=8)
+    assert model.generate(p, max_new_tokens=8, routing=Routing(freeze_after=8)).tolist() == granular.tolist()
+    assert model.generate(p, max_new_tokens=8, routing=Routing(freeze_after=7)).tolist() == granular.tolist()
+    model.set_freeze_after(0)  # the model's default routing, as set_topk_lora
+    try:
+        assert model.routing.freeze_after == 0
+        assert model.generate(p, max_new_tokens=8)[0, 6:].tolist() == frozen_reference(model, p, 0, 8)
+    finally:
+        model.set_freeze_after(None)
+
+
+def test_a_batch_mixing_frozen_and_granular_rows_gives_each_row_what_it_gives_alone(model):
+    rows = prompts(5, 9, 3, 6, seed=13)
+    routings = [Routing(freeze_after=0), Routing(), Routing(top_k=1, freeze_after=2), Routing(freeze_after=5)]
+    ids, mask = left_pad(rows)
+    together = model.generate(ids, attention_mask=mask, max_new_tokens=10, routing=routings)
+    for i, (r, routing) in enumerate(zip(rows, routings, strict=True)):
+        alone = model.generate(r, max_new_tokens=10, routing=routing)[0, r.shape[1] :]
+        assert together[i, ids.shape[1] :].tolist() == alone.tolist(), i
+
+
+def test_frozen_rows_leave_the_scaling_cache_and_rows_can_join_and_leave(model):
+    from xlora_core import BatchRow, DecodeBatch, RowDecoder, SamplingParams
+
+    a, b, c = prompts(4, 6, 5, seed=14)
+
+    def row(p: torch.Tensor, routing: Routing) -> BatchRow:
+        return BatchRow(RowDecoder(SamplingParams(max_new_tokens=8), None, p[0].tolist()), routing)
+
+    rows = [row(a, Routing(freeze_after=0)), row(b, Routing(freeze_after=2)), row(c, Routing())]
+    batch, _ = DecodeBatch.prefill(model, rows[:2])
+    assert batch.cache.granular_rows() == [1]  # a froze on its prompt's last token: it left the scaling cache
+    assert batch.cache.scaling.layers[0].keys.shape[0] == 1
+    batch.step()
+    batch.step()  # b produced its token 2: frozen too
+    assert batch.cache.granular_rows() == [] and batch.cache.scaling is None
+    newcomer, _ = DecodeBatch.prefill(model, rows[2:])
+    batch.concatenate([newcomer])  # a granular row joins a frozen batch
+    assert batch.cache.granular_rows() == [2] and batch.cache.scaling.layers[0].keys.shape[0] == 1
+    batch.filter([1, 2])  # a leaves early
+    assert batch.cache.granular_rows() == [1]
+    while batch:
+        batch.step()
+    assert rows[0].decoder.completion_ids == frozen_reference(model, a, 0, 8)[:3]
+    assert rows[1].decoder.completion_ids == frozen_reference(model, b, 2, 8)
+    assert rows[2].decoder.completion_ids == model.generate(c, max_new_tokens=8)[0, 5:].tolist()
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: Routing(freeze_after=-1), "freeze_after"),
+        (lambda: Routing(freeze_after=1.5), "freeze_after"),
+        (lambda: Routing(freeze_after=True), "freeze_after"),
+        (lambda: Routing(global_scaling_weight=float("nan")), "global_scaling_weight"),
+        (lambda: Routing(top_k=0), "top_k"),
+        (lambda: SamplingParams(top_p=0), "top_p"),
+        (lambda: SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        (lambda: SamplingParams(temperature=float("nan")), "temperature"),
+    ],
+)
+def test_bad_settings_name_their_field(make, field):
+    with pytest.raises(ParameterError) as info:
+        make()
+    assert info.value.parameter == field and str(info.value).startswith(field)
+
+
+def test_the_python_api_checks_top_k_against_the_experts(model):
+    (p,) = prompts(4, seed=15)
+    with pytest.raises(ParameterError) as info:
+        model.generate(p, max_new_tokens=2, routing=Routing(top_k=7))
+    assert info.value.parameter == "top_k" and "1..3" in str(info.value)
+    with pytest.raises(ParameterError):
+        model.set_freeze_after(-2)

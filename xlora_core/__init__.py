@@ -3,8 +3,22 @@ generating with a KV cache for each of its two passes."""
 
 from .cache import XLoraCache
 from .classifier import Routing
-from .config import XLoraConfig
-from .generation import RowDecoder, SamplingParams
+from .config import ParameterError, XLoraConfig
+from .engine import BatchRow, DecodeBatch, Generated
+from .generation import StreamedToken
 from .model import XLoraModel
+from .sampling import RowDecoder, SamplingParams
 
-__all__ = ["Routing", "RowDecoder", "SamplingParams", "XLoraCache", "XLoraConfig", "XLoraModel"]
+__all__ = [
+    "BatchRow",
+    "DecodeBatch",
+    "Generated",
+    "ParameterError",
+    "Routing",
+    "RowDecoder",
+    "SamplingParams",
+    "StreamedToken",
+    "XLoraCache",
+    "XLoraConfig",
+    "XLoraModel",
+]

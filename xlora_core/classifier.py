@@ -6,29 +6,53 @@ Architecture and parameter names match `peft.tuners.xlora.classifier.XLoraClassi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import XLoraConfig, check_global_scaling_weight, check_top_k
+from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 
 
 @dataclass(frozen=True)
 class Routing:
-    """Run-time routing knobs: top-k experts per token (None = dense) and the global scaling weight."""
+    """Run-time routing knobs of one request (or the default of a model or server).
+
+    top_k: experts kept per token and layer (None = dense).
+    global_scaling_weight: multiplies every expert's output.
+    freeze_after: None = granular (the classifier routes every token). k >= 0 = after k generated
+        tokens the scalings are frozen: positions up to P-1+k (P prompt tokens; position P-1+j
+        produces generated token j) are routed as usual, every later position reuses the scalings of
+        position P-1+k and skips the scaling pass (mistral.rs's non-granular index).
+
+    Construction checks what needs no model (types, finiteness, signs), raising ParameterError;
+    `validate(n_adapters)` checks top_k against the number of experts.
+    """
 
     top_k: int | None = None
     global_scaling_weight: float = 1.0
+    freeze_after: int | None = None
+
+    def __post_init__(self) -> None:
+        check_top_k(self.top_k, None, "top_k")
+        check_global_scaling_weight(self.global_scaling_weight)
+        check_freeze_after(self.freeze_after)
 
     def validate(self, n_adapters: int) -> Routing:
-        """Raise ValueError naming the field; return self so it can be chained."""
-        try:
-            check_top_k(self.top_k, n_adapters)
-        except ValueError as e:
-            raise ValueError(str(e).replace("top_k_lora", "top_k")) from None
-        check_global_scaling_weight(self.global_scaling_weight)
+        """Raise ParameterError naming the field; return self so it can be chained."""
+        check_top_k(self.top_k, n_adapters, "top_k")
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["global_scaling_weight"] = float(self.global_scaling_weight)
+        return data
+
+    def freezes_at(self, generated: int) -> bool:
+        """True when the step that produced generated token number `generated` (0-based) is the last
+        routed one: its scalings become the row's for good."""
+        return self.freeze_after is not None and generated == self.freeze_after
 
 
 class XLoraClassifier(nn.Module):

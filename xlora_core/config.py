@@ -83,27 +83,38 @@ class XLoraConfig:
         # Not sort_keys: the order of `adapters` is the expert index.
         Path(folder, CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
-    @classmethod
-    def load(cls, folder: str | Path) -> XLoraConfig:
-        path = Path(folder, CONFIG_NAME)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no X-LoRA config here (expected {CONFIG_NAME})")
-        data = json.loads(path.read_text())
-        if data.get("peft_type") != "XLORA":
-            raise ValueError(f"{path}: peft_type is {data.get('peft_type')!r}, expected 'XLORA'")
-        return cls.from_dict(data)
+
+class ParameterError(ValueError):
+    """A setting out of range. `parameter` names it, so a server can report the request's field
+    without parsing the message (as vLLM's VLLMValidationError)."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter} {message}")
+        self.parameter = parameter
 
 
-def check_top_k(top_k: int | None, n_adapters: int) -> None:
+def check_top_k(top_k: int | None, n_adapters: int | None, parameter: str = "top_k_lora") -> None:
+    """None (dense) or 1..n_adapters; with n_adapters None, only the type and the lower bound."""
     if top_k is None:
         return
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_adapters:
-        raise ValueError(f"top_k_lora must be null (dense) or an integer in 1..{n_adapters}, got {top_k!r}")
+    upper = n_adapters if n_adapters is not None else float("inf")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= upper:
+        rule = f"in 1..{n_adapters}" if n_adapters is not None else ">= 1"
+        raise ParameterError(parameter, f"must be null (dense) or an integer {rule}, got {top_k!r}")
 
 
-def check_global_scaling_weight(weight: float) -> None:
+def check_global_scaling_weight(weight: float, parameter: str = "global_scaling_weight") -> None:
     if isinstance(weight, bool) or not _finite(weight):
-        raise ValueError(f"global_scaling_weight must be a finite number, got {weight!r}")
+        raise ParameterError(parameter, f"must be a finite number, got {weight!r}")
+
+
+def check_freeze_after(freeze_after: int | None, parameter: str = "freeze_after") -> None:
+    """None (granular: new scalings for every token) or the number of generated tokens after which
+    the scalings are frozen (an integer >= 0)."""
+    if freeze_after is None:
+        return
+    if not isinstance(freeze_after, int) or isinstance(freeze_after, bool) or freeze_after < 0:
+        raise ParameterError(parameter, f"must be null (granular) or an integer >= 0, got {freeze_after!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

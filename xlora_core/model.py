@@ -19,9 +19,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import XLoraCache
 from .classifier import Routing, XLoraClassifier, expert_weights
-from .config import XLoraConfig, check_global_scaling_weight, check_top_k
+from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, read_expert
-from .scalings_log import ScalingsLog
+from .scalings_log import ClassifierScalingsLog
 
 
 class XLoraModel(nn.Module):
@@ -40,8 +40,10 @@ class XLoraModel(nn.Module):
         self._lora_layers: list[FusedLoraLinear] = attach_experts(base, experts, self.slot)
         ref = next(base.parameters())
         self.classifier = XLoraClassifier(config, len(self._lora_layers), len(experts)).to(ref.device, ref.dtype)
-        self.scalings_log = ScalingsLog(scalings_log_size)
-        self._latest_scalings: torch.Tensor | None = None
+        self.scalings_log = ClassifierScalingsLog(scalings_log_size)
+        # Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts].
+        self.latest_scalings: torch.Tensor | None = None
+        self.freeze_after: int | None = None  # the default Routing.freeze_after (None = granular)
         self.freeze_experts()
         self.eval()
 
@@ -68,7 +70,8 @@ class XLoraModel(nn.Module):
 
     @property
     def routing(self) -> Routing:
-        return Routing(self.config.top_k_lora, self.config.global_scaling_weight)
+        """The default routing of requests that bring none."""
+        return Routing(self.config.top_k_lora, self.config.global_scaling_weight, self.freeze_after)
 
     def freeze_experts(self) -> None:
         """Only the classifier trains, unless use_trainable_adapters (then the experts too)."""
@@ -86,6 +89,11 @@ class XLoraModel(nn.Module):
         check_global_scaling_weight(weight)
         self.config.global_scaling_weight = float(weight)
 
+    def set_freeze_after(self, value: int | None) -> None:
+        """Default for generation: freeze the scalings after this many generated tokens (None = granular)."""
+        check_freeze_after(value)
+        self.freeze_after = value
+
     def get_global_scaling_weight(self) -> float:
         return self.config.global_scaling_weight
 
@@ -96,8 +104,8 @@ class XLoraModel(nn.Module):
 
     # ---- scalings inspection -------------------------------------------------------------------
     def get_latest_scalings(self) -> torch.Tensor | None:
-        """Scalings of the latest forward (or of the whole latest generate): [batch, seq, layers, experts]."""
-        return self._latest_scalings
+        """Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts]."""
+        return self.latest_scalings
 
     def enable_scalings_logging(self) -> None:
         self.scalings_log.enabled = True
@@ -143,25 +151,46 @@ class XLoraModel(nn.Module):
         dummy = self.classifier.dummy_scalings(batch, seq, self.device, self.dtype)
         return expert_weights(dummy, routing, self.config.enable_softmax_topk)
 
-    def _two_passes(
+    def _resolve(self, routing: Routing | list[Routing] | None) -> Routing | list[Routing]:
+        """The request's routing (or the model's default), checked against the number of experts."""
+        routing = self.routing if routing is None else routing
+        for r in routing if isinstance(routing, list) else [routing]:
+            if not isinstance(r, Routing):
+                raise TypeError(f"routing must be a Routing or a list of them, got {type(r).__name__}")
+            r.validate(self.config.n_adapters)
+        return routing
+
+    def predict_scalings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        routing: Routing | list[Routing] | None = None,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Scaling pass, then the classifier: scalings [batch, seq, n_lora_layers, n_experts].
+        The routing matters only when scaling_pass_value is not 0 (top-k and the global weight apply
+        to the scaling pass's experts too, as in peft)."""
+        batch, seq = input_ids.shape
+        with torch.no_grad():  # as peft: the classifier learns through the real pass only
+            dummy = self._scaling_pass_weights(batch, seq, self.routing if routing is None else routing)
+            hidden = self._backbone(input_ids, attention_mask, position_ids, cache, dummy)
+        scalings = self.classifier(hidden)
+        self.scalings_log.record(scalings)
+        return scalings
+
+    def real_pass(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
-        routing: Routing | list[Routing] | None,
-        cache: XLoraCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaling pass, classifier, real pass. Returns (hidden states of the real pass, scalings)."""
-        routing = self.routing if routing is None else routing
-        batch, seq = input_ids.shape
-        with torch.no_grad():  # as peft: the classifier learns through the real pass only
-            dummy = self._scaling_pass_weights(batch, seq, routing)
-            hidden = self._backbone(input_ids, attention_mask, position_ids, cache.scaling if cache else None, dummy)
-        scalings = self.classifier(hidden)
-        self.scalings_log.record(scalings)
+        scalings: torch.Tensor,
+        routing: Routing | list[Routing],
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """The backbone with the experts mixed by `scalings` (after top-k and the global weight)."""
         weights = expert_weights(scalings, routing, self.config.enable_softmax_topk)
-        hidden = self._backbone(input_ids, attention_mask, position_ids, cache.real if cache else None, weights)
-        return hidden, scalings
+        return self._backbone(input_ids, attention_mask, position_ids, cache, weights)
 
     def hidden_states(
         self,
@@ -169,11 +198,16 @@ class XLoraModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         routing: Routing | list[Routing] | None = None,
+        scalings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both passes over the whole sequence, no cache, no LM head: (hidden states, scalings).
-        Training uses it to run the LM head only where there are labels."""
-        hidden, scalings = self._two_passes(input_ids, attention_mask, position_ids, routing, cache=None)
-        self._latest_scalings = scalings
+        Given `scalings`, the scaling pass is skipped and those are applied. Training uses it to run
+        the LM head only where there are labels."""
+        routing = self._resolve(routing)
+        if scalings is None:
+            scalings = self.predict_scalings(input_ids, attention_mask, position_ids, routing)
+        hidden = self.real_pass(input_ids, attention_mask, position_ids, scalings, routing)
+        self.latest_scalings = scalings
         return hidden, scalings
 
     def forward(
@@ -183,17 +217,19 @@ class XLoraModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         routing: Routing | list[Routing] | None = None,
+        scalings: torch.Tensor | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
-        """Both passes over the whole sequence, no cache; logits for every position, loss with labels."""
-        hidden, _ = self.hidden_states(input_ids, attention_mask, position_ids, routing)
+        """Both passes over the whole sequence, no cache; logits for every position, loss with labels.
+        `scalings` [batch, seq, layers, experts], if given, replace the classifier's."""
+        hidden, _ = self.hidden_states(input_ids, attention_mask, position_ids, routing, scalings)
         logits = self.base.get_output_embeddings()(hidden)
         loss = None
         if labels is not None:
             loss = self.base.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    # ---- cached steps, for generation and the server's scheduler -------------------------------
+    # ---- cached steps, for the decode engine (engine.DecodeBatch) ------------------------------
     @torch.inference_mode()
     def prefill(
         self,
@@ -202,28 +238,51 @@ class XLoraModel(nn.Module):
         routing: Routing | list[Routing] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, XLoraCache]:
         """Run a (left-padded) prompt batch. Returns (next-token logits [batch, vocab] in float32,
-        scalings [batch, seq, layers, experts], the new cache)."""
+        scalings [batch, seq, layers, experts], the new cache, every row granular)."""
+        routing = self._resolve(routing)
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         config = self.base.config
         cache = XLoraCache(DynamicCache(config=config), DynamicCache(config=config), mask.long())
-        hidden, scalings = self._two_passes(input_ids, cache.attention_mask, positions, routing, cache)
+        scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling)
+        hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
-        self._latest_scalings = scalings
+        self.latest_scalings = scalings
         return logits, scalings, cache
 
     @torch.inference_mode()
     def decode(
         self, next_tokens: torch.Tensor, cache: XLoraCache, routing: Routing | list[Routing] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new token per row ([batch]); extends `cache` in place. Returns (logits [batch, vocab], scalings
-        [batch, 1, layers, experts])."""
+        """One new token per row ([batch]); extends `cache` in place. Granular rows run the scaling pass
+        (on their own scaling-cache rows); frozen rows reuse their frozen scalings and skip it.
+        Returns (logits [batch, vocab], scalings [batch, 1, layers, experts]). The routing is not checked
+        again here: prefill checked it."""
+        routing = self.routing if routing is None else routing
         positions = cache.next_positions()
         ones = torch.ones_like(cache.attention_mask[:, :1])
         cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
         tokens = next_tokens.to(self.device).view(-1, 1)
-        hidden, scalings = self._two_passes(tokens, cache.attention_mask, positions, routing, cache)
+        granular = cache.granular_rows()
+        if len(granular) == cache.batch_size:
+            scalings = self.predict_scalings(tokens, cache.attention_mask, positions, routing, cache.scaling)
+        elif not granular:
+            scalings = torch.stack(cache.frozen).unsqueeze(1)
+        else:
+            index = torch.tensor(granular, device=self.device)
+            subset = [routing[i] for i in granular] if isinstance(routing, list) else routing
+            routed = self.predict_scalings(
+                tokens[index], cache.attention_mask[index], positions[index], subset, cache.scaling
+            )
+            scalings = torch.empty(
+                (cache.batch_size, 1, *routed.shape[2:]), device=routed.device, dtype=routed.dtype
+            )
+            scalings[index] = routed
+            for row, frozen in enumerate(cache.frozen):
+                if frozen is not None:
+                    scalings[row, 0] = frozen
+        hidden = self.real_pass(tokens, cache.attention_mask, positions, scalings, routing, cache.real)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
         return logits, scalings
 

@@ -7,7 +7,7 @@ from collections import deque
 import torch
 
 
-class ScalingsLog:
+class ClassifierScalingsLog:
     """Keeps the newest `max_entries` scalings tensors [batch, seq, n_layers, n_experts] so a server
     running for weeks cannot grow without limit; older entries fall off the front."""
 

@@ -1,4 +1,4 @@
-"""GET/PATCH /routing: the top_k and global scaling weight that new requests start with."""
+"""GET/PATCH /routing: the top_k, global scaling weight and freeze_after that new requests start with."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from fastapi import APIRouter, Depends
 
 from server.deps import ready_manager, require_admin
 from server.manager import ModelManager
-from server.scheduler import routing_dict
 from server.schemas import RoutingSettings, RoutingUpdate, error_responses
 
 router = APIRouter(tags=["routing"])
@@ -14,7 +13,7 @@ router = APIRouter(tags=["routing"])
 
 @router.get("/routing", response_model=RoutingSettings, responses=error_responses(503))
 async def get_routing(manager: ModelManager = Depends(ready_manager)) -> RoutingSettings:
-    return RoutingSettings(**routing_dict(manager.routing))
+    return RoutingSettings(**manager.routing.to_dict())
 
 
 @router.patch(
@@ -25,5 +24,5 @@ async def get_routing(manager: ModelManager = Depends(ready_manager)) -> Routing
 )
 async def patch_routing(update: RoutingUpdate, manager: ModelManager = Depends(ready_manager)) -> RoutingSettings:
     """Change the defaults for requests that start after this returns; requests in flight keep theirs.
-    Send only the fields to change; `top_k: null` means dense."""
-    return RoutingSettings(**routing_dict(manager.set_routing(update)))
+    Send only the fields to change; `top_k: null` means dense, `freeze_after: null` granular."""
+    return RoutingSettings(**manager.set_routing(update).to_dict())

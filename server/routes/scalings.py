@@ -11,23 +11,23 @@ from server.schemas import (
     BucketedScalingsLog,
     Cleared,
     ScalingsDetail,
-    ScalingsLog,
+    ScalingsLogResponse,
     error_responses,
 )
 
 router = APIRouter(tags=["scalings"])
 
 
-@router.get("/scalings", response_model=ScalingsLog | BucketedScalingsLog, responses=error_responses(422))
+@router.get("/scalings", response_model=ScalingsLogResponse | BucketedScalingsLog, responses=error_responses(422))
 async def list_scalings(
     bucketed: bool = Query(False, description="group by sequence length, as peft's get_bucketed_scalings_log"),
     manager: ModelManager = Depends(get_manager),
-) -> ScalingsLog | BucketedScalingsLog:
+) -> ScalingsLogResponse | BucketedScalingsLog:
     """Recent requests, oldest first: token counts and mean scaling per adapter."""
     log = manager.scalings_log
     if bucketed:
         return BucketedScalingsLog(capacity=log.capacity, buckets=log.bucketed())
-    return ScalingsLog(capacity=log.capacity, entries=[e.summary() for e in log.entries()])
+    return ScalingsLogResponse(capacity=log.capacity, entries=[e.summary() for e in log.entries()])
 
 
 @router.get("/scalings/latest", response_model=ScalingsDetail, responses=error_responses(404))

@@ -1,0 +1,163 @@
+"""The server's scheduler in-process, on the tiny model: jobs join and leave the running batch, a cancelled
+job leaves it, a job past its deadline times out, and a request that breaks the model fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.jobs import DoneEvent, ErrorEvent, GenerationJob, TokenEvent
+from server.metrics import Metrics
+from server.scalings_log import RequestScalingsLog
+from server.scheduler import Scheduler
+from xlora_core import Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel
+
+from .helpers import make_tiny_tokenizer
+from .xlora_builders import VOCAB, build_world, load_base
+
+POISON = VOCAB + 5  # past the embedding table: the model itself fails on it
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base, experts = build_world(tmp_path_factory.mktemp("sched"))
+    torch.manual_seed(3)
+    model = XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16))
+    return model, make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def prompt(seed: int, n: int = 6) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(model: XLoraModel, ids: list[int], n: int, routing: Routing | None = None) -> list[int]:
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, routing=routing)[0, len(ids) :].tolist()
+
+
+class Harness:
+    def __init__(self, model: XLoraModel, tokenizer, max_batch_size: int = 4) -> None:
+        self.metrics = Metrics()
+        self.log = RequestScalingsLog(32)
+        self.scheduler = Scheduler(model, tokenizer, max_batch_size=max_batch_size, max_queue=16,
+                                   metrics=self.metrics, scalings_log=self.log)  # fmt: skip
+        self.tokenizer = tokenizer
+
+    def job(self, ids: list[int], n: int, routing: Routing | None = None, timeout: float = 60) -> GenerationJob:
+        # No tokenizer: no eos either, as model.generate on this base (its generation config has none).
+        decoder = RowDecoder(SamplingParams(max_new_tokens=n), None, ids)
+        return GenerationJob(id=f"job-{len(ids)}-{time.monotonic_ns()}", decoder=decoder, routing=routing or Routing(),
+                             deadline=time.monotonic() + timeout, loop=asyncio.get_running_loop())  # fmt: skip
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def events(job: GenerationJob, until: int | None = None) -> list:
+    """The job's events up to Done/Error (or the first `until` tokens)."""
+    out = []
+    while True:
+        event = await asyncio.wait_for(job.events.get(), 60)
+        out.append(event)
+        if isinstance(event, DoneEvent | ErrorEvent) or (until is not None and len(out) == until):
+            return out
+
+
+def tokens(evs: list) -> list[int]:
+    return [e.token_id for e in evs if isinstance(e, TokenEvent)]
+
+
+def test_jobs_join_and_leave_the_running_batch(world):
+    model, tokenizer = world
+
+    async def main():
+        h = Harness(model, tokenizer)
+        h.scheduler.start()
+        try:
+            first = h.job(prompt(1), 30)
+            h.scheduler.submit(first)
+            head = await events(first, until=3)  # running alone
+            late = [h.job(prompt(2, 9), 6), h.job(prompt(3, 4), 12, Routing(freeze_after=0))]
+            for job in late:
+                h.scheduler.submit(job)
+            rest = await asyncio.gather(events(first), *(events(job) for job in late))
+        finally:
+            h.scheduler.stop()
+        return h, head + rest[0], rest[1:], [first, *late]
+
+    h, first_events, late_events, jobs = asyncio.run(main())
+    assert tokens(first_events) == alone(model, prompt(1), 30)
+    assert tokens(late_events[0]) == alone(model, prompt(2, 9), 6)
+    assert tokens(late_events[1]) == alone(model, prompt(3, 4), 12, Routing(freeze_after=0))
+    assert isinstance(late_events[1][-1], DoneEvent) and late_events[1][-1].frozen_from == 4
+    # They shared decode steps: some steps ran 3 rows, and rows left as they finished.
+    steps = h.sample("xlora_batch_size_count", phase="decode")
+    single = h.sample("xlora_batch_size_bucket", phase="decode", le="1.0")
+    assert h.sample("xlora_batch_size_bucket", phase="decode", le="2.0") < steps and single > 0
+    assert h.scheduler.in_flight == 0 and h.sample("xlora_running_requests") == 0
+    assert {e.id for e in h.log.entries()} == {job.id for job in jobs}
+
+
+def test_a_cancelled_job_leaves_and_the_others_go_on(world):
+    model, tokenizer = world
+
+    async def main():
+        h = Harness(model, tokenizer)
+        h.scheduler.start()
+        try:
+            doomed, kept = h.job(prompt(4), 40), h.job(prompt(5), 20)
+            h.scheduler.submit(doomed)
+            h.scheduler.submit(kept)
+            await events(doomed, until=2)
+            doomed.cancel()  # as the event loop does when the client goes away
+            kept_events = await events(kept)
+        finally:
+            h.scheduler.stop()
+        return h, doomed, kept_events
+
+    h, doomed, kept_events = asyncio.run(main())
+    assert tokens(kept_events) == alone(model, prompt(5), 20)
+    assert h.sample("xlora_generations_total", outcome="cancelled") == 1
+    assert not doomed.finished and h.log.get(doomed.id) is None
+
+
+def test_a_request_that_breaks_the_model_fails_alone(world):
+    model, tokenizer = world
+
+    async def main():
+        h = Harness(model, tokenizer)
+        good = [h.job(prompt(6), 8), h.job(prompt(7, 3), 8)]
+        bad = h.job([5, POISON, 6], 8)
+        for job in (good[0], bad, good[1]):
+            h.scheduler.submit(job)  # queued before the worker starts: admitted, and prefilled, together
+        h.scheduler.start()
+        try:
+            return h, await asyncio.gather(*(events(job) for job in (good[0], bad, good[1])))
+        finally:
+            h.scheduler.stop()
+
+    h, (first, broken, second) = asyncio.run(main())
+    assert isinstance(broken[-1], ErrorEvent) and broken[-1].status == 500 and broken[-1].code == "model_error"
+    assert tokens(first) == alone(model, prompt(6), 8)
+    assert tokens(second) == alone(model, prompt(7, 3), 8)
+    assert h.sample("xlora_generations_total", outcome="error") == 1
+
+
+def test_a_job_past_its_deadline_times_out(world):
+    model, tokenizer = world
+
+    async def main():
+        h = Harness(model, tokenizer)
+        late = h.job(prompt(8), 8, timeout=-1)
+        h.scheduler.submit(late)
+        h.scheduler.start()
+        try:
+            return h, await events(late)
+        finally:
+            h.scheduler.stop()
+
+    h, evs = asyncio.run(main())
+    assert isinstance(evs[-1], ErrorEvent) and evs[-1].status == 504 and evs[-1].code == "timeout"
+    assert h.sample("xlora_generations_total", outcome="timeout") == 1

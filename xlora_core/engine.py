@@ -1,0 +1,147 @@
+"""The decode engine: one batch object, one loop. `generate`, `stream` and the server all run on it.
+
+A `DecodeBatch` (after TGI's `CausalLMBatch`) owns its rows and their `XLoraCache`:
+
+    batch, first = DecodeBatch.prefill(model, rows)   # the prompts, together; every row's first token
+    batch.concatenate([other])                        # newcomers join a running batch
+    out = batch.step()                                # one token for every row
+    batch.filter(keep)                                # rows leave (a client went away)
+
+Rows that finish leave the batch by themselves at the end of `prefill` or `step`. Each row brings its
+own `RowDecoder` (sampling, stopping, text) and `Routing` (top-k, global weight, freeze_after); a row
+whose routing freezes is frozen in the cache right after the step that produced its token
+`freeze_after`, and from then on skips the scaling pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .cache import XLoraCache
+from .classifier import Routing
+from .sampling import RowDecoder
+
+if TYPE_CHECKING:
+    from .model import XLoraModel
+
+
+@dataclass
+class BatchRow:
+    """One request in a batch. `owner` is the caller's handle (the server's job); the engine never reads it."""
+
+    decoder: RowDecoder
+    routing: Routing
+    owner: Any = None
+    next_token: int = -1  # chosen, not yet fed to the model
+    scalings: list[torch.Tensor] = field(default_factory=list)  # [positions, layers, experts] pieces, float32 CPU
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.decoder.prompt_ids
+
+    def all_scalings(self) -> torch.Tensor:
+        """[positions processed, layers, experts]: the prompt's, then one per token fed back."""
+        return torch.cat(self.scalings, dim=0)
+
+    def frozen_from(self) -> int | None:
+        """The first position whose scalings are the frozen ones, if this row froze before it finished."""
+        k = self.routing.freeze_after
+        if k is None or len(self.decoder.completion_ids) <= k + 1:
+            return None
+        return len(self.prompt_ids) + k
+
+
+@dataclass
+class Generated:
+    """What one step gave one row: its token, the text it adds, and the scalings of the position that
+    produced it [layers, experts]. finish_reason is set on a row's last token."""
+
+    row: BatchRow
+    token_id: int
+    text: str
+    finish_reason: str | None
+    scalings: torch.Tensor
+
+
+class DecodeBatch:
+    def __init__(self, model: XLoraModel, rows: list[BatchRow], cache: XLoraCache | None) -> None:
+        self.model = model
+        self.rows = rows
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def prefill(
+        cls, model: XLoraModel, rows: list[BatchRow], pad_id: int = 0
+    ) -> tuple[DecodeBatch, list[Generated]]:
+        """Run the rows' prompts as one left-padded batch and choose each row's first token."""
+        width = max(len(row.prompt_ids) for row in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            ids[i, width - n :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        logits, scalings, cache = model.prefill(ids, mask, [row.routing for row in rows])
+        on_cpu = scalings.float().cpu()
+        for i, row in enumerate(rows):
+            row.scalings.append(on_cpu[i, width - len(row.prompt_ids) :])
+        batch = cls(model, rows, cache)
+        return batch, batch._advance(logits, scalings[:, -1])
+
+    def step(self) -> list[Generated]:
+        """Feed every row its last token and choose the next one."""
+        assert self.cache is not None, "step() on an empty batch"
+        tokens = torch.tensor([row.next_token for row in self.rows], dtype=torch.long)
+        logits, scalings = self.model.decode(tokens, self.cache, [row.routing for row in self.rows])
+        on_cpu = scalings.float().cpu()
+        for i, row in enumerate(self.rows):
+            row.scalings.append(on_cpu[i])
+        return self._advance(logits, scalings[:, -1])
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep these rows (indices into `rows`), in this order; the others' cache rows are freed."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.cache = self.cache.select(keep) if keep and self.cache is not None else None
+
+    def concatenate(self, others: list[DecodeBatch]) -> None:
+        """Take the rows of `others` (prefilled batches) into this one; they are left empty."""
+        batches = [b for b in (self, *others) if b.rows]
+        caches = [b.cache for b in batches]
+        self.rows = [row for b in batches for row in b.rows]
+        self.cache = XLoraCache.concat(caches) if len(caches) > 1 else next(iter(caches), None)
+        for other in others:
+            other.rows, other.cache = [], None
+
+    def _advance(self, logits: torch.Tensor, last_scalings: torch.Tensor) -> list[Generated]:
+        """Each row chooses its token; rows whose routing says so freeze; finished rows leave."""
+        out, keep, freeze = [], [], {}
+        for i, row in enumerate(self.rows):
+            token, text, finish = row.decoder.step(logits[i])
+            row.next_token = token
+            out.append(Generated(row, token, text, finish, row.scalings[-1][-1]))
+            if finish is not None:
+                continue
+            keep.append(i)
+            if row.routing.freezes_at(len(row.decoder.completion_ids) - 1):
+                freeze[i] = last_scalings[i]
+        if freeze:
+            self.cache.freeze(freeze)
+        self.filter(keep)
+        return out
+
+
+def run(model: XLoraModel, rows: list[BatchRow], pad_id: int = 0) -> Iterator[list[Generated]]:
+    """The decode loop of a fixed set of rows: what each step gave, until every row has finished."""
+    batch, out = DecodeBatch.prefill(model, rows, pad_id)
+    yield out
+    while batch:
+        yield batch.step()
