@@ -11,7 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.schemas import PromptInput, RoutingSettings, RoutingUpdate, TokenScalings, Usage, stop_list
+from server.schemas import (
+    PromptInput,
+    RoutingSettings,
+    RoutingUpdate,
+    TokenScalings,
+    Usage,
+    sampling_params,
+    stop_list,
+)
 from xlora_core import SamplingParams
 
 FinishReason = Literal["stop", "length"]
@@ -96,15 +104,7 @@ class _Common(_Request):
         return self.max_tokens
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.token_limit() or default_max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            stop=list(self.stop or []),
-        )
+        return sampling_params(self, self.token_limit() or default_max_new_tokens)
 
     def param_name(self, sampling_field: str) -> str:
         return "max_tokens" if sampling_field == "max_new_tokens" else sampling_field

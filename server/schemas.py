@@ -135,6 +135,19 @@ class GenerationRequest(Protocol):
     def logged_prompt(self) -> str | list[dict]: ...
 
 
+def sampling_params(body: Any, max_new_tokens: int) -> SamplingParams:
+    """The sampling fields every generation body shares (same names on /generate and /v1)."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=list(body.stop or []),
+    )
+
+
 def stop_list(value: list[str] | str | None, limit: int) -> list[str]:
     """`stop` as every API takes it (a string, a list, or null), normalised once to a list."""
     stops = [value] if isinstance(value, str) else list(value or [])
@@ -188,15 +201,7 @@ class GenerateRequest(_Request):
         return PromptInput(None, [m.model_dump() for m in self.messages or []], "messages")
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens or default_max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            stop=list(self.stop or []),
-        )
+        return sampling_params(self, self.max_new_tokens or default_max_new_tokens)
 
     def param_name(self, sampling_field: str) -> str:
         return sampling_field

@@ -264,27 +264,28 @@ class XLoraModel(nn.Module):
         ones = torch.ones_like(cache.attention_mask[:, :1])
         cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
         tokens = next_tokens.to(self.device).view(-1, 1)
-        granular = cache.granular_rows()
-        if len(granular) == cache.batch_size:
-            scalings = self.predict_scalings(tokens, cache.attention_mask, positions, routing, cache.scaling)
-        elif not granular:
-            scalings = torch.stack(cache.frozen).unsqueeze(1)
-        else:
-            index = torch.tensor(granular, device=self.device)
-            subset = [routing[i] for i in granular] if isinstance(routing, list) else routing
-            routed = self.predict_scalings(
-                tokens[index], cache.attention_mask[index], positions[index], subset, cache.scaling
-            )
-            scalings = torch.empty(
-                (cache.batch_size, 1, *routed.shape[2:]), device=routed.device, dtype=routed.dtype
-            )
-            scalings[index] = routed
-            for row, frozen in enumerate(cache.frozen):
-                if frozen is not None:
-                    scalings[row, 0] = frozen
+        scalings = self._step_scalings(tokens, positions, cache, routing)
         hidden = self.real_pass(tokens, cache.attention_mask, positions, scalings, routing, cache.real)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
         return logits, scalings
+
+    def _step_scalings(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: XLoraCache, routing: Routing | list[Routing]
+    ) -> torch.Tensor:
+        """Scalings [batch, 1, layers, experts] of one decode step: the classifier's for the granular rows
+        (a scaling pass over their own scaling-cache rows), the frozen ones for the others."""
+        granular = cache.granular_rows()
+        if len(granular) == cache.batch_size:
+            return self.predict_scalings(tokens, cache.attention_mask, positions, routing, cache.scaling)
+        shape = (self.n_lora_layers, self.config.n_adapters)
+        none = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        scalings = torch.stack([none if f is None else f for f in cache.frozen]).unsqueeze(1)
+        if granular:
+            index = torch.tensor(granular, device=self.device)
+            subset = [routing[i] for i in granular] if isinstance(routing, list) else routing
+            mask = cache.attention_mask[index]
+            scalings[index] = self.predict_scalings(tokens[index], mask, positions[index], subset, cache.scaling)
+        return scalings
 
     # ---- generation and checkpoints live in their own modules ----------------------------------
     def generate(
