@@ -65,8 +65,8 @@ def check_classifier(stored: StoredCheckpoint, expected: dict[str, torch.Tensor]
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected} for this config")
     n_experts = stored.config.n_adapters
-    for key, tensor in stored.classifier.items():
-        want = tuple(expected[key].shape)
+    for key in expected:  # the classifier's order: a weight before its bias
+        tensor, want = stored.classifier[key], tuple(expected[key].shape)
         if tuple(tensor.shape) != want:
             raise CheckpointError(
                 f"{path}: {stored.tensor_name(key)} has shape {tuple(tensor.shape)}, but {n_experts} experts with "
