@@ -121,3 +121,21 @@ def test_the_console_script_is_installed():
     script = Path(sys.executable).with_name("xlora-convert")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--ordering" in result.stdout and "--to {ours,xlora}" in result.stdout
+
+
+def test_rename_gives_experts_new_names_in_the_same_places(tmp_path, world, capsys):
+    base, experts = world
+    torch.manual_seed(3)
+    model = XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=8))
+    model.save_pretrained(tmp_path / "ours")
+    args = [str(tmp_path / "ours"), str(tmp_path / "library"), "--base", str(base), "--to", "xlora"]
+    assert convert([*args, "--rename", "alpha=mid"]) == 1
+    assert "two experts would be named alike" in capsys.readouterr().err
+    assert convert([*args, "--rename", "omega=z"]) == 1
+    assert "no expert named ['omega']" in capsys.readouterr().err
+    assert convert([*args, "--rename", "zeta=first", "--rename", "mid=third"]) == 0
+    ordering = tmp_path / "library.ordering.json"
+    assert json.loads(ordering.read_text())["order"] == ["first", "alpha", "third"]
+    renamed = XLoraModel.from_pretrained(load_base(base), tmp_path / "library", ordering=ordering)
+    assert renamed.adapter_names == ["first", "alpha", "third"]
+    assert torch.equal(logits(model), logits(renamed))

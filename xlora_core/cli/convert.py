@@ -7,9 +7,10 @@
 
 The source may be in our (= peft's) layout or the xlora library's (detected). `--to xlora` also writes a
 mistral.rs ordering file (default: beside the output folder, <out>.ordering.json), so the router runs on
-mistral.rs too. Only the base model's config is read (no weights), to know its LoRA modules and their
-order. The experts' files are copied byte for byte and the classifier's tensors keep their values and
-dtype, so converting back gives the same files.
+mistral.rs too (`--rename json=json_expert` gives an expert a name mistral.rs can tell from its file
+names). Only the base model's config is read (no weights), to know its LoRA modules and their order.
+The experts' files are copied byte for byte and the classifier's tensors keep their values and dtype,
+so converting back gives the same files.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from xlora_core.base_model import resolve_model_folder
 from xlora_core.checkpoint import check_against_model, lora_module_names, read_checkpoint, write_checkpoint
-from xlora_core.lora import ADAPTER_CONFIG, ExpertError
+from xlora_core.config import XLoraConfig
+from xlora_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertError
 from xlora_core.model import XLoraModel
 from xlora_core.ordering import write_ordering
 from xlora_core.stored import CheckpointError, StoredCheckpoint
-from xlora_core.xlora_layout import write_xlora_layout
+from xlora_core.xlora_layout import CLASSIFIER_SAFETENSORS, XLORA_CONFIG, write_xlora_layout
 
 log = logging.getLogger("xlora_core.convert")
 
@@ -51,6 +53,7 @@ def convert(
     ordering_out: str | Path | None = None,
     base_model_id: str | None = None,
     allow_pickle: bool = False,
+    rename: dict[str, str] | None = None,
     overwrite: bool = False,
     cache_dir: str | None = None,
 ) -> StoredCheckpoint:
@@ -68,6 +71,8 @@ def convert(
     modules = lora_module_names(model)
     log.info("read %s (%s layout): experts %s, %d LoRA layers", source, stored.layout, list(stored.config.adapters),
              len(modules))  # fmt: skip
+    if rename:
+        stored.config = _renamed(stored.config, rename)
     if to == "ours":
         write_checkpoint(stored, target)
         log.info("wrote %s (xlora-server's layout; serve it with xlora.checkpoint: %s)", target, target)
@@ -87,6 +92,17 @@ def convert(
     return stored
 
 
+def _renamed(config: XLoraConfig, rename: dict[str, str]) -> XLoraConfig:
+    """The same experts in the same order, some under new names."""
+    unknown = sorted(set(rename) - set(config.adapters))
+    if unknown:
+        raise ValueError(f"--rename: no expert named {unknown} (the experts are {list(config.adapters)})")
+    adapters = {rename.get(name, name): folder for name, folder in config.adapters.items()}
+    if len(adapters) != len(config.adapters):
+        raise ValueError(f"--rename: two experts would be named alike ({list(adapters)})")
+    return XLoraConfig.from_dict({**config.to_dict(), "adapters": adapters})
+
+
 def _experts_base_model(stored: StoredCheckpoint) -> str | None:
     """The base model the experts' adapter_config.json files all name, if they agree."""
     found = set()
@@ -102,11 +118,11 @@ def _warn_about_mistralrs_names(names: list[str]) -> None:
     # mistral.rs finds an expert's files by looking for its name inside each file's path.
     for name in names:
         clashes = [n for n in names if n != name and name in n]
-        clashes += [f for f in ("xlora_config.json", "xlora_classifier.safetensors") if name in f]
+        clashes += [f for f in (XLORA_CONFIG, CLASSIFIER_SAFETENSORS, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if name in f]
         if clashes:
             log.warning(
-                "expert %r: mistral.rs takes every file whose path contains an expert's name for that expert's, "
-                "and %r is part of %s; rename the expert before serving this on mistral.rs", name, name, clashes,
+                "expert %r: mistral.rs takes a file whose path contains an expert's name for that expert's, and "
+                "%r is part of %s; give it another name for mistral.rs (--rename %s=NEW)", name, name, clashes, name,
             )  # fmt: skip
 
 
@@ -128,14 +144,19 @@ def main(argv: list[str] | None = None) -> int:
                         "or its experts' base_model_name_or_path)")  # fmt: skip
     parser.add_argument("--allow-pickle", action="store_true", help="read a classifier saved as xlora_classifier.pt "
                         "(a pickle: only for files you trust)")  # fmt: skip
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                        help="give an expert another name in the output (repeatable); its place stays the same")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--cache-dir", help="where a .gguf base model is converted once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="xlora-convert: %(message)s")
+    rename = dict(pair.split("=", 1) for pair in args.rename if "=" in pair)
+    if len(rename) != len(args.rename) or not all(rename.values()):
+        parser.error("--rename takes OLD=NEW")
     try:
         convert(args.source, args.target, base=args.base, to=args.to, ordering=args.ordering,
                 ordering_out=args.ordering_out, base_model_id=args.base_model_id, allow_pickle=args.allow_pickle,
-                overwrite=args.overwrite, cache_dir=args.cache_dir)  # fmt: skip
+                rename=rename, overwrite=args.overwrite, cache_dir=args.cache_dir)  # fmt: skip
     except (CheckpointError, ExpertError, ValueError, FileNotFoundError) as e:
         print(f"xlora-convert: {e}", file=sys.stderr)
         return 1
