@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
+from server.settings import ConfigError, load_settings
 from xlora_core import XLoraConfig, XLoraModel
 
 from .conftest import server_config
@@ -47,3 +49,17 @@ def test_an_ordering_file_that_is_not_there_is_named_with_its_key(tmp_path, worl
     folder, _ = library_checkpoint(tmp_path, world)
     config = server_config(world, xlora={"checkpoint": folder, "ordering": str(tmp_path / "missing.json")})
     _expect_load_failure(config, tmp_path, "xlora.ordering", "missing.json", "server.yaml")
+
+
+def test_the_new_keys_are_checked_with_the_rest_of_the_file(tmp_path):
+    path = tmp_path / "server.yaml"
+    path.write_text("xlora:\n  adapters: {a: a}\n  ordering: ordering.json\n")
+    with pytest.raises(ConfigError, match=r"server\.yaml: xlora: .*ordering describes a checkpoint.*xlora\.checkpoint"):
+        load_settings(path)
+    path.write_text("xlora:\n  checkpoint: x-lora\n  allow_pickle: perhaps\n")
+    with pytest.raises(ConfigError, match=r"server\.yaml: xlora\.allow_pickle"):
+        load_settings(path)
+    path.write_text("xlora:\n  checkpoint: x-lora\n  ordering: o.json\n  enable_relu_and_dropout: false\n")
+    settings = load_settings(path)
+    assert settings.ordering_path() == str(tmp_path / "o.json")
+    assert settings.xlora.config_overrides() == {"enable_relu_and_dropout": False}
