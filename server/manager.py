@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -83,7 +84,12 @@ class ModelManager:
         checkpoint, adapters = s.checkpoint_dir(), s.adapter_dirs()
         overrides = s.xlora.config_overrides()
         if checkpoint is not None:
-            model = XLoraModel.from_pretrained(base, checkpoint, adapters=adapters, **overrides)
+            ordering = s.ordering_path()
+            if ordering is not None and not Path(ordering).is_file():
+                raise FileNotFoundError(f"{s.source}: xlora.ordering: {ordering}: no such file")
+            model = XLoraModel.from_pretrained(
+                base, checkpoint, adapters=adapters, ordering=ordering, allow_pickle=s.xlora.allow_pickle, **overrides
+            )
         elif adapters:
             log.warning("no xlora.checkpoint: the classifier is untrained (random routing)")
             config = XLoraConfig(hidden_size=base.config.hidden_size, adapters=adapters, **overrides)

@@ -53,11 +53,19 @@ class XLoraSection(_Section):
     # Any XLoraConfig field is also allowed here; `_check_xlora_fields` rejects the rest by name.
     model_config = ConfigDict(extra="allow", validate_default=True)
 
-    checkpoint: str | None = Field(None, description="folder written by XLoraModel.save_pretrained")
+    checkpoint: str | None = Field(
+        None, description="checkpoint folder: xlora-server's and peft's layout, or the xlora library's (detected)"
+    )
     adapters: dict[str, str] | None = Field(None, description="expert name -> PEFT adapter folder")
+    ordering: str | None = Field(None, description="a mistral.rs ordering file the checkpoint must agree with")
+    allow_pickle: bool = Field(
+        False, description="read an xlora library checkpoint's xlora_classifier.pt (a pickle: only files you trust)"
+    )
 
     @model_validator(mode="after")
     def _check_xlora_fields(self) -> XLoraSection:
+        if self.ordering is not None and self.checkpoint is None:
+            raise ValueError("ordering describes a checkpoint's experts and layers: set xlora.checkpoint too")
         extra = dict(self.model_extra or {})
         if not extra:
             return self
@@ -128,6 +136,9 @@ class Settings(_Section):
     def checkpoint_dir(self) -> str | None:
         return None if self.xlora.checkpoint is None else self.resolve_path(self.xlora.checkpoint)
 
+    def ordering_path(self) -> str | None:
+        return None if self.xlora.ordering is None else self.resolve_path(self.xlora.ordering)
+
     def adapter_dirs(self) -> dict[str, str] | None:
         if self.xlora.adapters is None:
             return None
@@ -142,7 +153,8 @@ def xlora_config_fields() -> set[str]:
         names = {f.name for f in dataclasses.fields(XLoraConfig)}
     else:
         names = set(getattr(XLoraConfig, "model_fields", {}))
-    return names - {"adapters", "hidden_size"}  # hidden_size comes from the base model
+    # hidden_size comes from the base model; base_model_name_or_path only records where the experts came from
+    return names - {"adapters", "hidden_size", "base_model_name_or_path"}
 
 
 def _where(loc: tuple[Any, ...]) -> str:

@@ -234,6 +234,15 @@ def test_gpu_config_is_the_papers_setting():
     assert settings.logging.format == "json"
 
 
+def test_paper_config_serves_the_published_model():
+    settings = load_settings(ROOT / "configs" / "gpu-xlora-paper.yaml")
+    assert Path(settings.model.base).name == "zephyr-7b-beta"  # the base its experts and router were trained on
+    assert settings.model.device.startswith("cuda") and settings.model.dtype == "bfloat16"
+    assert settings.xlora.checkpoint and settings.xlora.adapters is None  # the folder as published, no overrides
+    assert settings.ordering_path().endswith("xlora-paper-ordering.json")
+    assert settings.xlora.config_overrides() == {}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the shared install steps, in a fresh virtual environment
 

@@ -176,3 +176,33 @@ def test_runtime_setters_validate(world):
     model.set_topk_lora(1)
     model.set_global_scaling_weight(0.8)
     assert (model.routing.top_k, model.routing.global_scaling_weight) == (1, 0.8)
+
+
+def test_the_xlora_library_switches_round_trip_and_stay_out_of_peft_files(world, tmp_path):
+    plain = make_model(world, xlora_depth=2, xlora_size=8)
+    plain.save_pretrained(tmp_path / "plain")
+    saved = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert "use_bias" not in saved and "enable_relu_and_dropout" not in saved  # peft's classifier: peft's keys only
+
+    switched = make_model(world, xlora_depth=3, xlora_size=8, use_bias=False, enable_relu_and_dropout=False)
+    assert all(not k.endswith("bias") for k in switched.classifier.state_dict())
+    assert not any(isinstance(m, torch.nn.ReLU | torch.nn.Dropout) for m in switched.classifier.layers)
+    switched.save_pretrained(tmp_path / "switched")
+    saved = json.loads((tmp_path / "switched" / "adapter_config.json").read_text())
+    assert saved["use_bias"] is False and saved["enable_relu_and_dropout"] is False
+    reloaded = XLoraModel.from_pretrained(load_base(world[0]), tmp_path / "switched")
+    assert torch.equal(logits(switched, IDS), logits(reloaded, IDS))
+
+
+def test_an_ordering_file_is_checked_against_our_layout_too(world, tmp_path):
+    model = make_model(world, xlora_depth=1)
+    model.save_pretrained(tmp_path / "ckpt")
+    modules = [n for n, m in model.base.named_modules() if m in model.lora_layers]
+    ordering = tmp_path / "ordering.json"
+    layers = {name: i for i, name in enumerate(modules)}
+    ordering.write_text(json.dumps({"order": ["alpha", "beta", "gamma"], "layers": layers, "base_model_id": "tiny"}))
+    checked = XLoraModel.from_pretrained(load_base(world[0]), tmp_path / "ckpt", ordering=ordering)
+    assert torch.equal(logits(model, IDS), logits(checked, IDS))
+    ordering.write_text(json.dumps({"order": ["beta", "alpha", "gamma"], "layers": None}))
+    with pytest.raises(CheckpointError, match=r"ordering\.json: order .* differs from the order .*adapter_config"):
+        XLoraModel.from_pretrained(load_base(world[0]), tmp_path / "ckpt", ordering=ordering)

@@ -1,71 +1,85 @@
-"""Checkpoints in PEFT's X-LoRA layout.
+"""Checkpoints: reading every X-LoRA layout, loading one onto a base model, and writing ours.
+
+Ours is PEFT's X-LoRA layout:
 
     folder/adapter_config.json          peft_type "XLORA" and every XLoraConfig field
     folder/adapter_model.safetensors    internal_xlora_classifier.layers.{i}.weight|bias
     folder/<expert>/                    one PEFT LoRA adapter per expert
 
 peft names the expert subfolders "0", "1", ... and prefixes tensor names with "base_model."; both
-are read. A classifier tensor that is missing or misshapen is an error naming it, never a silent
-random init (peft 0.21.2 drops `layers.0` when it saves).
+are read. The original xlora library's layout (xlora_config.json + xlora_classifier.safetensors) is
+read by xlora_layout.py; `read_checkpoint` tells the two apart by their config files. A classifier
+tensor that is missing or misshapen is an error naming it, never a silent random init (peft 0.21.2
+drops `layers.0` when it saves).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, XLoraConfig
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .ordering import check_layers, read_ordering, resolve_order
+from .stored import (
+    CheckpointError,
+    StoredCheckpoint,
+    check_classifier,
+    check_folder_names,
+    copy_expert_files,
+    write_folder_atomically,
+)
+from .xlora_layout import is_xlora_layout, read_xlora_layout
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel
 
     from .model import XLoraModel
 
+__all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint", "save_checkpoint", "write_checkpoint"]
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 CLASSIFIER_PREFIX = "internal_xlora_classifier."
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is; the message names the file and what is wrong."""
+# ---- writing ours ------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(model: XLoraModel, folder: str | Path) -> None:
-    """Write the config, the classifier and every expert (as currently held, trained or not).
-    Written to a temporary folder first, so an interrupted save never leaves a half checkpoint."""
-    folder = Path(folder)
-    for name in model.adapter_names:
-        if not _SAFE_NAME.match(name):
-            raise ValueError(f"expert name {name!r} cannot be a folder name; use letters, digits, '_', '.', '-'")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    """Write the config, the classifier and every expert (as currently held, trained or not)."""
+    check_folder_names(model.adapter_names)
+
+    def fill(tmp: Path) -> None:
         config = XLoraConfig.from_dict({**model.config.to_dict(), "adapters": {n: n for n in model.adapter_names}})
         config.save(tmp)
         state = {CLASSIFIER_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for index, (name, source) in enumerate(model.config.adapters.items()):
             _save_expert(model, index, Path(source), tmp / name)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder_atomically(folder, fill)
+
+
+def write_checkpoint(stored: StoredCheckpoint, folder: str | Path) -> None:
+    """Write a checkpoint read from any layout in ours, without a model: the classifier's tensors as they
+    are, the experts' files copied byte for byte."""
+    names = list(stored.config.adapters)
+    check_folder_names(names)
+
+    def fill(tmp: Path) -> None:
+        XLoraConfig.from_dict({**stored.config.to_dict(), "adapters": {n: n for n in names}}).save(tmp)
+        state = {CLASSIFIER_PREFIX + k: v.contiguous() for k, v in stored.classifier.items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, source in stored.config.adapters.items():
+            copy_expert_files(Path(source), tmp / name)
+
+    write_folder_atomically(folder, fill)
 
 
 def _save_expert(model: XLoraModel, index: int, source: Path, target: Path) -> None:
@@ -74,50 +88,76 @@ def _save_expert(model: XLoraModel, index: int, source: Path, target: Path) -> N
     if source_config.resolve() != (target / ADAPTER_CONFIG).resolve():
         shutil.copyfile(source_config, target / ADAPTER_CONFIG)
     tensors = {}
-    for layer in model.lora_layers:
+    module_names = lora_module_names(model)
+    for layer, module in zip(model.lora_layers, module_names, strict=True):
         if index not in layer.ranks:
             continue
-        module = _module_name(model, layer)
         a, b = layer.expert_matrices(index)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().cpu().contiguous()
     save_file(tensors, str(target / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def _module_name(model: XLoraModel, layer: torch.nn.Module) -> str:
-    for name, module in model.base.named_modules():
-        if module is layer:
-            return name
-    raise RuntimeError("fused layer not found in the base model")
+def lora_module_names(model: XLoraModel) -> list[str]:
+    """The base model's names of the fused LoRA layers, in layer order (the classifier's layerwise outputs)."""
+    names = {id(module): name for name, module in model.base.named_modules()}
+    return [names[id(layer)] for layer in model.lora_layers]
 
 
-def load_checkpoint(
-    cls: type[XLoraModel],
-    base: PreTrainedModel,
+# ---- reading any layout -------------------------------------------------------------------------------------
+
+
+def read_checkpoint(
     folder: str | Path,
     adapters: dict[str, str] | None = None,
+    ordering: str | Path | None = None,
+    allow_pickle: bool = False,
     **overrides: Any,
-) -> XLoraModel:
+) -> StoredCheckpoint:
+    """Read a checkpoint in our (= peft's) layout or the xlora library's, detected from its config file.
+
+    adapters: expert name -> folder, instead of the checkpoint's copies (the same names).
+    ordering: a mistral.rs ordering file the checkpoint must agree with (see ordering.py).
+    allow_pickle: read the library's xlora_classifier.pt (torch.save); off, it is refused.
+    overrides: XLoraConfig fields that replace the checkpoint's.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
+    ordering_file = read_ordering(ordering) if ordering is not None else None
+    if _is_peft_xlora(folder / CONFIG_NAME) or not is_xlora_layout(folder):
+        stored = _read_ours(folder, adapters, overrides)
+        if ordering_file is not None:
+            resolve_order(ordering_file, list(stored.config.adapters), True, stored.config_path)
+    else:
+        stored = read_xlora_layout(folder, adapters, ordering_file, allow_pickle, overrides)
+    stored.ordering = ordering_file
+    return stored
+
+
+def _is_peft_xlora(config_path: Path) -> bool:
+    try:
+        return json.loads(config_path.read_text()).get("peft_type") == "XLORA"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _read_ours(folder: Path, adapters: dict[str, str] | None, overrides: dict[str, Any]) -> StoredCheckpoint:
     config_path = folder / CONFIG_NAME
     try:
         data = json.loads(config_path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{config_path}: not found") from None
+        raise CheckpointError(
+            f"{folder}: no X-LoRA checkpoint here: neither {CONFIG_NAME} (xlora-server's and peft's layout) "
+            "nor xlora_config.json (the xlora library's) was found"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
     if data.get("peft_type") != "XLORA":
         raise CheckpointError(f"{config_path}: peft_type is {data.get('peft_type')!r}, expected 'XLORA'")
     saved_names = list(data.get("adapters") or {})
     if adapters is not None:
-        if set(adapters) != set(saved_names):
-            raise CheckpointError(
-                f"{config_path}: adapters {sorted(adapters)} do not match the checkpoint's experts {saved_names}; "
-                "the classifier was trained for exactly those"
-            )
-        experts = {name: str(adapters[name]) for name in saved_names}
+        experts = {name: str(folder) for name, folder in given_experts(adapters, saved_names, config_path).items()}
     else:
         experts = {name: str(_expert_folder(folder, i, name)) for i, name in enumerate(saved_names)}
     try:
@@ -136,23 +176,25 @@ def load_checkpoint(
     for key, tensor in tensors.items():
         if CLASSIFIER_PREFIX in key:
             state[key[key.index(CLASSIFIER_PREFIX) + len(CLASSIFIER_PREFIX) :]] = tensor
+    return StoredCheckpoint(
+        layout="xlora-server",
+        folder=folder,
+        config_path=config_path,
+        weights_path=weights_path,
+        config=config,
+        classifier=state,
+        tensor_name=lambda key: CLASSIFIER_PREFIX + key,
+    )
 
-    model = cls(base, config)
-    expected = model.classifier.state_dict()
-    missing = [CLASSIFIER_PREFIX + k for k in expected if k not in state]
-    if missing:
-        raise CheckpointError(f"{weights_path}: missing classifier tensor(s) {missing}")
-    unexpected = [CLASSIFIER_PREFIX + k for k in state if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{weights_path}: unexpected tensor(s) {unexpected} for this config")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{weights_path}: {CLASSIFIER_PREFIX + key} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[key].shape)}"
-            )
-    model.classifier.load_state_dict({k: v.to(model.dtype) for k, v in state.items()})
-    return model
+
+def given_experts(adapters: dict[str, str], saved_names: list[str], config_path: Path) -> dict[str, str]:
+    """`adapters=` replaces the checkpoint's expert folders, name for name; the order stays the checkpoint's."""
+    if set(adapters) != set(saved_names):
+        raise CheckpointError(
+            f"{config_path}: adapters {sorted(adapters)} do not match the checkpoint's experts {saved_names}; "
+            "the classifier was trained for exactly those"
+        )
+    return {name: str(adapters[name]) for name in saved_names}
 
 
 def _expert_folder(folder: Path, index: int, name: str) -> Path:
@@ -160,3 +202,31 @@ def _expert_folder(folder: Path, index: int, name: str) -> Path:
         if (candidate / ADAPTER_CONFIG).is_file():
             return candidate
     raise CheckpointError(f"{folder}: no folder for expert {name!r} (looked for {name}/ and {index}/)")
+
+
+# ---- loading onto a base model ------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    cls: type[XLoraModel],
+    base: PreTrainedModel,
+    folder: str | Path,
+    adapters: dict[str, str] | None = None,
+    ordering: str | Path | None = None,
+    allow_pickle: bool = False,
+    **overrides: Any,
+) -> XLoraModel:
+    stored = read_checkpoint(folder, adapters=adapters, ordering=ordering, allow_pickle=allow_pickle, **overrides)
+    model = cls(base, stored.config)
+    check_against_model(stored, model)
+    model.classifier.load_state_dict({k: v.to(model.dtype) for k, v in stored.classifier.items()})
+    return model
+
+
+def check_against_model(stored: StoredCheckpoint, model: XLoraModel) -> None:
+    """What only the experts on a base model can tell: the classifier's shapes, and the ordering file's
+    layers (the LoRA modules, in the base model's order)."""
+    expected: dict[str, torch.Tensor] = model.classifier.state_dict()
+    check_classifier(stored, expected, model.n_lora_layers)
+    if stored.ordering is not None:
+        check_layers(stored.ordering, lora_module_names(model))

@@ -1,7 +1,10 @@
 """The X-LoRA classifier: hidden states of the scaling pass -> one weight per expert, per token and LoRA layer.
 
 Architecture and parameter names match `peft.tuners.xlora.classifier.XLoraClassifier`
-(`layers.{i}.weight|bias` in an `nn.Sequential`), so checkpoints are interchangeable.
+(`layers.{i}.weight|bias` in an `nn.Sequential`), so checkpoints are interchangeable. The original xlora
+library's two extra switches are supported too: `use_bias=False` drops every bias, and
+`enable_relu_and_dropout=False` leaves nothing between the Linear layers (its `inner.{i}` and `last`
+parameters map onto our Linear layers in order; see `linear_names`).
 """
 
 from __future__ import annotations
@@ -65,12 +68,18 @@ class XLoraClassifier(nn.Module):
         layers: list[nn.Module] = []
         width = config.hidden_size
         for _ in range(config.xlora_depth - 1):
-            layers += [nn.Linear(width, config.xlora_size), nn.ReLU()]
-            if config.xlora_dropout_p > 0:
-                layers.append(nn.Dropout(p=config.xlora_dropout_p))
+            layers.append(nn.Linear(width, config.xlora_size, bias=config.use_bias))
+            if config.enable_relu_and_dropout:
+                layers.append(nn.ReLU())
+                if config.xlora_dropout_p > 0:
+                    layers.append(nn.Dropout(p=config.xlora_dropout_p))
             width = config.xlora_size
-        layers.append(nn.Linear(width, out))
+        layers.append(nn.Linear(width, out, bias=config.use_bias))
         self.layers = nn.Sequential(*layers)
+
+    def linear_names(self) -> list[str]:
+        """The Linear layers' names, input to output ('layers.0', 'layers.3', ...)."""
+        return [f"layers.{i}" for i, module in enumerate(self.layers) if isinstance(module, nn.Linear)]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[batch, seq, hidden] -> scalings [batch, seq, n_layers, n_classes]."""

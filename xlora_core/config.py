@@ -1,4 +1,5 @@
-"""X-LoRA configuration: the same fields, defaults and meaning as `peft.XLoraConfig`, validated."""
+"""X-LoRA configuration: the same fields, defaults and meaning as `peft.XLoraConfig`, validated, plus the two
+classifier switches of the original xlora library (`use_bias`, `enable_relu_and_dropout`) that peft lacks."""
 
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ class XLoraConfig:
     enable_softmax_topk: after the top-k mask, a softmax over the kept experts only.
     layerwise_scalings: one scaling per expert *and* LoRA layer instead of one broadcast to every layer.
     xlora_depth / xlora_size / xlora_dropout_p: depth, hidden width and dropout of the classifier MLP.
+    use_bias: the classifier's Linear layers have biases (the xlora library's switch; peft's always do).
+    enable_relu_and_dropout: ReLU (and dropout) between the classifier's Linear layers (the xlora library's
+        switch; peft's always has them). Off, a deep classifier is a stack of Linear layers.
     use_trainable_adapters: train the experts together with the classifier.
     softmax_temperature: lower is sharper.
     top_k_lora: keep the k largest scalings per token and layer (None = dense).
     scaling_pass_value: the value every scaling takes in the scaling pass.
     global_scaling_weight: multiplies every expert's output.
+    base_model_name_or_path: the base model the experts were trained on (peft's field; the xlora library's
+        `base_model_id`); informational, kept so conversions between layouts lose nothing.
     """
 
     hidden_size: int
@@ -36,11 +42,14 @@ class XLoraConfig:
     xlora_depth: int = 1
     xlora_size: int = 2048
     xlora_dropout_p: float = 0.2
+    use_bias: bool = True
+    enable_relu_and_dropout: bool = True
     use_trainable_adapters: bool = False
     softmax_temperature: float = 1.0
     top_k_lora: int | None = None
     scaling_pass_value: float = 0.0
     global_scaling_weight: float = 1.0
+    base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +73,11 @@ class XLoraConfig:
         if not _finite(self.scaling_pass_value):
             raise ValueError(f"scaling_pass_value must be a finite number, got {self.scaling_pass_value!r}")
         check_global_scaling_weight(self.global_scaling_weight)
+        for name in ("use_bias", "enable_relu_and_dropout"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")
 
     @property
     def n_adapters(self) -> int:
@@ -80,6 +94,11 @@ class XLoraConfig:
 
     def save(self, folder: str | Path) -> None:
         data = {"peft_type": "XLORA", **self.to_dict()}
+        # The library's switches are written only when they differ from peft's classifier, so peft reads
+        # every checkpoint it can run without warning about keys it does not know.
+        for name in ("use_bias", "enable_relu_and_dropout"):
+            if data[name] is True:
+                del data[name]
         # Not sort_keys: the order of `adapters` is the expert index.
         Path(folder, CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
 

@@ -309,9 +309,19 @@ class XLoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, base: PreTrainedModel, folder: str | Path, adapters: dict[str, str] | None = None, **overrides: Any
+        cls,
+        base: PreTrainedModel,
+        folder: str | Path,
+        adapters: dict[str, str] | None = None,
+        ordering: str | Path | None = None,
+        allow_pickle: bool = False,
+        **overrides: Any,
     ) -> XLoraModel:
-        """Load what save_pretrained (ours or peft's) wrote; `adapters` overrides the experts' folders."""
+        """Load a checkpoint as save_pretrained (ours or peft's) or the xlora library wrote it (detected).
+        `adapters` overrides the experts' folders; `ordering` is a mistral.rs ordering file the checkpoint
+        must agree with; `allow_pickle` reads the library's xlora_classifier.pt (see checkpoint.py)."""
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, base, folder, adapters=adapters, **overrides)
+        return load_checkpoint(
+            cls, base, folder, adapters=adapters, ordering=ordering, allow_pickle=allow_pickle, **overrides
+        )
