@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, XLoraConfig
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, XLoraConfig
 from .ordering import check_layers, read_ordering, resolve_order
 from .stored import (
     CheckpointError,
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint", "save_checkpoint", "write_checkpoint"]
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 CLASSIFIER_PREFIX = "internal_xlora_classifier."
 
 
@@ -59,7 +57,7 @@ def save_checkpoint(model: XLoraModel, folder: str | Path) -> None:
         config = XLoraConfig.from_dict({**model.config.to_dict(), "adapters": {n: n for n in model.adapter_names}})
         config.save(tmp)
         state = {CLASSIFIER_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for index, (name, source) in enumerate(model.config.adapters.items()):
             _save_expert(model, index, Path(source), tmp / name)
 
@@ -75,7 +73,7 @@ def write_checkpoint(stored: StoredCheckpoint, folder: str | Path) -> None:
     def fill(tmp: Path) -> None:
         XLoraConfig.from_dict({**stored.config.to_dict(), "adapters": {n: n for n in names}}).save(tmp)
         state = {CLASSIFIER_PREFIX + k: v.contiguous() for k, v in stored.classifier.items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for name, source in stored.config.adapters.items():
             copy_expert_files(Path(source), tmp / name)
 
@@ -125,7 +123,7 @@ def read_checkpoint(
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     ordering_file = read_ordering(ordering) if ordering is not None else None
-    if _is_peft_xlora(folder / CONFIG_NAME) or not is_xlora_layout(folder):
+    if _is_peft_xlora(folder / ADAPTER_CONFIG) or not is_xlora_layout(folder):
         stored = _read_ours(folder, adapters, overrides)
         if ordering_file is not None:
             resolve_order(ordering_file, list(stored.config.adapters), True, stored.config_path)
@@ -143,12 +141,12 @@ def _is_peft_xlora(config_path: Path) -> bool:
 
 
 def _read_ours(folder: Path, adapters: dict[str, str] | None, overrides: dict[str, Any]) -> StoredCheckpoint:
-    config_path = folder / CONFIG_NAME
+    config_path = folder / ADAPTER_CONFIG
     try:
         data = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(
-            f"{folder}: no X-LoRA checkpoint here: neither {CONFIG_NAME} (xlora-server's and peft's layout) "
+            f"{folder}: no X-LoRA checkpoint here: neither {ADAPTER_CONFIG} (xlora-server's and peft's layout) "
             "nor xlora_config.json (the xlora library's) was found"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -165,7 +163,7 @@ def _read_ours(folder: Path, adapters: dict[str, str] | None, overrides: dict[st
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: {e}") from None
 
-    weights_path = folder / WEIGHTS_NAME
+    weights_path = folder / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights_path))
     except FileNotFoundError:

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-CONFIG_NAME = "adapter_config.json"
+# PEFT's file names, for an expert and for an X-LoRA checkpoint alike.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -100,7 +102,7 @@ class XLoraConfig:
             if data[name] is True:
                 del data[name]
         # Not sort_keys: the order of `adapters` is the expert index.
-        Path(folder, CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+        Path(folder, ADAPTER_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
 
 
 class ParameterError(ValueError):

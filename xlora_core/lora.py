@@ -21,8 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # LoRA variants and extras that change the computation: refused rather than silently ignored.
 UNSUPPORTED_OPTIONS = {

@@ -20,6 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 
 from xlora_core.base_model import base_model_name, load_base_model
+from xlora_core.config import ADAPTER_CONFIG
 from xlora_core.recipe.tasks import (
     IGNORE_INDEX,
     TASKS,
@@ -135,7 +136,7 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _clean_adapter_config(out: Path, base_name: str) -> None:
     """Replace the base model path (an absolute cache folder) by a short name, so saved files are portable."""
-    path = out / "adapter_config.json"
+    path = out / ADAPTER_CONFIG
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base_name
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
