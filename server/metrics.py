@@ -1,10 +1,14 @@
-"""Prometheus metrics, in a registry of their own (so tests and several apps in one process do not clash)."""
+"""Prometheus metrics, in a registry of their own (so tests and several apps in one process do not clash).
+
+A Ray Serve replica passes its replica id: every sample it renders then carries a `replica` label.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_TIME = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -13,7 +17,8 @@ _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, replica: str | None = None) -> None:
+        self.replica = replica
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -68,5 +73,12 @@ class Metrics:
         for index, name in enumerate(adapter_names):
             self.mean_scaling.labels(adapter=name).set_function(lambda i=index: mean_of(i))
 
+    def collect(self) -> Iterator[Metric]:
+        """Every metric, each sample labelled with the replica when there is one."""
+        for metric in self.registry.collect():
+            if self.replica is not None:
+                metric.samples = [s._replace(labels={**s.labels, "replica": self.replica}) for s in metric.samples]
+            yield metric
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self)

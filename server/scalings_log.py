@@ -23,6 +23,7 @@ class ScalingsEntry:
     routing: dict
     scalings: torch.Tensor  # [tokens processed, layers, adapters], float32 on the CPU
     created: float = field(default_factory=time.time)
+    replica: str | None = None  # the replica (process) that served the request; set by the scalings store
     mean: list[float] = field(init=False)  # per adapter, over tokens and layers; computed once
 
     def __post_init__(self) -> None:
@@ -40,6 +41,7 @@ class ScalingsEntry:
             "adapter_names": self.adapter_names,
             "mean_scalings": self.mean,
             "routing": self.routing,
+            "replica": self.replica,
         }
 
     def detail(self) -> dict:

@@ -75,6 +75,13 @@ class RoutingSettings(BaseModel):
     global_scaling_weight: float
 
 
+class RoutingState(RoutingSettings):
+    """GET and PATCH /routing: the routing in force and its version (one more with each change). With
+    replicas, every replica reads this one state; `x-xlora-routing-version` names it on each response."""
+
+    version: int = Field(description="0 for the config's routing, one more with each PATCH")
+
+
 class RoutingUpdate(_Request):
     """A partial update: only the fields sent change. `top_k: null` means dense."""
 
@@ -190,6 +197,7 @@ class ScalingsSummary(BaseModel):
     adapter_names: list[str]
     mean_scalings: list[float] = Field(description="mean over tokens and layers, one per adapter")
     routing: RoutingSettings
+    replica: str | None = Field(None, description="the replica that served the request (x-xlora-replica)")
 
 
 class ScalingsLog(BaseModel):
