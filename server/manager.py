@@ -27,6 +27,7 @@ from server.routing_state import (
     LocalRoutingState,
     RoutingSnapshot,
     RoutingState,
+    StateFileError,
     config_routing,
     note_new_snapshot,
     request_snapshot,
@@ -210,7 +211,10 @@ class ModelManager:
             current = await self.routing_state.current()
             note_new_snapshot(current)  # merge_routing reads the request's snapshot
             new = self.merge_routing(update, param_prefix="")
-            stored = await self.routing_state.compare_and_set(current.version, new)
+            try:
+                stored = await self.routing_state.compare_and_set(current.version, new)
+            except StateFileError as exc:  # the change is not made: a restart would lose it
+                raise APIError(500, str(exc), code="state_file_error") from None
             if stored is not None:
                 note_new_snapshot(stored)
                 self.note_routing(stored)
