@@ -14,6 +14,10 @@ keeps while any replica comes and goes, health-checks, and removes with the depl
   also keeps it in that file (on the actor's node), so it survives the actor's own restart.
 - `scalings_log` (`SharedScalingsLog`): the deployment's one bounded scalings log; entries name their replica.
 
+Metrics: each replica's samples carry `replica="<id>"`; `RayMetricsExporter` copies them into Ray's metrics
+every few seconds, so Ray's metrics agent exports every replica's on its node's metrics port (as `ray_xlora_...`),
+where Prometheus finds them through Ray's service discovery file (README: "Scaling out").
+
 A replica takes traffic only once its model is loaded: its ASGI start-up waits for the loader, and Serve
 routes to a replica only after that start-up has finished; `check_health` fails if its model worker died.
 """
@@ -189,6 +193,39 @@ class SharedScalingsStore:
         return await self.actor.call("clear")
 
 
+class RayMetricsExporter:
+    """Copies one replica's Prometheus samples into Ray's own metrics (ray.util.metrics), each sample a gauge with
+    the same name and labels (counters and histogram buckets included: their values are cumulative), so Ray's
+    metrics agent exports them with the node's other metrics."""
+
+    def __init__(self, metrics: Metrics, period_s: float = 5.0) -> None:
+        self.metrics = metrics
+        self.period_s = period_s
+        self._gauges: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def export_once(self) -> None:
+        from ray.util.metrics import Gauge
+
+        for metric in self.metrics.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_created"):  # creation timestamps: not worth a series each
+                    continue
+                keys = tuple(sorted(sample.labels))
+                gauge = self._gauges.get((sample.name, keys))
+                if gauge is None:
+                    gauge = Gauge(sample.name, description=metric.documentation or sample.name, tag_keys=keys)
+                    self._gauges[(sample.name, keys)] = gauge
+                gauge.set(sample.value, tags=dict(sample.labels))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.export_once()
+            except Exception as exc:  # noqa: BLE001 - metrics must never take a replica down
+                log.warning("exporting metrics to Ray failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.period_s)
+
+
 # -----------------------------------------------------------------------------
 # the replica
 
@@ -200,21 +237,28 @@ class XLoraReplica:
     async def __init__(self, settings: Settings) -> None:
         _keep_replica_grpc_on_loopback()
         self.settings = settings
+        self.fatal: str | None = None  # set if the model cannot load or its worker dies
         replica = serve.get_replica_context().replica_tag
         routing_state = RayRoutingState(_DeploymentActor(ROUTING_ACTOR))
         await routing_state.connect()  # the model loads with the deployment's current routing
         scalings = SharedScalingsStore(_DeploymentActor(SCALINGS_ACTOR), settings.server.scalings_log_size, replica)
         self.manager = ModelManager(settings, Metrics(replica=replica), routing_state, scalings, replica)
+        self._exporter = asyncio.get_running_loop().create_task(RayMetricsExporter(self.manager.metrics).run())
         log.info("replica %s starting with routing version %d", replica, routing_state.last_seen().version)
 
     def __serve_build_asgi_app__(self):
         # load_before_serving: start-up (and so Serve's readiness) waits for the model.
-        return create_app(self.settings, AuthSettings.from_env(), manager=self.manager, load_before_serving=True)
+        return create_app(self.settings, AuthSettings.from_env(), on_fatal=self._on_fatal, manager=self.manager,
+                          load_before_serving=True)
+
+    def _on_fatal(self, message: str) -> None:
+        log.error("replica unusable: %s", message)
+        self.fatal = message
 
     def check_health(self) -> None:
-        """Serve's health check: a replica whose model worker died is replaced."""
-        if self.manager.state not in ("ready", "draining"):
-            raise RuntimeError(f"model {self.manager.state}: {self.manager.error}")
+        """Serve's health check: a replica whose model worker died (or never loaded) is replaced."""
+        if self.fatal is not None or self.manager.state not in ("ready", "draining"):
+            raise RuntimeError(self.fatal or f"model {self.manager.state}: {self.manager.error}")
 
 
 def xlora_deployment(settings: Settings, **options: Any) -> serve.Deployment:

@@ -224,6 +224,23 @@ def test_metrics_carry_the_replica(client):
     assert lines == [f'xlora_model_loaded{{replica="{replica}"}} 1.0'], lines
 
 
+def test_ray_exports_every_replicas_metrics(ray_url):
+    """Ray's metrics agent (the node's metrics export port, what Prometheus scrapes) has both replicas' samples."""
+    replicas = _wait_for_replicas(ray_url[0], 2)
+    (node,) = ray.nodes()
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.monotonic() + 90  # Ray's agent reports every few seconds
+    while True:
+        text = httpx.get(url, timeout=10).text
+        loaded = {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
+                  if line.startswith("ray_xlora_model_loaded{") and line.endswith(" 1.0")}
+        if replicas <= loaded:
+            break
+        assert time.monotonic() < deadline, f"replicas {replicas}, exported: {loaded}"
+        time.sleep(2)
+    assert "ray_xlora_generated_tokens_total{" in text
+
+
 def test_a_killed_replica_is_replaced_with_the_current_routing(ray_url, client, restore_routing):
     """ray.kill one replica while streams run on both: the streams on the other finish, requests that start
     after the kill all succeed (none gets a 503 while the replacement loads), and the replacement serves the
