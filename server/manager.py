@@ -193,10 +193,10 @@ class ModelManager:
     @property
     def routing(self):
         """The routing in force for this request: the snapshot it started with (server/routing_state.py)."""
-        snapshot = request_snapshot()
-        return (snapshot or self.routing_state.last_seen()).routing
+        return self.routing_snapshot().routing
 
     def routing_snapshot(self) -> RoutingSnapshot:
+        """This request's snapshot; outside a request, the newest this process has seen."""
         return request_snapshot() or self.routing_state.last_seen()
 
     def note_routing(self, snapshot: RoutingSnapshot) -> None:
