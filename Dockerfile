@@ -30,6 +30,8 @@ FROM base AS builder
 # torch build: the CPU wheel by default; for CUDA pass the index of your CUDA version (cu126, cu128, ...)
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Optional extras: "ray" for the Ray Serve replicas (deploy/kuberay-rayservice.yaml); none by default.
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY scripts/ scripts/
@@ -37,7 +39,7 @@ COPY xlora_core/ xlora_core/
 COPY server/ server/
 # The GGUF cache key includes the file's mtime; whole seconds survive every layer export and COPY, so the
 # model converted below is found again when the container runs.
-RUN TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" scripts/install.sh /opt/venv \
+RUN TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" scripts/install.sh /opt/venv "${EXTRAS}" \
     && gguf=$(/opt/venv/bin/python -c 'from xlora_core.base_model import default_gguf_path; print(default_gguf_path())') \
     && touch -m -d "@$(stat -c %Y "$gguf")" "$gguf"
 

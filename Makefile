@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-load bench-soak experts router eval clean
+.PHONY: install serve test lint bench bench-load bench-soak bench-scale experts router eval clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/constraints.txt
 	EDITABLE=1 scripts/install.sh $(VENV) dev
@@ -27,6 +27,10 @@ bench: $(STAMP)
 
 bench-load: $(STAMP)
 	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --max-new-tokens 32 --torch-threads 1
+
+# The plain server against Ray Serve with 1 and 2 replicas (1 torch thread each), 8 clients (README: "Scaling out").
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale --config $(CONFIG) --clients 8 --requests 4 --max-new-tokens 32
 
 bench-soak: $(STAMP)
 	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8 --torch-threads 1

@@ -88,7 +88,7 @@ def config_copy(config: Path, folder: Path, overrides: dict[str, dict] | None = 
 class Server:
     """`python -m server --config X --host 127.0.0.1 --port P`, output to a log file; SIGTERM (then kill) on stop."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -96,7 +96,8 @@ class Server:
         env["PYTHONUNBUFFERED"] = "1"
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "server", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port),
+             *(extra_args or [])],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

@@ -1,4 +1,7 @@
-"""`xlora-serve --config FILE [--host H] [--port P]` (also `python -m server`).
+"""`xlora-serve --config FILE [--host H] [--port P] [--replicas N]` (also `python -m server`).
+
+With --replicas N: N replicas on Ray Serve behind one endpoint (server/ray_app.py), on a local Ray cluster
+this command starts on 127.0.0.1 (or joins the one at --ray-address); it stops them on SIGTERM or SIGINT.
 
 Exit codes: 0 after a clean (signalled) shutdown, 2 for a bad config, 1 if the model cannot be loaded.
 SIGTERM or SIGINT drains: /ready and new generations answer 503, requests in flight finish (up to
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -63,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config file (see configs/default.yaml)")
     parser.add_argument("--host", help="overrides server.host")
     parser.add_argument("--port", type=int, help="overrides server.port")
+    parser.add_argument("--replicas", type=int,
+                        help="serve with N replicas on Ray Serve (needs pip install 'xlora-server[ray]')")
+    parser.add_argument("--ray-address",
+                        help="with --replicas: join this Ray cluster (e.g. auto) instead of starting one on 127.0.0.1")
     args = parser.parse_args(argv)
+    if args.replicas is not None and args.replicas < 1:
+        parser.error("--replicas must be at least 1")
 
     try:
         settings = load_settings(args.config)
@@ -75,12 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.port is not None:
         settings.server.port = args.port
 
-    from sse_starlette.sse import AppStatus
-
-    from server.app import create_app
     from server.logs import setup_logging
 
     setup_logging(settings.logging.level, settings.logging.format)
+    if args.replicas is not None:
+        return _serve_on_ray(settings, args.replicas, args.ray_address)
+
+    from sse_starlette.sse import AppStatus
+
+    from server.app import create_app
+    from server.routing_state import StateFileError
     # sse-starlette would end every stream at the first signal; we drain them instead.
     AppStatus.disable_automatic_graceful_drain()
 
@@ -93,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         access_log=settings.logging.level == "debug",
     )
     server = DrainingServer(config, settings.server.shutdown_grace_s)
-    app = create_app(settings, AuthSettings.from_env(), on_fatal=server.stop_fatal)
+    try:
+        app = create_app(settings, AuthSettings.from_env(), on_fatal=server.stop_fatal)
+    except StateFileError as exc:
+        print(f"xlora-serve: cannot start: {exc}", file=sys.stderr)
+        return 1
     server.manager = app.state.manager
     config.app = app
     server.run()
@@ -101,6 +119,49 @@ def main(argv: list[str] | None = None) -> int:
     if server.fatal is not None:
         print(f"xlora-serve: cannot start: {server.fatal}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _serve_on_ray(settings, replicas: int, ray_address: str | None) -> int:
+    """Start (or join) a Ray cluster, run the Serve application, wait for a signal, stop what was started."""
+    if ray_address is None:
+        # Ray's single-machine setting: read when ray is first imported, so before the import below.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray
+        from ray import serve
+
+        from server.ray_app import start_local_cluster, xlora_application
+    except ImportError as exc:
+        print(f"xlora-serve: --replicas needs Ray Serve: pip install 'xlora-server[ray]' ({exc})", file=sys.stderr)
+        return 2
+
+    stop = {"signal": None}
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        stop["signal"] = sig
+
+    if ray_address is None:
+        start_local_cluster()
+    else:
+        ray.init(address=ray_address)
+    try:
+        serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
+        app = xlora_application(settings, num_replicas=replicas,
+                                ray_actor_options={"num_cpus": settings.model.torch_threads or 1})
+        serve.run(app, name="xlora", route_prefix="/")  # returns once every replica has loaded its model
+        log.info("%d replicas serving on http://%s:%d", replicas, settings.server.host, settings.server.port)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while stop["signal"] is None:
+            time.sleep(0.5)
+        log.info("signal %s: stopping the replicas", signal.Signals(stop["signal"]).name)
+    except Exception as exc:  # noqa: BLE001 - a deployment that cannot start: say why, exit non-zero
+        print(f"xlora-serve: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -17,6 +17,7 @@ from server.logs import RequestIdMiddleware
 from server.manager import ModelManager
 from server.metrics import Metrics
 from server.routes import generate, health, openai, routing, scalings
+from server.routing_state import RoutingSnapshotMiddleware
 from server.settings import AuthSettings, Settings
 
 log = logging.getLogger("xlora.server")
@@ -26,16 +27,24 @@ def create_app(
     settings: Settings,
     auth: AuthSettings | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    manager: ModelManager | None = None,
+    load_before_serving: bool = False,
 ) -> FastAPI:
     """The app for one config. `on_fatal(message)` is called if the model cannot be loaded (the
-    command line uses it to stop the server with a non-zero exit code)."""
-    metrics = Metrics()
-    manager = ModelManager(settings, metrics)
+    command line uses it to stop the server with a non-zero exit code). A Ray Serve replica passes its own
+    `manager` (shared routing state and scalings log) and `load_before_serving`: its start-up ends only once
+    the model is loaded, so Serve sends it no traffic before then."""
+    manager = manager or ModelManager(settings, Metrics())
+    metrics = manager.metrics
     manager.on_fatal = on_fatal
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.start_loading()  # in a thread: /health answers while the model loads
+        if load_before_serving:
+            await asyncio.to_thread(manager.wait_loaded)
+            if manager.state != "ready":
+                raise RuntimeError(f"the model failed to load: {manager.error}")
         yield
         manager.begin_draining()
         await asyncio.to_thread(manager.shutdown)
@@ -57,6 +66,11 @@ def create_app(
     # Last added is outermost: metrics see every answer, including 413s from the body limit; the request id
     # (and the summary log line) cover everything.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    # Every request reads the routing state once; every response names the replica and the routing version.
+    app.add_middleware(
+        RoutingSnapshotMiddleware, state=manager.routing_state, replica=manager.replica,
+        on_new_snapshot=manager.note_routing,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

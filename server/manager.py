@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -23,7 +25,16 @@ import torch
 from server.errors import APIError
 from server.jobs import GenerationJob
 from server.metrics import Metrics
-from server.scalings_log import RequestScalingsLog
+from server.routing_state import (
+    LocalRoutingState,
+    RoutingSnapshot,
+    RoutingState,
+    StateFileError,
+    config_routing,
+    note_new_snapshot,
+    request_snapshot,
+)
+from server.scalings_store import LocalScalingsStore
 from server.scheduler import Scheduler
 from server.schemas import GenerationRequest, RoutingUpdate
 from server.settings import Settings
@@ -35,17 +46,36 @@ log = logging.getLogger("xlora.manager")
 State = Literal["loading", "ready", "failed", "draining"]
 
 
+def process_replica_name() -> str:
+    """The single-process server's name in x-xlora-replica and scalings entries: host and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class ModelManager:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    """`routing_state` and `scalings_log` default to this process's own (single-process server); the Ray
+    Serve replicas (server/ray_app.py) pass the deployment's shared ones."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        routing_state: RoutingState | None = None,
+        scalings_log: LocalScalingsStore | None = None,
+        replica: str | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.scalings_log = RequestScalingsLog(settings.server.scalings_log_size)
+        self.replica = replica or process_replica_name()
+        self.scalings_log = scalings_log or LocalScalingsStore(settings.server.scalings_log_size, self.replica)
+        # The routing in force and its version; a PATCH replaces it whole (xlora_core.Routing is frozen).
+        self.routing_state: RoutingState = routing_state or LocalRoutingState(
+            config_routing(settings.routing), settings.state_file_path(), f"{settings.source}: routing"
+        )
         self.state: State = "loading"
         self.error: str | None = None
         self.model = None
         self.tokenizer = None
         self.scheduler: Scheduler | None = None
-        self.routing: Routing | None = None  # in force; replaced whole, never mutated
         self.model_name = settings.model.name or _default_name(settings)
         self.context_length: int | None = None
         self.eos_token_id: int | list[int] | None = None
@@ -56,6 +86,11 @@ class ModelManager:
     def start_loading(self) -> None:
         self._thread = threading.Thread(target=self._load, name="xlora-loader", daemon=True)
         self._thread.start()
+
+    def wait_loaded(self) -> None:
+        """Block until loading has ended (ready or failed)."""
+        if self._thread is not None:
+            self._thread.join()
 
     def _load(self) -> None:
         try:
@@ -98,13 +133,13 @@ class ModelManager:
             raise ValueError(f"{s.source}: xlora: give a checkpoint, adapters, or both")
         model.eval()
 
+        routing = self.routing_state.last_seen().routing  # the config's, or the state file's, or the deployment's
         try:
-            routing = Routing(s.routing.top_k, s.routing.global_scaling_weight, s.routing.freeze_after)
             routing.validate(len(model.adapter_names))
         except ParameterError as exc:
-            raise ValueError(f"{s.source}: routing.{exc}") from None
+            raise ValueError(f"{self.routing_state.source}.{exc}") from None
 
-        self.model, self.tokenizer, self.routing = model, tokenizer, routing
+        self.model, self.tokenizer = model, tokenizer
         self.context_length = getattr(base.config, "max_position_embeddings", None)
         self.metrics.set_routing(routing)
         self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
@@ -150,12 +185,35 @@ class ModelManager:
     def adapter_names(self) -> list[str]:
         return list(self.model.adapter_names) if self.model is not None else []
 
-    def set_routing(self, update: RoutingUpdate):
-        """Apply a PATCH: validate the merged settings first, then swap them in whole."""
-        new = self.merge_routing(update, param_prefix="")
-        self.routing = new
-        self.metrics.set_routing(new)
-        return new
+    @property
+    def routing(self):
+        """The routing in force for this request: the snapshot it started with (server/routing_state.py)."""
+        return self.routing_snapshot().routing
+
+    def routing_snapshot(self) -> RoutingSnapshot:
+        """This request's snapshot; outside a request, the newest this process has seen."""
+        return request_snapshot() or self.routing_state.last_seen()
+
+    def note_routing(self, snapshot: RoutingSnapshot) -> None:
+        """A newer routing was seen (a PATCH here or through another replica): the gauges follow it."""
+        self.metrics.set_routing(snapshot.routing)
+
+    async def set_routing(self, update: RoutingUpdate) -> RoutingSnapshot:
+        """Apply a PATCH: merge it into the newest snapshot, validate, and store it if no other change came
+        in between (else merge again into that one); the new snapshot is returned and in force for every
+        request that starts after this returns, on every replica."""
+        while True:
+            current = await self.routing_state.current()
+            note_new_snapshot(current)  # merge_routing reads the request's snapshot
+            new = self.merge_routing(update, param_prefix="")
+            try:
+                stored = await self.routing_state.compare_and_set(current.version, new)
+            except StateFileError as exc:  # the change is not made: a restart would lose it
+                raise APIError(500, str(exc), code="state_file_error") from None
+            if stored is not None:
+                note_new_snapshot(stored)
+                self.note_routing(stored)
+                return stored
 
     def merge_routing(self, update: RoutingUpdate | None, param_prefix: str = "routing.") -> Routing:
         """The routing in force with the fields the request set; 422 naming the field if invalid."""

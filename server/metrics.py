@@ -1,11 +1,15 @@
-"""Prometheus metrics, in a registry of their own (so tests and several apps in one process do not clash)."""
+"""Prometheus metrics, in a registry of their own (so tests and several apps in one process do not clash).
+
+A Ray Serve replica passes its replica id: every sample it renders then carries a `replica` label.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 if TYPE_CHECKING:
     from xlora_core import Routing
@@ -17,7 +21,8 @@ _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, replica: str | None = None) -> None:
+        self.replica = replica
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -80,5 +85,12 @@ class Metrics:
         for index, name in enumerate(adapter_names):
             self.mean_scaling.labels(adapter=name).set_function(lambda i=index: mean_of(i))
 
+    def collect(self) -> Iterator[Metric]:
+        """Every metric, each sample labelled with the replica when there is one."""
+        for metric in self.registry.collect():
+            if self.replica is not None:
+                metric.samples = [s._replace(labels={**s.labels, "replica": self.replica}) for s in metric.samples]
+            yield metric
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self)

@@ -24,6 +24,7 @@ class ScalingsEntry:
     scalings: torch.Tensor  # [tokens processed, layers, adapters], float32 on the CPU
     frozen_from: int | None = None  # first position whose scalings are the frozen ones (Routing.freeze_after)
     created: float = field(default_factory=time.time)
+    replica: str | None = None  # the replica (process) that served the request; set by the scalings store
     mean: list[float] = field(init=False)  # per adapter, over tokens and layers; computed once
 
     def __post_init__(self) -> None:
@@ -42,6 +43,7 @@ class ScalingsEntry:
             "mean_scalings": self.mean,
             "routing": self.routing,
             "frozen_from": self.frozen_from,
+            "replica": self.replica,
         }
 
     def detail(self) -> dict:

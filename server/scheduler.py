@@ -24,7 +24,8 @@ from server.errors import APIError
 from server.jobs import DoneEvent, ErrorEvent, GenerationJob, QueueFullError, TokenEvent
 from server.logs import note_request
 from server.metrics import Metrics
-from server.scalings_log import RequestScalingsLog, ScalingsEntry
+from server.scalings_log import ScalingsEntry
+from server.scalings_store import ScalingsWriter
 from xlora_core import BatchRow, DecodeBatch, Generated, XLoraModel
 
 log = logging.getLogger("xlora.scheduler")
@@ -39,7 +40,7 @@ class Scheduler:
         max_batch_size: int,
         max_queue: int,
         metrics: Metrics,
-        scalings_log: RequestScalingsLog,
+        scalings_log: ScalingsWriter,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer

@@ -85,6 +85,13 @@ class RoutingSettings(BaseModel):
     freeze_after: int | None = Field(None, description=_FREEZE_AFTER_DOC)
 
 
+class RoutingState(RoutingSettings):
+    """GET and PATCH /routing: the routing in force and its version (one more with each change). With
+    replicas, every replica reads this one state; `x-xlora-routing-version` names it on each response."""
+
+    version: int = Field(description="0 for the config's routing, one more with each PATCH")
+
+
 class RoutingUpdate(_Request):
     """A partial update: only the fields sent change. `top_k: null` means dense, `freeze_after: null` granular."""
 
@@ -284,6 +291,7 @@ class ScalingsSummary(BaseModel):
     frozen_from: int | None = Field(
         None, description="first position whose scalings are frozen (routing.freeze_after); null if none were"
     )
+    replica: str | None = Field(None, description="the replica that served the request (x-xlora-replica)")
 
 
 class ScalingsLogResponse(BaseModel):

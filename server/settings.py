@@ -98,6 +98,9 @@ class ServerSection(_Section):
     scalings_log_size: int = Field(128, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     shutdown_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+    state_file: str | None = Field(
+        None, description="JSON file keeping PATCH /routing across restarts (written atomically); null = not kept"
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSection:
@@ -138,6 +141,8 @@ class Settings(_Section):
 
     def ordering_path(self) -> str | None:
         return None if self.xlora.ordering is None else self.resolve_path(self.xlora.ordering)
+    def state_file_path(self) -> str | None:
+        return None if self.server.state_file is None else self.resolve_path(self.server.state_file)
 
     def adapter_dirs(self) -> dict[str, str] | None:
         if self.xlora.adapters is None:

@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# xlora-serve configs; configs/ holds Ray Serve configs too (an `applications:` list; tests/test_ray_configs.py).
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").glob("*.yaml") if "applications" not in (yaml.safe_load(p.read_text()) or {})
+)
 # What the Dockerfile's builder stage copies: all that scripts/install.sh needs to install the project.
 INSTALL_SOURCES = ["pyproject.toml", "README.md", "scripts", "xlora_core", "server"]
 

@@ -18,9 +18,14 @@ from .conftest import EXPERTS
 @pytest.fixture()
 def restore_routing(client):
     """Tests that PATCH the shared server put its routing back afterwards."""
-    before = client.get("/routing").json()
+    before = settings_of(client.get("/routing").json())
     yield
     client.patch("/routing", json=before).raise_for_status()
+
+
+def settings_of(state: dict) -> dict:
+    """GET/PATCH /routing's body without its version: the fields a PATCH sends."""
+    return {k: v for k, v in state.items() if k != "version"}
 
 
 def generate(client: httpx.Client, **body) -> dict:
@@ -146,7 +151,8 @@ def test_per_request_routing_applies_to_that_request_only(client):
     off = generate(client, prompt="route me", max_new_tokens=10, routing={"global_scaling_weight": 0.0})
     assert off["routing"] == {"top_k": None, "global_scaling_weight": 0.0, "freeze_after": None}
     assert len({dense["text"], top1["text"], off["text"]}) > 1  # routing changes what the model says
-    assert client.get("/routing").json() == {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
+    dense_settings = {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
+    assert settings_of(client.get("/routing").json()) == dense_settings
 
 
 # -----------------------------------------------------------------------------
@@ -154,15 +160,20 @@ def test_per_request_routing_applies_to_that_request_only(client):
 
 
 def test_patch_routing(client, restore_routing):
+    version = client.get("/routing").json()["version"]
     r = client.patch("/routing", json={"top_k": 2})
-    assert r.status_code == 200 and r.json() == {"top_k": 2, "global_scaling_weight": 1.0, "freeze_after": None}
-    r = client.patch("/routing", json={"global_scaling_weight": 0.5})
-    # unsent fields keep their value
-    assert r.json() == {"top_k": 2, "global_scaling_weight": 0.5, "freeze_after": None}
-    assert client.get("/routing").json() == {"top_k": 2, "global_scaling_weight": 0.5, "freeze_after": None}
-    assert generate(client, prompt="x", max_new_tokens=2)["routing"] == {
-        "top_k": 2, "global_scaling_weight": 0.5, "freeze_after": None
+    assert r.status_code == 200 and r.json() == {
+        "top_k": 2, "global_scaling_weight": 1.0, "freeze_after": None, "version": version + 1
     }
+    assert r.headers["x-xlora-routing-version"] == str(version + 1)
+    r = client.patch("/routing", json={"global_scaling_weight": 0.5})
+    # unsent fields keep their value; each change is a new version
+    expected = {"top_k": 2, "global_scaling_weight": 0.5, "freeze_after": None}
+    assert r.json() == {**expected, "version": version + 2}
+    assert client.get("/routing").json() == {**expected, "version": version + 2}
+    r = client.post("/generate", json={"prompt": "x", "max_new_tokens": 2})
+    assert r.json()["routing"] == expected
+    assert r.headers["x-xlora-routing-version"] == str(version + 2) and r.headers["x-xlora-replica"]
     r = client.patch("/routing", json={"top_k": None})
     assert r.json()["top_k"] is None  # null = dense
     assert "xlora_routing_global_scaling_weight 0.5" in client.get("/metrics").text
@@ -187,7 +198,7 @@ def test_patch_during_a_running_generation(client, restore_routing, server):
                         running = metric(other.get("/metrics").text, "xlora_running_requests")
             else:
                 done = data
-    assert patched == {"top_k": 1, "global_scaling_weight": 3.0, "freeze_after": None}
+    assert settings_of(patched) == {"top_k": 1, "global_scaling_weight": 3.0, "freeze_after": None}
     assert running == 1, "the generation had already finished when the PATCH returned"
     assert done["usage"]["completion_tokens"] > 3
     assert done["routing"] == {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}

@@ -137,7 +137,7 @@ def test_patch_racing_twenty_generations(client, server):
         with ThreadPoolExecutor(21) as pool:
             patched = pool.submit(patch)
             answers = list(pool.map(ask, range(20)))
-        assert patched.result() == new
+        assert {k: v for k, v in patched.result().items() if k != "version"} == new
         seen = set()
         for out in answers:
             key = json.dumps(out["routing"])

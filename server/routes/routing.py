@@ -6,23 +6,29 @@ from fastapi import APIRouter, Depends
 
 from server.deps import ready_manager, require_admin
 from server.manager import ModelManager
-from server.schemas import RoutingSettings, RoutingUpdate, error_responses
+from server.routing_state import RoutingSnapshot
+from server.schemas import RoutingState, RoutingUpdate, error_responses
 
 router = APIRouter(tags=["routing"])
 
 
-@router.get("/routing", response_model=RoutingSettings, responses=error_responses(503))
-async def get_routing(manager: ModelManager = Depends(ready_manager)) -> RoutingSettings:
-    return RoutingSettings(**manager.routing.to_dict())
+def _state(snapshot: RoutingSnapshot) -> RoutingState:
+    return RoutingState(**snapshot.routing.to_dict(), version=snapshot.version)
+
+
+@router.get("/routing", response_model=RoutingState, responses=error_responses(503))
+async def get_routing(manager: ModelManager = Depends(ready_manager)) -> RoutingState:
+    return _state(manager.routing_snapshot())
 
 
 @router.patch(
     "/routing",
-    response_model=RoutingSettings,
+    response_model=RoutingState,
     dependencies=[Depends(require_admin)],
     responses=error_responses(400, 401, 422, 503),
 )
-async def patch_routing(update: RoutingUpdate, manager: ModelManager = Depends(ready_manager)) -> RoutingSettings:
-    """Change the defaults for requests that start after this returns; requests in flight keep theirs.
-    Send only the fields to change; `top_k: null` means dense, `freeze_after: null` granular."""
-    return RoutingSettings(**manager.set_routing(update).to_dict())
+async def patch_routing(update: RoutingUpdate, manager: ModelManager = Depends(ready_manager)) -> RoutingState:
+    """Change the defaults for requests that start after this returns (on every replica); requests in flight
+    keep theirs. Send only the fields to change; `top_k: null` means dense, `freeze_after: null` granular.
+    The version goes up by one."""
+    return _state(await manager.set_routing(update))

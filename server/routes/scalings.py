@@ -1,4 +1,4 @@
-"""/scalings: the router's expert mix for recent requests (a bounded log)."""
+"""/scalings: the router's expert mix for recent requests (a bounded log; with replicas, the deployment's)."""
 
 from __future__ import annotations
 
@@ -26,29 +26,29 @@ async def list_scalings(
     """Recent requests, oldest first: token counts and mean scaling per adapter."""
     log = manager.scalings_log
     if bucketed:
-        return BucketedScalingsLog(capacity=log.capacity, buckets=log.bucketed())
-    return ScalingsLogResponse(capacity=log.capacity, entries=[e.summary() for e in log.entries()])
+        return BucketedScalingsLog(capacity=log.capacity, buckets=await log.bucketed())
+    return ScalingsLogResponse(capacity=log.capacity, entries=await log.summaries())
 
 
 @router.get("/scalings/latest", response_model=ScalingsDetail, responses=error_responses(404))
 async def latest_scalings(manager: ModelManager = Depends(get_manager)) -> ScalingsDetail:
-    entry = manager.scalings_log.latest()
+    entry = await manager.scalings_log.latest()
     if entry is None:
         raise APIError(404, "no request has finished yet (or the log was cleared)", code="not_found")
-    return ScalingsDetail(**entry.detail())
+    return ScalingsDetail(**entry)
 
 
 @router.get("/scalings/{request_id}", response_model=ScalingsDetail, responses=error_responses(404))
 async def one_request_scalings(request_id: str, manager: ModelManager = Depends(get_manager)) -> ScalingsDetail:
     """Per-token, per-layer scalings of one request (while it is still in the log)."""
-    entry = manager.scalings_log.get(request_id)
+    entry = await manager.scalings_log.detail(request_id)
     if entry is None:
         raise APIError(404, f"no request {request_id!r} in the scalings log", param="request_id", code="not_found")
-    return ScalingsDetail(**entry.detail())
+    return ScalingsDetail(**entry)
 
 
 @router.delete(
     "/scalings", response_model=Cleared, dependencies=[Depends(require_admin)], responses=error_responses(401)
 )
 async def clear_scalings(manager: ModelManager = Depends(get_manager)) -> Cleared:
-    return Cleared(cleared=manager.scalings_log.clear())
+    return Cleared(cleared=await manager.scalings_log.clear())
