@@ -359,6 +359,7 @@ class Scheduler:
                 adapter_names=self.model.adapter_names,
                 routing=routing_dict(job.routing),
                 scalings=scalings,
+                token_ids=list(job.prompt_ids) + list(dec.completion_ids),
             )
         )
         self.metrics.generations.labels(outcome=finish_reason).inc()
