@@ -12,7 +12,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from server.deps import get_manager, ready_manager, require_api_key
+from server.deps import get_manager, ready_manager
 from server.errors import APIError, error_body
 from server.logs import note_generation, note_request
 from server.manager import ModelManager, sampling_settings
@@ -35,7 +35,7 @@ from server.scheduler import DoneEvent, ErrorEvent, GenerationJob, TokenEvent, r
 from server.schemas import TokenScalings, Usage, error_responses, sse_doc
 from server.streaming import events_from, first_event, wait_done
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 _ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503, 504)
 _STREAM_DOC = sse_doc(

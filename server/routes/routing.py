@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from server.deps import ready_manager, require_admin
+from server.deps import ready_manager
 from server.manager import ModelManager
 from server.scheduler import routing_dict
 from server.schemas import RoutingSettings, RoutingUpdate, error_responses
@@ -20,7 +20,6 @@ async def get_routing(manager: ModelManager = Depends(ready_manager)) -> Routing
 @router.patch(
     "/routing",
     response_model=RoutingSettings,
-    dependencies=[Depends(require_admin)],
     responses=error_responses(400, 401, 422, 503),
 )
 async def patch_routing(update: RoutingUpdate, manager: ModelManager = Depends(ready_manager)) -> RoutingSettings:
