@@ -59,8 +59,7 @@ def route_levels(server: ServerSection) -> dict[tuple[str, str], Level]:
         ("GET", "/openapi.json"): docs,
         ("GET", "/docs"): docs,
         ("GET", "/docs/oauth2-redirect"): docs,
-        ("GET", "/redoc"): docs,
-        ("GET", "/docs/assets/{name}"): PUBLIC,  # Swagger UI's and ReDoc's own files
+        ("GET", "/docs/assets/{name}"): PUBLIC,  # Swagger UI's own files
         ("GET", "/dashboard"): PUBLIC,  # the page only: its data comes from the routes above, at their levels
         ("GET", "/dashboard/assets/{name}"): PUBLIC,
     }

@@ -90,7 +90,7 @@ class ServerSection(_Section):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     shutdown_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)
     metrics_require_key: bool = Field(False, description="/metrics at client level (XLORA_API_KEY) instead of public")
-    docs_require_key: bool = Field(False, description="/docs, /redoc, /openapi.json at client level")
+    docs_require_key: bool = Field(False, description="/docs and /openapi.json at client level")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSection:

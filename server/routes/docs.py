@@ -1,8 +1,9 @@
-"""/openapi.json, /docs (Swagger UI) and /redoc, with their script and style files served by the app itself.
+"""/openapi.json and /docs (Swagger UI), with Swagger UI's script and style files served by the app itself.
 
 FastAPI's own docs pages load Swagger UI and ReDoc from a CDN: a blank page on an offline machine. The files
 come from the fastapi-offline package instead. These are ordinary routes, so the access policy covers them
-(`server.docs_require_key`).
+(`server.docs_require_key`). There is no /redoc: ReDoc's bundle loads its logo from its vendor's CDN, so the
+page would call outside every time it is opened.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import fastapi_offline
 from fastapi import APIRouter, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from server.errors import APIError
@@ -21,7 +22,6 @@ _ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 _ASSETS = {
     "swagger-ui-bundle.js": "text/javascript",
     "swagger-ui.css": "text/css",
-    "redoc.standalone.js": "text/javascript",
     "favicon.png": "image/png",
 }
 
@@ -50,17 +50,6 @@ async def swagger_ui(request: Request) -> HTMLResponse:
 @router.get("/docs/oauth2-redirect")
 async def swagger_ui_redirect() -> HTMLResponse:
     return get_swagger_ui_oauth2_redirect_html()
-
-
-@router.get("/redoc")
-async def redoc(request: Request) -> HTMLResponse:
-    return get_redoc_html(
-        openapi_url="/openapi.json",
-        title=f"{request.app.title} - ReDoc",
-        redoc_js_url="/docs/assets/redoc.standalone.js",
-        redoc_favicon_url="/docs/assets/favicon.png",
-        with_google_fonts=False,
-    )
 
 
 @router.get("/docs/assets/{name}")
