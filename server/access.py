@@ -127,12 +127,7 @@ async def enforce_access(request: Request) -> None:
     """The app-wide dependency: the matched route's level from the table, checked before anything else."""
     method = "GET" if request.method == "HEAD" else request.method
     path, level = request.app.state.route_access[id(request.scope["route"])][method]
-    request.state.caller = require(request, level, f"{method} {path}")
-
-
-def caller_of(request: Request) -> Caller:
-    """The caller that enforce_access identified for this request."""
-    return request.state.caller
+    require(request, level, f"{method} {path}")
 
 
 def check_routes(app: FastAPI, levels: dict[tuple[str, str], Level]) -> dict[int, dict[str, tuple[str, Level]]]:
