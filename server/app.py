@@ -9,14 +9,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.access import check_routes, enforce_access, install_openapi, route_levels
 from server.errors import error_body, install_error_handlers
 from server.logs import RequestIdMiddleware
 from server.manager import ModelManager
 from server.metrics import Metrics
-from server.routes import generate, health, openai, routing, scalings
+from server.routes import dashboard, docs, generate, health, openai, routing, scalings
 from server.routing_state import RoutingSnapshotMiddleware
 from server.settings import AuthSettings, Settings
 
@@ -54,15 +55,24 @@ def create_app(
         version="0.1.0",
         summary="X-LoRA (a mixture of LoRA experts with a learned per-token router) over HTTP",
         lifespan=lifespan,
+        # The docs routes are ours (server/routes/docs.py): offline files, and under the access policy.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        # Every route's level comes from server/access.py; check_routes below refuses a route without one.
+        dependencies=[Depends(enforce_access)],
     )
     app.state.settings = settings
     app.state.auth = auth if auth is not None else AuthSettings.from_env()
     app.state.metrics = metrics
     app.state.manager = manager
+    app.state.route_levels = route_levels(settings.server)
 
     install_error_handlers(app)
-    for module in (health, generate, routing, scalings, openai):
+    for module in (health, generate, routing, scalings, openai, dashboard, docs):
         app.include_router(module.router)
+    app.state.route_access = check_routes(app, app.state.route_levels)
+    install_openapi(app, app.state.route_levels)
     # Last added is outermost: metrics see every answer, including 413s from the body limit; the request id
     # (and the summary log line) cover everything.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)

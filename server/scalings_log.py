@@ -1,7 +1,8 @@
 """A bounded log of recent requests' scalings (the server's `get_scalings_log`).
 
-Each entry keeps the full [token, layer, adapter] scalings so `GET /scalings/{id}` can show them; the
-oldest entry goes when the log is full, so memory stays bounded by `scalings_log_size`.
+Each entry keeps the full [token, layer, adapter] scalings and the token ids (prompt, then completion) so
+`GET /scalings/{id}` can show them; ids become text only when read, with the tokenizer. The oldest entry goes
+when the log is full, so memory stays bounded by `scalings_log_size`.
 """
 
 from __future__ import annotations
@@ -23,15 +24,26 @@ class ScalingsEntry:
     routing: dict
     scalings: torch.Tensor  # [tokens processed, layers, adapters], float32 on the CPU
     frozen_from: int | None = None  # first position whose scalings are the frozen ones (Routing.freeze_after)
+    token_ids: list[int] = field(default_factory=list)  # the prompt's, then the completion's
     created: float = field(default_factory=time.time)
     replica: str | None = None  # the replica (process) that served the request; set by the scalings store
-    mean: list[float] = field(init=False)  # per adapter, over tokens and layers; computed once
+    # Per adapter, over layers and tokens (all, the prompt's, the completion's); computed once.
+    mean: list[float] = field(init=False)
+    prompt_mean: list[float] = field(init=False)
+    completion_mean: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.scalings.numel() == 0:
-            self.mean = [0.0] * len(self.adapter_names)
-        else:
-            self.mean = self.scalings.mean(dim=(0, 1)).tolist()
+        # Position i holds prompt token i; completion token j was chosen by the mix at prompt_tokens - 1 + j
+        # (as TokenScalings of /generate). Kept apart: a chat's shared system turn dominates the overall mean.
+        first_choice = max(self.prompt_tokens - 1, 0)
+        self.mean = self._mean_of(self.scalings)
+        self.prompt_mean = self._mean_of(self.scalings[: self.prompt_tokens])
+        self.completion_mean = self._mean_of(self.scalings[first_choice : first_choice + self.completion_tokens])
+
+    def _mean_of(self, rows: torch.Tensor) -> list[float]:
+        if rows.numel() == 0:
+            return [0.0] * len(self.adapter_names)
+        return rows.mean(dim=(0, 1)).tolist()
 
     def summary(self) -> dict:
         return {
@@ -41,13 +53,22 @@ class ScalingsEntry:
             "completion_tokens": self.completion_tokens,
             "adapter_names": self.adapter_names,
             "mean_scalings": self.mean,
+            "prompt_mean_scalings": self.prompt_mean,
+            "completion_mean_scalings": self.completion_mean,
             "routing": self.routing,
             "frozen_from": self.frozen_from,
             "replica": self.replica,
         }
 
     def detail(self) -> dict:
-        return {**self.summary(), "n_layers": self.scalings.shape[1], "scalings": self.scalings.tolist()}
+        """The summary, the per-token scalings, and the token ids (the route turns those into text for
+        admins only; the response models leave them out)."""
+        return {
+            **self.summary(),
+            "n_layers": self.scalings.shape[1],
+            "scalings": self.scalings.tolist(),
+            "token_ids": self.token_ids,
+        }
 
 
 class RequestScalingsLog:

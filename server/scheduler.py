@@ -228,6 +228,7 @@ class Scheduler:
                 routing=job.routing.to_dict(),
                 scalings=scalings,
                 frozen_from=frozen_from,
+                token_ids=list(job.prompt_ids) + list(dec.completion_ids),
             )
         )
         self.metrics.generations.labels(outcome=finish_reason).inc()

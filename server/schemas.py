@@ -287,6 +287,10 @@ class ScalingsSummary(BaseModel):
     completion_tokens: int
     adapter_names: list[str]
     mean_scalings: list[float] = Field(description="mean over tokens and layers, one per adapter")
+    prompt_mean_scalings: list[float] = Field(description="mean over the prompt's tokens and all layers")
+    completion_mean_scalings: list[float] = Field(
+        description="mean over the completion's tokens (the mix that chose each) and all layers"
+    )
     routing: RoutingSettings
     frozen_from: int | None = Field(
         None, description="first position whose scalings are frozen (routing.freeze_after); null if none were"
@@ -310,15 +314,39 @@ class BucketedScalingsLog(BaseModel):
     buckets: list[ScalingsBucket]
 
 
+class TokenText(BaseModel):
+    text: str = Field(description="the token alone, decoded (a piece of a character may show as U+FFFD)")
+    special: bool = Field(description="a special token of the tokenizer (e.g. the chat template's markers)")
+
+
 class ScalingsDetail(ScalingsSummary):
     n_layers: int
     scalings: list[list[list[float]]] = Field(
-        description="[token][layer][adapter] for each processed token: the prompt, then each generated token"
+        description="[position][layer][adapter] for each processed position: prompt token i at i, completion "
+        "token j chosen by the mix at prompt_tokens - 1 + j (the last token is never processed)"
+    )
+    tokens: list[TokenText] | None = Field(
+        None,
+        description="with include_text=true only (admin level): the prompt's tokens, then the completion's",
     )
 
 
 class Cleared(BaseModel):
     cleared: int
+
+
+# -----------------------------------------------------------------------------
+# access
+
+
+class AccessInfo(BaseModel):
+    """Which secrets this server asks for (never the secrets), so a client such as the dashboard knows."""
+
+    api_key_required: bool = Field(description="client routes need XLORA_API_KEY as a bearer token")
+    admin_token_required: bool = Field(description="admin routes and token texts need XLORA_ADMIN_TOKEN")
+    levels: dict[str, Literal["public", "client", "admin"]] = Field(
+        description="each route's level, keyed 'METHOD /path'"
+    )
 
 
 # -----------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class ServerSection(_Section):
     state_file: str | None = Field(
         None, description="JSON file keeping PATCH /routing across restarts (written atomically); null = not kept"
     )
+    metrics_require_key: bool = Field(False, description="/metrics at client level (XLORA_API_KEY) instead of public")
+    docs_require_key: bool = Field(False, description="/docs and /openapi.json at client level")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSection:

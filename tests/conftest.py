@@ -209,6 +209,22 @@ def server(start_server, world) -> ServerProcess:
     return start_server(server_config(world))
 
 
+API_KEY, ADMIN_TOKEN = "api-secret-3f9c", "admin-secret-7d21"
+
+
+@pytest.fixture(scope="session")
+def secured_server(start_server, world) -> ServerProcess:
+    """A server with both secrets set (XLORA_API_KEY, XLORA_ADMIN_TOKEN) and JSON logs; shared by the auth,
+    access and dashboard tests. Tests that change its routing or clear its log put things back or don't rely
+    on what others left."""
+    config = server_config(world, logging={"format": "json"})
+    return start_server(config, env={"XLORA_API_KEY": API_KEY, "XLORA_ADMIN_TOKEN": ADMIN_TOKEN})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture()
 def client(server) -> httpx.Client:
     with httpx.Client(base_url=server.url, timeout=60) as c:

@@ -276,6 +276,10 @@ def test_install_script_in_a_fresh_venv(tmp_path):
         "import pathlib, sys, torch, xlora_core, server, server.app; "
         "from xlora_core.base_model import default_gguf_path; "
         "assert default_gguf_path().is_file(); "
+        # the dashboard's files are package data, and the docs' offline files come with fastapi-offline
+        "import fastapi_offline; from server.routes import dashboard, docs; "
+        "assert all((dashboard._STATIC / n).is_file() for n in ('index.html', *dashboard._ASSETS)); "
+        "assert all((docs._ASSETS_DIR / n).is_file() for n in docs._ASSETS); "
         "print(torch.__version__, pathlib.Path(xlora_core.__file__).parent, sep='\\n')"
     )
     # cwd is neither the checkout nor the copy, so the imports come from the venv

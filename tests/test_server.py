@@ -281,6 +281,14 @@ def test_scalings_log_endpoints(client):
     detail = client.get(f"/scalings/{rid}").json()
     n_positions = out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] - 1
     assert len(detail["scalings"]) == n_positions
+    assert detail["tokens"] is None  # token texts only with include_text=true
+    # Prompt and completion shares kept apart: the prompt's positions, then the positions that chose each token.
+    n_prompt = out["usage"]["prompt_tokens"]
+    for key, rows in [("prompt_mean_scalings", detail["scalings"][:n_prompt]),
+                      ("completion_mean_scalings", detail["scalings"][n_prompt - 1 :])]:  # fmt: skip
+        expected = [sum(layer[a] for token in rows for layer in token) / (len(rows) * detail["n_layers"])
+                    for a in range(len(EXPERTS))]  # fmt: skip
+        assert entry[key] == pytest.approx(expected, abs=1e-5), key
     assert all(len(layer) == len(EXPERTS) for token in detail["scalings"] for layer in token)
     assert len(detail["scalings"][0]) == detail["n_layers"] >= 1
     assert client.get("/scalings/latest").json()["id"] == rid

@@ -13,7 +13,17 @@ import openai
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .conftest import REPO, ServerProcess, save_char_tokenizer, save_lora_expert, server_config, write_config
+from .conftest import ADMIN_TOKEN as ADMIN
+from .conftest import (
+    API_KEY,
+    REPO,
+    ServerProcess,
+    bearer,
+    save_char_tokenizer,
+    save_lora_expert,
+    server_config,
+    write_config,
+)
 
 
 def run_server(config_path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -102,34 +112,28 @@ def test_routing_top_k_above_the_number_of_experts(tmp_path, world):
 # -----------------------------------------------------------------------------
 # auth: tokens from the environment only
 
-API_KEY, ADMIN = "api-secret", "admin-secret"
 
-
-@pytest.fixture(scope="module")
-def auth_server(start_server, world):
-    # JSON logs here too, so one extra server covers both.
-    config = server_config(world, logging={"format": "json"})
-    proc = start_server(config, env={"XLORA_API_KEY": API_KEY, "XLORA_ADMIN_TOKEN": ADMIN})
-    yield proc
-    proc.stop()
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+@pytest.fixture()
+def auth_server(secured_server):
+    return secured_server
 
 
 def test_generation_needs_the_api_key(auth_server):
     body = {"prompt": "x", "max_new_tokens": 2}
     with httpx.Client(base_url=auth_server.url, timeout=60) as c:
-        for headers in [{}, bearer("wrong"), bearer(ADMIN), {"Authorization": API_KEY}]:
+        for headers in [{}, bearer("wrong"), {"Authorization": API_KEY}, {"Authorization": f"Basic {API_KEY}"}]:
             r = c.post("/generate", json=body, headers=headers)
             assert r.status_code == 401, headers
             assert r.json()["error"]["type"] == "authentication_error"
             assert r.headers["WWW-Authenticate"] == "Bearer"
         assert c.post("/generate", json=body, headers=bearer(API_KEY)).status_code == 200
-        # Probes and read-only views stay open.
-        for path in ["/health", "/ready", "/metrics", "/routing", "/scalings"]:
+        assert c.post("/generate", json=body, headers=bearer(ADMIN)).status_code == 200  # admin includes client
+        # Probes stay open; reading routing and scalings needs the key (tests/test_access.py covers every route).
+        for path in ["/health", "/ready", "/metrics"]:
             assert c.get(path).status_code == 200, path
+        for path in ["/routing", "/scalings"]:
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers=bearer(API_KEY)).status_code == 200, path
 
 
 def test_admin_routes_need_the_admin_token(auth_server):
@@ -137,7 +141,7 @@ def test_admin_routes_need_the_admin_token(auth_server):
         for headers in [{}, bearer(API_KEY)]:
             assert c.patch("/routing", json={"top_k": 1}, headers=headers).status_code == 401
             assert c.delete("/scalings", headers=headers).status_code == 401
-        assert c.get("/routing").json()["top_k"] is None  # refused PATCHes changed nothing
+        assert c.get("/routing", headers=bearer(API_KEY)).json()["top_k"] is None  # refused PATCHes changed nothing
         assert c.patch("/routing", json={"top_k": 1}, headers=bearer(ADMIN)).json()["top_k"] == 1
         assert c.patch("/routing", json={"top_k": None}, headers=bearer(ADMIN)).status_code == 200
         assert c.delete("/scalings", headers=bearer(ADMIN)).status_code == 200

@@ -11,7 +11,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from server.deps import get_manager, ready_manager, require_api_key
+from server.deps import get_manager, ready_manager
 from server.errors import APIError, error_body
 from server.jobs import DoneEvent, ErrorEvent, GenerationJob, TokenEvent
 from server.logs import note_generation
@@ -34,7 +34,7 @@ from server.openai_schemas import (
 from server.schemas import TokenScalings, Usage, error_responses, sse_doc
 from server.streaming import Chunk, stream_response, wait_done
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 _ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503, 504)
 _STREAM_DOC = sse_doc(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from server.deps import ready_manager, require_admin
+from server.deps import ready_manager
 from server.manager import ModelManager
 from server.routing_state import RoutingSnapshot
 from server.schemas import RoutingState, RoutingUpdate, error_responses
@@ -24,7 +24,6 @@ async def get_routing(manager: ModelManager = Depends(ready_manager)) -> Routing
 @router.patch(
     "/routing",
     response_model=RoutingState,
-    dependencies=[Depends(require_admin)],
     responses=error_responses(400, 401, 422, 503),
 )
 async def patch_routing(update: RoutingUpdate, manager: ModelManager = Depends(ready_manager)) -> RoutingState:
