@@ -131,14 +131,14 @@ def test_patch_through_one_replica_is_in_force_on_both(client, restore_routing):
     before = client.get("/routing").json()
     r = client.patch("/routing", json={"top_k": 1, "global_scaling_weight": 0.5})
     assert r.status_code == 200, r.text
-    assert r.json() == {"top_k": 1, "global_scaling_weight": 0.5, "version": before["version"] + 1}
+    assert r.json() == {"top_k": 1, "global_scaling_weight": 0.5, "freeze_after": None, "version": before["version"] + 1}
     patched_by = r.headers[REPLICA]
     # The next requests, on both replicas (so also on the one that did not take the PATCH), run with it.
     answers = _generate_on_every_replica(str(client.base_url), {"prompt": "route me", "max_new_tokens": 6})
     assert patched_by in answers and len(answers) == 2
     for rs in answers.values():
         for r in rs:
-            assert r.json()["routing"] == {"top_k": 1, "global_scaling_weight": 0.5}
+            assert r.json()["routing"] == {"top_k": 1, "global_scaling_weight": 0.5, "freeze_after": None}
             assert r.headers[VERSION] == str(before["version"] + 1)
     # and GET /routing says so on both
     with ThreadPoolExecutor(4) as pool:
@@ -159,7 +159,7 @@ def test_concurrent_patches_through_two_replicas_keep_both_fields(client, restor
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(patch, [{"top_k": 2}, {"global_scaling_weight": 0.25}]))
     assert sorted(r.json()["version"] for r in results) == [version + 1, version + 2]
-    assert client.get("/routing").json() == {"top_k": 2, "global_scaling_weight": 0.25, "version": version + 2}
+    assert client.get("/routing").json() == {"top_k": 2, "global_scaling_weight": 0.25, "freeze_after": None, "version": version + 2}
 
 
 def test_scalings_log_is_the_deployments(client):
@@ -302,5 +302,5 @@ def test_a_killed_replica_is_replaced_with_the_current_routing(ray_url, client, 
                     assert r.status_code == 200, r.text  # never a 503 while the replacement loads
                     if r.headers[REPLICA] not in original:
                         replacement = r
-    assert replacement.json()["routing"] == {"top_k": 2, "global_scaling_weight": 0.75}
+    assert replacement.json()["routing"] == {"top_k": 2, "global_scaling_weight": 0.75, "freeze_after": None}
     assert replacement.headers[VERSION] == str(patched["version"])
