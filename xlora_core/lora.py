@@ -135,10 +135,15 @@ class ExpertWeightsSlot:
     transformers' decoder layers call `q_proj(x)` with no room for more arguments, so the model puts
     the weights here right before running the backbone and takes them out after; every fused layer
     reads its own layer's slice. None means the experts are off (a scaling pass at value 0).
+
+    For a one-token step (decoding) the model may also put every layer's rank-column weights here at
+    once (`columns`, [batch, 1, all columns], layer after layer): one gather per pass instead of one
+    per layer. Each layer then reads its own slice.
     """
 
     def __init__(self) -> None:
         self.weights: torch.Tensor | None = None
+        self.columns: torch.Tensor | None = None
 
 
 class FusedLoraLinear(nn.Module):
@@ -165,14 +170,17 @@ class FusedLoraLinear(nn.Module):
             "scale_of_column", torch.tensor(scale_of_column, device=ref.device, dtype=ref.dtype), persistent=False
         )
         self.ranks = {e: a.shape[0] for e, a, _, _ in experts}
+        self.first_column = 0  # where this layer's columns start in slot.columns (set by attach_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         weights = self.slot.weights
         if weights is None:
             return result
-        # [batch, seq, n_experts] -> one weight per rank column
-        column_weights = weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
+        if self.slot.columns is not None:  # a one-token step: gathered for every layer at once
+            column_weights = self.slot.columns[:, :, self.first_column : self.first_column + self.lora_A.shape[0]]
+        else:  # [batch, seq, n_experts] -> one weight per rank column
+            column_weights = weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
         hidden = nn.functional.linear(x, self.lora_A) * column_weights.to(x.dtype)
         return result + nn.functional.linear(hidden, self.lora_B)
 
@@ -215,6 +223,7 @@ def attach_experts(base: nn.Module, experts: list[LoraExpert], slot: ExpertWeigh
         parent_name, _, attr = module_name.rpartition(".")
         parts = [(i, *expert.modules[module_name]) for i, expert in enumerate(experts) if module_name in expert.modules]
         fused = FusedLoraLinear(named[module_name], len(layers), parts, slot)
+        fused.first_column = sum(layer.lora_A.shape[0] for layer in layers)
         setattr(base.get_submodule(parent_name) if parent_name else base, attr, fused)
         layers.append(fused)
     return layers

@@ -38,6 +38,14 @@ class XLoraModel(nn.Module):
         experts = [read_expert(name, folder) for name, folder in config.adapters.items()]
         # A plain list: the fused layers are already registered as submodules of `base`.
         self._lora_layers: list[FusedLoraLinear] = attach_experts(base, experts, self.slot)
+        # The rank columns of every fused layer, layer after layer: which layer, expert and scale each is.
+        layers = self._lora_layers
+        for name, parts in (
+            ("layer_of_column", [torch.full_like(la.expert_of_column, la.layer_index) for la in layers]),
+            ("expert_of_column", [la.expert_of_column for la in layers]),
+            ("scale_of_column", [la.scale_of_column for la in layers]),
+        ):
+            self.register_buffer(name, torch.cat(parts), persistent=False)
         ref = next(base.parameters())
         self.classifier = XLoraClassifier(config, len(self._lora_layers), len(experts)).to(ref.device, ref.dtype)
         self.scalings_log = ClassifierScalingsLog(scalings_log_size)
@@ -133,6 +141,10 @@ class XLoraModel(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm, with the experts weighted by `weights` (None: off)."""
         self.slot.weights = weights
+        # A one-token step: every layer's rank-column weights in one gather (ExpertWeightsSlot.columns).
+        # Longer passes gather per layer, so no [batch, seq, all columns] tensor is ever held.
+        if weights is not None and input_ids.shape[1] == 1:
+            self.slot.columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
         try:
             out = self.base.get_decoder()(
                 input_ids=input_ids,
@@ -142,7 +154,7 @@ class XLoraModel(nn.Module):
                 use_cache=cache is not None,
             )
         finally:
-            self.slot.weights = None
+            self.slot.weights = self.slot.columns = None
         return out.last_hidden_state
 
     def _scaling_pass_weights(self, batch: int, seq: int, routing: Routing | list[Routing]) -> torch.Tensor | None:
