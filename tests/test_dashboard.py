@@ -205,9 +205,32 @@ def test_requests_appear_live_and_tokens_show_their_experts(web, api, tmp_path):
     assert web.errors == [] and web.outside == []
 
 
+def test_tokens_chosen_with_frozen_scalings_are_marked(web, api, tmp_path):
+    body = {"prompt": "freeze", "max_new_tokens": 8, "routing": {"freeze_after": 2}}
+    r = api.post("/generate", json=body, headers=bearer(API_KEY))
+    assert r.status_code == 200, r.text
+    done = r.json()
+    n_prompt, n_out = done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]
+    assert n_out > 3, "the answer must go past the freeze point"
+    page = web.open_dashboard()
+    page.locator(f'[data-testid="request"][data-id="{done["id"]}"]').click()
+    page.wait_for_function(
+        "([rid, n]) => document.querySelector('#detail-title').textContent === rid"
+        " && document.querySelectorAll('[data-testid=tokens] [data-testid=token]').length === n",
+        arg=[done["id"], n_prompt + n_out],
+    )
+    frozen = page.get_by_test_id("tokens").get_by_test_id("token").evaluate_all(
+        "nodes => nodes.map(n => n.classList.contains('frozen'))"
+    )
+    # Answer tokens 0..2 were routed (token 2 by the freeze position itself); tokens 3.. reused its scalings.
+    assert frozen == [False] * (n_prompt + 3) + [True] * (n_out - 3)
+    page.get_by_test_id("tokens").screenshot(path=tmp_path / "frozen.png")
+    assert web.errors == [] and web.outside == []
+
+
 def test_routing_form_changes_the_routing_and_shows_a_refusal(web, api, tmp_path):
     admin = bearer(ADMIN_TOKEN)
-    before = api.get("/routing", headers=bearer(API_KEY)).json()
+    before = {k: v for k, v in api.get("/routing", headers=bearer(API_KEY)).json().items() if k != "version"}
     page = web.open_dashboard()
     form = page.get_by_test_id("routing-form")
     page.get_by_test_id("routing-now").filter(has_text="weight").wait_for()
@@ -219,17 +242,19 @@ def test_routing_form_changes_the_routing_and_shows_a_refusal(web, api, tmp_path
         form.locator("button[type=submit]").click()
         page.wait_for_function("() => document.querySelector('[data-testid=routing-message]').textContent !== ''")
         assert "Refused" in message.inner_text() and "admin token" in message.inner_text()
-        assert api.get("/routing", headers=bearer(API_KEY)).json() == before
+        assert api.get("/routing", headers=bearer(API_KEY)).json().items() >= before.items()
         page.get_by_test_id("usage-view").screenshot(path=tmp_path / "routing-refused.png")
 
         page.get_by_test_id("admin-token").fill(ADMIN_TOKEN)
         form.locator("#routing-weight").fill("0.5")
+        form.locator("#routing-freeze").fill("3")
         form.locator("button[type=submit]").click()
         page.wait_for_function("() => document.querySelector('[data-testid=routing-message]').textContent"
                                ".startsWith('Routing changed')")  # fmt: skip
         after = api.get("/routing", headers=bearer(API_KEY)).json()
-        assert after["top_k"] == 1 and after["global_scaling_weight"] == 0.5
+        assert after["top_k"] == 1 and after["global_scaling_weight"] == 0.5 and after["freeze_after"] == 3
         page.get_by_test_id("routing-now").filter(has_text="top-1 · weight 0.5").wait_for()
+        page.get_by_test_id("routing-now").filter(has_text="freeze after 3").wait_for()
         page.get_by_test_id("usage-view").screenshot(path=tmp_path / "routing-changed.png")
     finally:
         api.patch("/routing", json=before, headers=admin).raise_for_status()

@@ -359,8 +359,11 @@ function renderDetail(detail, note) {
     const token = detail.tokens ? detail.tokens[t] : null;
     const part = t < detail.prompt_tokens ? "prompt" : "completion";
     const label = token ? `${part} token ${t}: ${JSON.stringify(token.text)}` : `${part} token ${t}`;
+    // A prompt token shows the mix at its own position, an answer token the mix at the position before it
+    // (the one that chose it): frozen when that position is at or past frozen_from.
+    const position = t < detail.prompt_tokens ? t : t - 1;
     const classes = ["tok", token && token.special ? "special" : "", token ? "" : "nontext",
-      frozenFrom != null && t >= frozenFrom ? "frozen" : ""].filter(Boolean).join(" ");
+      frozenFrom != null && position >= frozenFrom ? "frozen" : ""].filter(Boolean).join(" ");
     const node = tokenNode(token ? visible(token.text) : `#${t}`, weights,
       { "data-index": t, "data-part": part, "data-label": label });
     node.className = classes;
@@ -368,7 +371,7 @@ function renderDetail(detail, note) {
   });
   $("tokens").replaceChildren(...nodes);
   $("token-weights").textContent = "Hover or tap a token for its exact weights." +
-    (frozenFrom != null ? ` Dashed tokens (from position ${frozenFrom}) ran with frozen scalings.` : "");
+    (frozenFrom != null ? " Dashed answer tokens were chosen with frozen scalings (routing.freeze_after)." : "");
   state.pinned = null;
   drawTokenHeatmap(detail, rows);
   drawLayerHeatmap(detail);
