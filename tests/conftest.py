@@ -1,8 +1,8 @@
 """Shared fixtures for the server tests: a tiny random X-LoRA model on disk and real server processes.
 
-The world (built once per session): a tiny random Llama with a character-level tokenizer, three PEFT
-LoRA experts (arithmetic, sorting, json) and an X-LoRA checkpoint written by xlora_core. Servers are
-real `python -m server --config <yaml>` processes on 127.0.0.1, on a free port.
+The world (built once per session, from tests/tiny_world.py): a tiny random Llama with a character-level
+tokenizer, three PEFT LoRA experts (arithmetic, sorting, json) and an X-LoRA checkpoint written by
+xlora_core. Servers are real `python -m server --config <yaml>` processes on 127.0.0.1, on a free port.
 
 The tokenizer knows 100 symbols but the model's embedding has only 96 rows: a prompt containing
 one of `{ | } ~` makes the model itself fail (an index error in the embedding), the genuine fault path
@@ -21,81 +21,31 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import yaml
-from peft import LoraConfig, get_peft_model
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .helpers import tiny_llama_config
+from .tiny_world import save_checkpoint, save_expert, save_server_base
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_VOCAB = 96
-POISON = "~"  # a character whose token id is past the model's embedding table
 EXPERTS = ["arithmetic", "sorting", "json"]
-_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>: {% endif %}"
-)
+
+
+# -----------------------------------------------------------------------------
+# the tiny world (tests/tiny_world.py builds it)
+
+
+def save_lora_expert(base_folder: Path, folder: Path, seed: int, target_modules: list[str]) -> Path:
+    """The server world's experts: r=4, alpha 8, weights x3 so they change what the tiny model says."""
+    return save_expert(base_folder, folder, seed, gain=3.0, r=4, lora_alpha=8, target_modules=target_modules)
 
 
 # -----------------------------------------------------------------------------
 # the tiny world
 
 
-def save_char_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
-    """Character-level: specials, newline, ' '..'z' (ids 0..95), then '{', '|', '}', '~' (96..99)."""
-    chars = ["\n"] + [chr(c) for c in range(32, 123)] + ["{", "|", "}", "~"]
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS + chars)}
-    assert vocab["z"] == MODEL_VOCAB - 1 and vocab[POISON] >= MODEL_VOCAB
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = _CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    return fast
-
-
-def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(MODEL_VOCAB))
-    model.save_pretrained(folder)
-    save_char_tokenizer(folder)
-    return folder
-
-
-def save_lora_expert(base_folder: Path, folder: Path, seed: int, target_modules: list[str]) -> Path:
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
-                                            init_lora_weights=False))
-    with torch.no_grad():  # peft's random init is tiny; make the experts change the output
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.mul_(3.0)
-    model.save_pretrained(folder)
-    return folder
-
-
-def save_checkpoint(base_folder: Path, experts: dict[str, str], folder: Path) -> Path:
-    from xlora_core import XLoraConfig, XLoraModel
-
-    torch.manual_seed(1)
-    base = LlamaForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    config = XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16)
-    XLoraModel(base, config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("world")
-    base = save_tiny_llama(root / "base")
+    base = save_server_base(root / "base")
     targets = [["q_proj", "v_proj"], ["k_proj", "o_proj"], ["gate_proj", "down_proj"]]
     experts = {
         name: str(save_lora_expert(base, root / f"expert-{name}", seed=10 + i, target_modules=t))

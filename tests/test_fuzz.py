@@ -32,7 +32,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .conftest import EXPERTS, ServerProcess, save_char_tokenizer, save_checkpoint, save_lora_expert, server_config
+from .conftest import EXPERTS, ServerProcess, save_lora_expert, server_config
+from .tiny_world import save_char_tokenizer, save_checkpoint
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))  # per operation and mode
 DERANDOMIZE = os.environ.get("FUZZ_RANDOM") != "1"  # CI: the same examples every run; FUZZ_RANDOM=1 to explore

@@ -15,8 +15,7 @@ from server.scalings_log import RequestScalingsLog
 from server.scheduler import Scheduler
 from xlora_core import Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel
 
-from .helpers import make_tiny_tokenizer
-from .xlora_builders import VOCAB, build_world, load_base
+from .tiny_world import VOCAB, build_world, load_base, make_tiny_tokenizer
 
 POISON = VOCAB + 5  # past the embedding table: the model itself fails on it
 

@@ -19,11 +19,11 @@ from .conftest import (
     REPO,
     ServerProcess,
     bearer,
-    save_char_tokenizer,
     save_lora_expert,
     server_config,
     write_config,
 )
+from .tiny_world import save_char_tokenizer
 
 
 def run_server(config_path, timeout: float = 120) -> subprocess.CompletedProcess:

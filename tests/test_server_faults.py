@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import POISON, server_config
+from .conftest import server_config
 from .test_server import generate, metric
+from .tiny_world import POISON
 
 
 def wait_for(predicate, timeout: float = 10.0, every: float = 0.01) -> bool:

@@ -13,7 +13,8 @@ import pytest
 
 from server.logs import JsonFormatter, RequestIdFilter, TextFormatter
 
-from .conftest import POISON, server_config
+from .conftest import server_config
+from .tiny_world import POISON
 
 SECRET_PROMPT = "quokka marmalade 4711 zebra"
 

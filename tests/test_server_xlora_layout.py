@@ -12,7 +12,7 @@ from xlora_core import XLoraConfig, XLoraModel
 
 from .conftest import server_config
 from .test_server_config import _expect_load_failure
-from .xlora_builders import load_base
+from .tiny_world import load_base
 from .xlora_library import CURRENT, LibraryClassifier, create_ordering, library_config, save_library_checkpoint
 
 ORDER = ["sorting", "json", "arithmetic"]  # the order given in training; neither alphabetical nor the world's

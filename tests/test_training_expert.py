@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from tests.helpers import make_tiny_llama, make_tiny_tokenizer
+from tests.tiny_world import make_tiny_tokenizer, save_tiny_llama
 from xlora_core import base_model as bm
 from xlora_core.base_model import load_base_model, resolve_device, resolve_dtype
 from xlora_core.recipe.tasks import (
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 def tiny_base(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-base")
     tok = make_tiny_tokenizer(folder)
-    make_tiny_llama(folder, vocab_size=len(tok))
+    save_tiny_llama(folder, vocab_size=len(tok))
     return folder
 
 

@@ -15,7 +15,7 @@ from xlora_core import XLoraConfig, XLoraModel
 from xlora_core.checkpoint import CheckpointError
 from xlora_core.lora import ExpertError
 
-from .xlora_builders import VOCAB, build_world, load_base, save_expert, save_tiny_base
+from .tiny_world import VOCAB, build_world, load_base, save_expert, save_tiny_base
 
 
 @pytest.fixture(scope="module")

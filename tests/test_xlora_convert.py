@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from xlora_core import XLoraConfig, XLoraModel
 from xlora_core.cli.convert import main as convert
 
-from .xlora_builders import EXPERT_SPECS, VOCAB, build_world, load_base
+from .tiny_world import EXPERT_SPECS, VOCAB, build_world, load_base
 from .xlora_library import CURRENT, LibraryClassifier, create_ordering, library_config, save_library_checkpoint
 
 NAMES = ["zeta", "alpha", "mid"]  # training order; not the alphabetical one

@@ -7,8 +7,7 @@ import torch
 
 from xlora_core import ParameterError, Routing, RowDecoder, SamplingParams, XLoraCache, XLoraConfig, XLoraModel
 
-from .helpers import make_tiny_tokenizer
-from .xlora_builders import VOCAB, build_world, load_base
+from .tiny_world import VOCAB, build_world, load_base, make_tiny_tokenizer
 
 TOL = 1e-4
 

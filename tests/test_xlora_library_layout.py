@@ -20,7 +20,7 @@ from peft import get_peft_model
 from xlora_core import XLoraModel
 from xlora_core.checkpoint import CheckpointError
 
-from .xlora_builders import EXPERT_SPECS, VOCAB, build_world, load_base
+from .tiny_world import EXPERT_SPECS, VOCAB, build_world, load_base
 from .xlora_library import (
     CURRENT,
     DICT_OF_SAVED_PATHS,

@@ -11,7 +11,7 @@ from peft import get_peft_model
 
 from xlora_core import XLoraConfig, XLoraModel
 
-from .xlora_builders import VOCAB, build_world, load_base
+from .tiny_world import VOCAB, build_world, load_base
 
 TOL = 1e-4
 

@@ -10,8 +10,7 @@ import torch
 
 from xlora_core import XLoraConfig, XLoraModel
 
-from .helpers import make_tiny_llama, make_tiny_tokenizer
-from .xlora_builders import EXPERT_SPECS, VOCAB, build_world, load_base, save_expert
+from .tiny_world import EXPERT_SPECS, VOCAB, build_world, load_base, make_tiny_tokenizer, save_expert, save_tiny_llama
 
 
 def test_forward_with_labels_returns_the_causal_lm_loss(tmp_path):
@@ -59,7 +58,7 @@ def _tiny_task_experts(root):
     """A tiny base in root/base and three random experts named after the tasks; returns (tokenizer,
     the --experts argument)."""
     tokenizer = make_tiny_tokenizer(root / "base")
-    make_tiny_llama(root / "base", vocab_size=len(tokenizer))
+    save_tiny_llama(root / "base", vocab_size=len(tokenizer))
     experts = {
         name: save_expert(root / "base", root / name, seed=i, **spec)
         for i, (name, spec) in enumerate(zip(["arithmetic", "sorting", "json"], EXPERT_SPECS, strict=True))

@@ -27,7 +27,7 @@ from peft import PeftModel
 from safetensors.torch import save_model
 from torch import nn
 
-from .xlora_builders import load_base
+from .tiny_world import load_base
 
 # Eras of the library's save_pretrained, by the date its writing changed.
 CURRENT = "2024-03-09"  # adapters: list of names; base_model_id
