@@ -23,6 +23,7 @@ class ScalingsEntry:
     routing: dict
     scalings: torch.Tensor  # [tokens processed, layers, adapters], float32 on the CPU
     frozen_from: int | None = None  # first position whose scalings are the frozen ones (Routing.freeze_after)
+    constraint: str | None = None  # the kind of structured-output constraint (json_schema, regex, ...), if any
     created: float = field(default_factory=time.time)
     mean: list[float] = field(init=False)  # per adapter, over tokens and layers; computed once
 
@@ -42,6 +43,7 @@ class ScalingsEntry:
             "mean_scalings": self.mean,
             "routing": self.routing,
             "frozen_from": self.frozen_from,
+            "constraint": self.constraint,
         }
 
     def detail(self) -> dict:

@@ -98,6 +98,11 @@ class ServerSection(_Section):
     scalings_log_size: int = Field(128, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     shutdown_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+    constraint_compile_timeout_s: float = Field(
+        5.0, gt=0, le=600, allow_inf_nan=False,
+        description="a JSON schema, regex or grammar that takes longer to compile is refused (422; 400 on /v1)",
+    )
+    constraint_cache_size: int = Field(64, ge=1, description="compiled constraints kept (by their text)")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSection:
