@@ -36,6 +36,10 @@ LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fu
               max_lexer_states=250_000, max_grammar_size=500_000)  # fmt: skip
 
 
+# Row b: the 8 bits of byte value b, lowest first (a bitmask to a bool mask in one lookup).
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+
+
 @dataclass(frozen=True)
 class ConstraintSpec:
     """What a request asked for. `text`: the JSON schema (JSON text), the regex, or the grammar (Lark as
@@ -72,7 +76,6 @@ class GrammarMatcher:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self._matcher = matcher
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     def allowed(self, n: int) -> torch.Tensor:
         """Bool [n]: the tokens (of a logits row of width n) the grammar allows next. Ids past the
@@ -80,7 +83,8 @@ class GrammarMatcher:
         self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
         if self._matcher.is_error():
             raise RuntimeError(f"the grammar matcher failed: {self._matcher.get_error()}")
-        bits = ((self._bits.unsqueeze(1) >> self._shifts) & 1).bool().flatten()
+        # Token i is bit i % 32 of word i // 32: on a little-endian machine, bit i % 8 of byte i // 8.
+        bits = _BYTE_BITS.index_select(0, self._bits.view(torch.uint8).int()).flatten()
         if bits.numel() >= n:
             return bits[:n]
         return torch.cat([bits, torch.zeros(n - bits.numel(), dtype=torch.bool)])

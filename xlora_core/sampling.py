@@ -150,11 +150,11 @@ class RowDecoder:
         stop string, so nothing is sent that is later cut."""
         if self.finish_reason is not None:
             raise RuntimeError("this row is finished")
+        if self.matcher is not None and token_id not in self.eos_ids:
+            self.matcher.consume(token_id)  # raises (nothing recorded) if the grammar does not allow it
         self._ids[0, len(self.prompt_ids) + len(self.completion_ids)] = token_id
         self.completion_ids.append(token_id)
         ids = self._ids[:, : len(self.prompt_ids) + len(self.completion_ids)]
-        if self.matcher is not None and token_id not in self.eos_ids:
-            self.matcher.consume(token_id)
         if any(c is not None and bool(c(ids, None)[0]) for c in (self._eos, self._stop)):
             self.finish_reason = "stop"
         elif self.matcher is not None and self.matcher.is_complete:
@@ -182,13 +182,14 @@ class RowDecoder:
         scores = logits.view(1, -1).float()
         if self.matcher is not None:  # first, so every processor sees only the tokens the grammar allows
             allowed = self.matcher.allowed(scores.shape[-1]).to(scores.device)
-            if not bool(allowed.any()):
-                raise RuntimeError("the constraint allows no token this model can produce next")
             scores = scores.masked_fill(~allowed, -torch.inf)  # a new tensor: the batch's logits stay as they are
         ids = self._ids[:, : len(self.prompt_ids) + len(self.completion_ids)].to(logits.device)
         scores = self.processors(ids, scores)
         if self.generator is None:
-            return int(scores.argmax(dim=-1))
+            token = int(scores.argmax(dim=-1))
+            if self.matcher is not None and scores[0, token] == -torch.inf:
+                raise RuntimeError("the constraint allows no token this model can produce next")
+            return token
         # Valid but extreme settings (repetition_penalty 1e-50) overflow the scores to inf, and softmax over inf
         # is nan: +inf becomes the largest float, nan becomes -inf; -inf (masked tokens) stays.
         scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf)
