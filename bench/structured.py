@@ -62,6 +62,21 @@ def decode(model: XLoraModel, tokenizer, rows_params: list[SamplingParams], prom
     return sum(len(r.decoder.completion_ids) - 1 for r in rows), seconds
 
 
+def decoder_step_us(params: SamplingParams, tokenizer, prompt: list[int], vocab: int, n: int) -> float:
+    """Mean microseconds of RowDecoder.step (choose, record, detokenise) on random logits: the per-token
+    cost outside the model, with or without the grammar's mask."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(vocab, generator=g) for _ in range(n)]
+    decoder = RowDecoder(params, tokenizer, prompt)
+    start = time.perf_counter()
+    steps = 0
+    for row in logits:
+        steps += 1
+        if decoder.step(row)[2] is not None:
+            break
+    return (time.perf_counter() - start) / steps * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="default", help="base model: default, a .gguf file or a folder")
@@ -105,6 +120,11 @@ def main() -> None:
           f"prompt {len(prompt)} tokens, {n} new")  # fmt: skip
     print(f"llguidance tokenizer view {t_tokenizer * 1e3:.0f} ms (once per server); schema compile "
           f"{t_compile * 1e3:.1f} ms, from the cache {t_cached * 1e6:.0f} us")  # fmt: skip
+    vocab = base.config.vocab_size
+    greedy = SamplingParams(max_new_tokens=n, eos_token_id=eos)
+    us_free, us_schema = (decoder_step_us(p, tokenizer, prompt, vocab, n) for p in (greedy, constrained))
+    print(f"RowDecoder.step outside the model (random logits, {vocab} tokens): greedy {us_free:.0f} us, "
+          f"with the schema {us_schema:.0f} us per token")  # fmt: skip
     print("| batch | rows with the schema | tokens | decode tok/s | vs. no schema |")
     print("|---:|---:|---:|---:|---:|")
     for b in (int(x) for x in args.batch_sizes.split(",")):

@@ -251,6 +251,9 @@ class ModelManager:
         except ParameterError as exc:
             raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
         params.eos_token_id = self.eos_token_id
+        self.check_lengths(len(prompt_ids), params.max_new_tokens, body.param_name("max_new_tokens"), prompt_param)
+        update, routing_prefix = body.routing_update()
+        routing = self.merge_routing(update, routing_prefix)
         spec, spec_param = body.constraint_spec()
         if spec is not None:
             grammar = await self.compile_constraint(spec, spec_param)
@@ -258,9 +261,6 @@ class ModelManager:
                 params = replace(params, constraint=grammar)
             except ParameterError as exc:  # e.g. stop strings, which would cut the structured answer
                 raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
-        self.check_lengths(len(prompt_ids), params.max_new_tokens, body.param_name("max_new_tokens"), prompt_param)
-        update, routing_prefix = body.routing_update()
-        routing = self.merge_routing(update, routing_prefix)
         try:
             # Off the event loop: stop strings are preprocessed against the whole vocabulary.
             decoder = await asyncio.to_thread(RowDecoder, params, self.tokenizer, prompt_ids)

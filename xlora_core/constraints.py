@@ -80,14 +80,17 @@ class GrammarMatcher:
     def allowed(self, n: int) -> torch.Tensor:
         """Bool [n]: the tokens (of a logits row of width n) the grammar allows next. Ids past the
         tokenizer's vocabulary (a padded embedding) are never allowed."""
-        self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
-        if self._matcher.is_error():
-            raise RuntimeError(f"the grammar matcher failed: {self._matcher.get_error()}")
-        # Token i is bit i % 32 of word i // 32: on a little-endian machine, bit i % 8 of byte i // 8.
-        bits = _BYTE_BITS.index_select(0, self._bits.view(torch.uint8).int()).flatten()
+        bits = unpack_bitmask(self.bitmask())
         if bits.numel() >= n:
             return bits[:n]
         return torch.cat([bits, torch.zeros(n - bits.numel(), dtype=torch.bool)])
+
+    def bitmask(self) -> torch.Tensor:
+        """int32 [(vocab + 31) // 32]: bit i % 32 of word i // 32 says whether token i may come next."""
+        self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
+        if self._matcher.is_error():
+            raise RuntimeError(f"the grammar matcher failed: {self._matcher.get_error()}")
+        return self._bits
 
     def consume(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
@@ -101,6 +104,12 @@ class GrammarMatcher:
     @property
     def is_accepting(self) -> bool:
         return self._matcher.is_accepting()
+
+
+def unpack_bitmask(bitmask: torch.Tensor) -> torch.Tensor:
+    """An int32 token bitmask (llguidance's and xgrammar's layout) as bool [32 * words]."""
+    # Token i is bit i % 32 of word i // 32: on a little-endian machine, bit i % 8 of byte i // 8.
+    return _BYTE_BITS.index_select(0, bitmask.view(torch.uint8).int()).flatten()
 
 
 class GrammarCompiler:
