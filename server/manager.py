@@ -112,7 +112,7 @@ class ModelManager:
         self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
         eos = getattr(base.generation_config, "eos_token_id", None) if base.generation_config else None
         self.eos_token_id = eos if eos is not None else tokenizer.eos_token_id
-        self._load_grammar_compiler(tokenizer, base.config.vocab_size)
+        self._load_grammar_compiler(tokenizer, getattr(base.config, "vocab_size", None))
         self.scheduler = Scheduler(
             model,
             tokenizer,
@@ -125,7 +125,7 @@ class ModelManager:
         self.scheduler.start()
         log.info("loaded in %.1f s", time.monotonic() - started)
 
-    def _load_grammar_compiler(self, tokenizer, vocab_size: int) -> None:
+    def _load_grammar_compiler(self, tokenizer, vocab_size: int | None) -> None:
         """Structured output's view of the tokenizer (once: about a second for a 49k vocabulary). A tokenizer
         it cannot read leaves the server serving, with constrained requests refused (and the reason said)."""
         try:
