@@ -24,6 +24,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.generation --threads 1
+	$(PY) -m bench.structured --threads 1
 
 bench-load: $(STAMP)
 	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --max-new-tokens 32 --torch-threads 1

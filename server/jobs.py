@@ -33,6 +33,7 @@ class DoneEvent:
     routing: Routing
     scalings: torch.Tensor  # [tokens processed, layers, adapters]: the prompt, then each token fed back
     frozen_from: int | None = None  # first position whose scalings are the frozen ones (Routing.freeze_after)
+    constraint: str | None = None  # the kind of structured-output constraint it ran under
 
     def token_scalings(self) -> tuple[list[list[float]], list[list[float]]]:
         """Mean over layers: (one row per prompt token, one row per completion token). A completion

@@ -38,7 +38,7 @@ from server.scalings_store import LocalScalingsStore
 from server.scheduler import Scheduler
 from server.schemas import GenerationRequest, RoutingUpdate
 from server.settings import Settings
-from xlora_core import ParameterError, Routing, RowDecoder
+from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
 
 log = logging.getLogger("xlora.manager")
 
@@ -79,6 +79,8 @@ class ModelManager:
         self.model_name = settings.model.name or _default_name(settings)
         self.context_length: int | None = None
         self.eos_token_id: int | list[int] | None = None
+        self.grammars: GrammarCompiler | None = None  # structured output; None if this tokenizer cannot have it
+        self.grammars_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
 
@@ -144,6 +146,8 @@ class ModelManager:
         self.metrics.set_routing(routing)
         self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
         eos = getattr(base.generation_config, "eos_token_id", None) if base.generation_config else None
+        self.eos_token_id = eos if eos is not None else tokenizer.eos_token_id
+        self._load_grammar_compiler(tokenizer, getattr(base.config, "vocab_size", None))
         self.scheduler = Scheduler(
             model,
             tokenizer,
@@ -152,10 +156,19 @@ class ModelManager:
             metrics=self.metrics,
             scalings_log=self.scalings_log,
         )
-        self.eos_token_id = eos if eos is not None else tokenizer.eos_token_id
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
         self.scheduler.start()
         log.info("loaded in %.1f s", time.monotonic() - started)
+
+    def _load_grammar_compiler(self, tokenizer, vocab_size: int | None) -> None:
+        """Structured output's view of the tokenizer (once: about a second for a 49k vocabulary). A tokenizer
+        it cannot read leaves the server serving, with constrained requests refused (and the reason said)."""
+        try:
+            self.grammars = GrammarCompiler(tokenizer, vocab_size, self.eos_token_id,
+                                            cache_size=self.settings.server.constraint_cache_size)  # fmt: skip
+        except Exception as exc:
+            self.grammars_error = f"{type(exc).__name__}: {exc}"
+            log.warning("structured output is off: this tokenizer cannot be used for it: %s", self.grammars_error)
 
     def begin_draining(self) -> None:
         if self.state in ("ready", "loading"):
@@ -265,9 +278,29 @@ class ModelManager:
                 param=at_fault, code="context_length_exceeded",
             )
 
+    async def compile_constraint(self, spec: ConstraintSpec, param: str) -> CompiledGrammar:
+        """The compiled grammar of a request's constraint, off the event loop and within the configured time
+        (server.constraint_compile_timeout_s); 422 naming `param` if it is invalid, unsupported or too slow.
+        The time limit ends the wait, not the compiling thread: llguidance's own work limits end that."""
+        if self.grammars is None:
+            why = f"structured output is not available with this model's tokenizer ({self.grammars_error})"
+            raise APIError(422, why, param=param, code="constraint_unavailable")
+        limit = self.settings.server.constraint_compile_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.grammars.compile, spec, limit), limit)
+        except asyncio.TimeoutError:
+            raise APIError(
+                422, f"took longer than {limit:g} s to compile (server.constraint_compile_timeout_s); simplify it",
+                param=param, code="constraint_too_complex",
+            ) from None
+        except ParameterError as exc:
+            message = str(exc).removeprefix(exc.parameter).strip()
+            raise APIError(422, message, param=param, code="invalid_constraint") from None
+
     async def start(self, body: GenerationRequest, id_prefix: str) -> GenerationJob:
-        """The one way in for every generation endpoint: tokenize, check lengths, merge the routing,
-        build the row's decoder and queue the job. Every refusal is a 4xx naming the request's field."""
+        """The one way in for every generation endpoint: tokenize, check lengths, merge the routing, compile
+        the constraint, build the row's decoder and queue the job. Every refusal is a 4xx naming the request's
+        field, before anything reaches the model worker."""
         self.require_ready()
         prompt, messages, prompt_param = body.prompt_input()
         prompt_ids = await self.tokenize(prompt, messages, prompt_param)
@@ -279,6 +312,13 @@ class ModelManager:
         self.check_lengths(len(prompt_ids), params.max_new_tokens, body.param_name("max_new_tokens"), prompt_param)
         update, routing_prefix = body.routing_update()
         routing = self.merge_routing(update, routing_prefix)
+        spec, spec_param = body.constraint_spec()
+        if spec is not None:
+            grammar = await self.compile_constraint(spec, spec_param)
+            try:
+                params = replace(params, constraint=grammar)
+            except ParameterError as exc:  # e.g. stop strings, which would cut the structured answer
+                raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
         try:
             # Off the event loop: stop strings are preprocessed against the whole vocabulary.
             decoder = await asyncio.to_thread(RowDecoder, params, self.tokenizer, prompt_ids)

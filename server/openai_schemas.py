@@ -7,7 +7,8 @@ extensions are extra body fields: `xlora_routing` and `xlora_return_scalings`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,7 +21,7 @@ from server.schemas import (
     sampling_params,
     stop_list,
 )
-from xlora_core import SamplingParams
+from xlora_core import ConstraintSpec, SamplingParams
 
 FinishReason = Literal["stop", "length"]
 
@@ -35,6 +36,33 @@ def _refuse(name: str, why: str = "is not supported by this server") -> ValueErr
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class ResponseFormatText(_Request):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Request):
+    """Any JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema; absent: any JSON object")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormatJsonSchema(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
 
 
 class _Common(_Request):
@@ -56,6 +84,7 @@ class _Common(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = Field(None, description="structured output (json_object, json_schema)")
     # X-LoRA extensions.
     xlora_routing: RoutingUpdate | None = None
     xlora_return_scalings: bool = False
@@ -111,6 +140,15 @@ class _Common(_Request):
 
     def routing_update(self) -> tuple[RoutingUpdate | None, str]:
         return self.xlora_routing, "xlora_routing."
+
+    def constraint_spec(self) -> tuple[ConstraintSpec | None, str]:
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJsonSchema) and fmt.json_schema.schema_ is not None:
+            spec = ConstraintSpec("json_schema", json.dumps(fmt.json_schema.schema_))
+            return spec, "response_format.json_schema.schema"
+        if isinstance(fmt, ResponseFormatJsonSchema | ResponseFormatJsonObject):
+            return ConstraintSpec("json_object"), "response_format"
+        return None, "response_format"
 
 
 class CompletionRequest(_Common):
@@ -183,7 +221,6 @@ class ChatCompletionRequest(_Common):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
 
     @field_validator("tools", "functions")
@@ -198,13 +235,6 @@ class ChatCompletionRequest(_Common):
     def _no_tool_choice(cls, value: Any) -> Any:
         if value not in (None, "none"):
             raise _refuse("tool_choice / function_call")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value != {"type": "text"}:
-            raise _refuse("response_format", "other than {'type': 'text'} is not supported")
         return value
 
     @field_validator("top_logprobs")
@@ -242,6 +272,9 @@ class XLoraInfo(BaseModel):
 
     routing: RoutingSettings
     scalings: TokenScalings | None = None
+    constraint: str | None = Field(
+        None, description="the structured-output constraint it ran under (json_schema, json_object); null if none"
+    )
 
 
 class CompletionChoice(BaseModel):

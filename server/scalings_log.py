@@ -25,6 +25,7 @@ class ScalingsEntry:
     scalings: torch.Tensor  # [tokens processed, layers, adapters], float32 on the CPU
     frozen_from: int | None = None  # first position whose scalings are the frozen ones (Routing.freeze_after)
     token_ids: list[int] = field(default_factory=list)  # the prompt's, then the completion's
+    constraint: str | None = None  # the kind of structured-output constraint (json_schema, regex, ...), if any
     created: float = field(default_factory=time.time)
     replica: str | None = None  # the replica (process) that served the request; set by the scalings store
     # Per adapter, over layers and tokens (all, the prompt's, the completion's); computed once.
@@ -58,6 +59,7 @@ class ScalingsEntry:
             "routing": self.routing,
             "frozen_from": self.frozen_from,
             "replica": self.replica,
+            "constraint": self.constraint,
         }
 
     def detail(self) -> dict:

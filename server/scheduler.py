@@ -218,6 +218,7 @@ class Scheduler:
         n_prompt, n_out = len(dec.prompt_ids), len(dec.completion_ids)
         scalings = row.all_scalings()
         frozen_from = row.frozen_from()
+        constraint = dec.params.constraint.kind if dec.params.constraint is not None else None
         # Log first, answer second: a client that asks /scalings/{id} right after its answer finds it.
         self.scalings_log.add(
             ScalingsEntry(
@@ -229,6 +230,7 @@ class Scheduler:
                 scalings=scalings,
                 frozen_from=frozen_from,
                 token_ids=list(job.prompt_ids) + list(dec.completion_ids),
+                constraint=constraint,
             )
         )
         self.metrics.generations.labels(outcome=finish_reason).inc()
@@ -236,7 +238,7 @@ class Scheduler:
         self.metrics.generated_tokens_per_request.observe(n_out)
         if n_out > 1:
             self.metrics.time_per_output_token.observe((job.last_token_at - job.first_token_at) / (n_out - 1))
-        job.post(DoneEvent(finish_reason, dec.text, n_prompt, n_out, job.routing, scalings, frozen_from))
+        job.post(DoneEvent(finish_reason, dec.text, n_prompt, n_out, job.routing, scalings, frozen_from, constraint))
 
     def _fail(self, job: GenerationJob, exc: Exception) -> None:
         log.error(

@@ -6,11 +6,12 @@ and are strict about types (`"5"` is not a number). Floats refuse NaN and infini
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from xlora_core import SamplingParams
+from xlora_core import ConstraintSpec, SamplingParams
 
 FinishReason = Literal["stop", "length"]
 
@@ -139,6 +140,10 @@ class GenerationRequest(Protocol):
         """The request's routing changes and the dotted prefix of their fields in the request."""
         ...
 
+    def constraint_spec(self) -> tuple[ConstraintSpec | None, str]:
+        """The structured-output constraint asked for (None: free text) and the request field it came from."""
+        ...
+
     def logged_prompt(self) -> str | list[dict]: ...
 
 
@@ -172,6 +177,35 @@ class ChatMessage(_Request):
     content: str
 
 
+class Constraint(_Request):
+    """The shape the answer must have: exactly one of these. The answer follows it token by token; it
+    parses (JSON) or matches (regex, grammar) whenever finish_reason is "stop"."""
+
+    json_schema: dict[str, Any] | None = Field(None, description="a JSON schema the answer validates against")
+    json_object: Literal[True] | None = Field(None, description="true: any JSON object")
+    regex: str | None = Field(None, min_length=1, description="the whole answer matches it (Rust regex syntax)")
+    grammar: str | None = Field(
+        None, min_length=1, description="a context-free grammar: Lark (llguidance's dialect) or GBNF (llama.cpp's)"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Constraint:
+        given = [name for name in ("json_schema", "json_object", "regex", "grammar") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json_schema, json_object, regex, grammar (got {given or 'none'})")
+        return self
+
+    def spec(self) -> tuple[ConstraintSpec, str]:
+        """(the spec, the field it came from, dotted below `constraint`)."""
+        if self.json_schema is not None:
+            return ConstraintSpec("json_schema", json.dumps(self.json_schema)), "json_schema"
+        if self.json_object:
+            return ConstraintSpec("json_object"), "json_object"
+        if self.regex is not None:
+            return ConstraintSpec("regex", self.regex), "regex"
+        return ConstraintSpec("grammar", self.grammar or ""), "grammar"
+
+
 class GenerateRequest(_Request):
     """Exactly one of `prompt` (text) or `messages` (chat, through the model's chat template)."""
 
@@ -189,6 +223,7 @@ class GenerateRequest(_Request):
     stream: bool = False
     return_scalings: bool = False
     routing: RoutingUpdate | None = Field(None, description="this request only; unset fields use the server's")
+    constraint: Constraint | None = Field(None, description="structured output: the shape the answer must have")
 
     @field_validator("stop")
     @classmethod
@@ -216,9 +251,18 @@ class GenerateRequest(_Request):
     def routing_update(self) -> tuple[RoutingUpdate | None, str]:
         return self.routing, "routing."
 
+    def constraint_spec(self) -> tuple[ConstraintSpec | None, str]:
+        if self.constraint is None:
+            return None, "constraint"
+        spec, field = self.constraint.spec()
+        return spec, f"constraint.{field}"
+
     def logged_prompt(self) -> str | list[dict]:
         """What the summary log line shows as the prompt (only with logging.log_prompts)."""
         return self.prompt if self.prompt is not None else [m.model_dump() for m in self.messages or []]
+
+
+_CONSTRAINT_DOC = "the structured-output constraint it ran under (json_schema, json_object, regex, grammar), or null"
 
 
 class Usage(BaseModel):
@@ -255,6 +299,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
     routing: RoutingSettings = Field(description="the routing this request ran with")
     scalings: TokenScalings | None = None
+    constraint: str | None = Field(None, description=_CONSTRAINT_DOC)
 
 
 class StreamToken(BaseModel):
@@ -274,6 +319,7 @@ class StreamDone(BaseModel):
     usage: Usage
     routing: RoutingSettings
     scalings: TokenScalings | None = None
+    constraint: str | None = Field(None, description=_CONSTRAINT_DOC)
 
 
 # -----------------------------------------------------------------------------
@@ -296,6 +342,7 @@ class ScalingsSummary(BaseModel):
         None, description="first position whose scalings are frozen (routing.freeze_after); null if none were"
     )
     replica: str | None = Field(None, description="the replica that served the request (x-xlora-replica)")
+    constraint: str | None = Field(None, description=_CONSTRAINT_DOC)
 
 
 class ScalingsLogResponse(BaseModel):

@@ -103,6 +103,11 @@ class ServerSection(_Section):
     )
     metrics_require_key: bool = Field(False, description="/metrics at client level (XLORA_API_KEY) instead of public")
     docs_require_key: bool = Field(False, description="/docs and /openapi.json at client level")
+    constraint_compile_timeout_s: float = Field(
+        5.0, gt=0, le=600, allow_inf_nan=False,
+        description="a JSON schema, regex or grammar that takes longer to compile is refused (422; 400 on /v1)",
+    )
+    constraint_cache_size: int = Field(64, ge=1, description="compiled constraints kept (by their text)")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSection:

@@ -89,7 +89,7 @@ def test_xlora_extensions_through_extra_body(oai):
     # Without the extensions, the server's routing in force is reported and no scalings come back.
     plain = oai.completions.create(model=MODEL, prompt="route", max_tokens=2, temperature=0)
     dense = {"top_k": None, "global_scaling_weight": 1.0, "freeze_after": None}
-    assert plain.model_extra["xlora"] == {"routing": dense, "scalings": None}
+    assert plain.model_extra["xlora"] == {"routing": dense, "scalings": None, "constraint": None}
 
 
 def test_frozen_scalings_through_extra_body(oai):
@@ -121,7 +121,7 @@ def test_frozen_scalings_through_extra_body(oai):
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"extra_body": {"xlora_routing": {"top_k": 9}}}, "xlora_routing.top_k"),
         ({"extra_body": {"xlora_bogus": 1}}, "xlora_bogus"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
     ],
 )
 def test_unsupported_or_bad_parameters_raise_bad_request(oai, kwargs, param):

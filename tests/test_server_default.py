@@ -4,9 +4,11 @@ trained classifier. Skipped (with the reason) until `checkpoints/default` exists
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from server.settings import load_settings
 
@@ -86,3 +88,44 @@ def test_default_model_routes_each_task_to_its_expert(default_server, question, 
     completion = body["scalings"]["completion"]
     mean = [sum(row[e] for row in completion) / len(completion) for e in range(3)]
     assert body["scalings"]["adapter_names"][mean.index(max(mean))] == expert, mean
+
+
+@needs_default
+def test_default_json_expert_fills_a_strict_schema_through_the_openai_client(default_server):
+    """response_format json_schema (strict) with the official client: the grammar gives the shape, the json
+    expert (the router picks it) fills in the values."""
+    import openai
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
+        "required": ["name", "age", "city"],
+        "additionalProperties": False,
+    }
+    oai = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    out = oai.chat.completions.create(
+        model="xlora-smollm2-135m",
+        messages=[{"role": "user", "content": "Extract as JSON: name is Alice, age is 31, city is Paris"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
+        max_tokens=48, temperature=0, extra_body={"xlora_return_scalings": True},
+    )  # fmt: skip
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert json.loads(choice.message.content) == {"name": "Alice", "age": 31, "city": "Paris"}
+    xlora = out.model_extra["xlora"]
+    assert xlora["constraint"] == "json_schema"
+    completion = xlora["scalings"]["completion"]
+    mean = [sum(row[e] for row in completion) / len(completion) for e in range(3)]
+    assert xlora["scalings"]["adapter_names"][mean.index(max(mean))] == "json", mean
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        city: str
+
+    # The client's own helper (the README's example): a pydantic model in, a parsed record out.
+    parsed = oai.chat.completions.parse(
+        model="xlora-smollm2-135m", response_format=Person, max_tokens=48, temperature=0,
+        messages=[{"role": "user", "content": "Extract as JSON: name is Alice, age is 31, city is Paris"}],
+    )  # fmt: skip
+    assert parsed.choices[0].message.parsed == Person(name="Alice", age=31, city="Paris")

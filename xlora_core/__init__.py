@@ -4,6 +4,7 @@ generating with a KV cache for each of its two passes."""
 from .cache import XLoraCache
 from .classifier import Routing
 from .config import ParameterError, XLoraConfig
+from .constraints import CompiledGrammar, ConstraintSpec, GrammarCompiler
 from .engine import BatchRow, DecodeBatch, Generated
 from .generation import StreamedToken
 from .model import XLoraModel
@@ -11,8 +12,11 @@ from .sampling import RowDecoder, SamplingParams
 
 __all__ = [
     "BatchRow",
+    "CompiledGrammar",
+    "ConstraintSpec",
     "DecodeBatch",
     "Generated",
+    "GrammarCompiler",
     "ParameterError",
     "Routing",
     "RowDecoder",

@@ -1,6 +1,7 @@
 """`generate` and `stream`: the Python API's two ways to run the decode engine (engine.run).
 
     model.generate(input_ids, max_new_tokens=32)                      # like transformers' generate
+    model.generate(input_ids, tokenizer=tok, constraint=grammar)      # structured output (constraints.py)
     for token in model.stream(input_ids, tokenizer=tok): print(token.text, end="")
 """
 
@@ -33,7 +34,8 @@ class StreamedToken:
 
 
 def sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
-    """transformers' generate argument names -> SamplingParams; unknown names are a TypeError."""
+    """transformers' generate argument names -> SamplingParams; unknown names are a TypeError.
+    `constraint` (a CompiledGrammar from xlora_core.constraints) is ours: every row follows it."""
     kwargs = dict(kwargs)
     do_sample = kwargs.pop("do_sample", False)
     temperature = kwargs.pop("temperature", 1.0)
@@ -48,6 +50,7 @@ def sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
         seed=kwargs.pop("seed", None),
         stop=[stop] if isinstance(stop, str) else list(stop),
         eos_token_id=kwargs.pop("eos_token_id", None),
+        constraint=kwargs.pop("constraint", None),
     )
     if kwargs:
         raise TypeError(f"unsupported generation arguments: {sorted(kwargs)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -28,6 +29,9 @@ from transformers import (
 )
 
 from .config import ParameterError
+
+if TYPE_CHECKING:
+    from .constraints import CompiledGrammar
 
 # Below this a temperature samples as greedy, its limit: logits / 1e-40 overflow float32 to +-inf.
 MIN_TEMPERATURE = 1e-4
@@ -47,6 +51,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     eos_token_id: int | list[int] | None = None
+    constraint: CompiledGrammar | None = None  # the shape the answer must have (xlora_core.constraints)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ParameterError:
@@ -68,6 +73,9 @@ class SamplingParams:
             raise bad("seed", "an integer or null")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
+        if self.constraint is not None and self.stop:
+            # A stop string would cut a structured answer mid-way; the grammar says where it ends.
+            raise ParameterError("stop", "cannot be combined with a constraint (the grammar decides where it ends)")
 
     @property
     def do_sample(self) -> bool:
@@ -78,6 +86,8 @@ class RowDecoder:
     """Chooses and records the tokens of one request; says when it is finished and why.
 
     One call per token: `step(logits)` returns (token, the text it adds, finish reason or None).
+    With a constraint, only the tokens its grammar allows are chosen, and the row finishes ("stop") as
+    soon as the grammar is complete.
     """
 
     def __init__(self, params: SamplingParams, tokenizer: PreTrainedTokenizerBase | None, prompt_ids: list[int]):
@@ -120,6 +130,7 @@ class RowDecoder:
             self._stop = StopStringCriteria(tokenizer, params.stop) if params.stop else None
         except ValueError as exc:  # e.g. a stop string no token of this vocabulary can spell
             raise ParameterError("stop", f"cannot be used with this tokenizer: {exc}") from None
+        self.matcher = params.constraint.matcher() if params.constraint is not None else None
         # Incremental detokenisation over completion_ids (TGI): text of [prefix, read) is already in _decoded.
         self._prefix_offset = 0
         self._read_offset = 0
@@ -139,10 +150,14 @@ class RowDecoder:
         stop string, so nothing is sent that is later cut."""
         if self.finish_reason is not None:
             raise RuntimeError("this row is finished")
+        if self.matcher is not None and token_id not in self.eos_ids:
+            self.matcher.consume(token_id)  # raises (nothing recorded) if the grammar does not allow it
         self._ids[0, len(self.prompt_ids) + len(self.completion_ids)] = token_id
         self.completion_ids.append(token_id)
         ids = self._ids[:, : len(self.prompt_ids) + len(self.completion_ids)]
         if any(c is not None and bool(c(ids, None)[0]) for c in (self._eos, self._stop)):
+            self.finish_reason = "stop"
+        elif self.matcher is not None and self.matcher.is_complete:
             self.finish_reason = "stop"
         elif bool(self._max_length(ids, None)[0]):
             self.finish_reason = "length"
@@ -162,12 +177,19 @@ class RowDecoder:
 
     # ---- internals -------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor) -> int:
-        if not self.processors and self.generator is None:
+        if not self.processors and self.generator is None and self.matcher is None:
             return int(logits.argmax())  # plain greedy: nothing to process
+        scores = logits.view(1, -1).float()
+        if self.matcher is not None:  # first, so every processor sees only the tokens the grammar allows
+            allowed = self.matcher.allowed(scores.shape[-1]).to(scores.device)
+            scores = scores.masked_fill(~allowed, -torch.inf)  # a new tensor: the batch's logits stay as they are
         ids = self._ids[:, : len(self.prompt_ids) + len(self.completion_ids)].to(logits.device)
-        scores = self.processors(ids, logits.view(1, -1).float())
+        scores = self.processors(ids, scores)
         if self.generator is None:
-            return int(scores.argmax(dim=-1))
+            token = int(scores.argmax(dim=-1))
+            if self.matcher is not None and scores[0, token] == -torch.inf:
+                raise RuntimeError("the constraint allows no token this model can produce next")
+            return token
         # Valid but extreme settings (repetition_penalty 1e-50) overflow the scores to inf, and softmax over inf
         # is nan: +inf becomes the largest float, nan becomes -inf; -inf (masked tokens) stays.
         scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf)

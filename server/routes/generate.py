@@ -56,6 +56,7 @@ async def generate(
         usage=Usage.of(done.prompt_tokens, done.completion_tokens),
         routing=done.routing.to_dict(),
         scalings=TokenScalings.of(done, manager.adapter_names) if body.return_scalings else None,
+        constraint=done.constraint,
     )
 
 
@@ -79,6 +80,7 @@ class _GenerateStream:
             usage=Usage.of(event.prompt_tokens, event.completion_tokens),
             routing=event.routing.to_dict(),
             scalings=TokenScalings.of(event, self.adapter_names) if self.return_scalings else None,
+            constraint=event.constraint,
         )
         return [ServerSentEvent(data=done.model_dump_json(), event="done")]
 

@@ -103,7 +103,7 @@ def _check_model(name: str, manager: ModelManager) -> None:
 
 def _xlora(done: DoneEvent, with_scalings: bool, manager: ModelManager) -> XLoraInfo:
     scalings = TokenScalings.of(done, manager.adapter_names) if with_scalings else None
-    return XLoraInfo(routing=done.routing.to_dict(), scalings=scalings)
+    return XLoraInfo(routing=done.routing.to_dict(), scalings=scalings, constraint=done.constraint)
 
 
 class _OpenAIStream:

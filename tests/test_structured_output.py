@@ -1,0 +1,242 @@
+"""Structured output over HTTP: `response_format` on /v1 (through the official `openai` client) and
+`constraint` on /generate, against a real server whose tiny model has random weights: only the mask keeps
+its answers in shape.
+
+This world's tokenizer spells all of printable ASCII (the shared server's cannot produce `{` or `}`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from .tiny_world import build_world, make_tiny_tokenizer, save_checkpoint
+
+MODEL = "tiny-ascii"
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+
+
+class Person(BaseModel):
+    name: Annotated[str, Field(max_length=6)]
+    age: Annotated[int, Field(ge=0, le=120)]
+    city: Literal["Paris", "Oslo", "Lima"]
+
+
+def ascii_config(root, **server) -> dict:
+    base, experts = build_world(root)
+    make_tiny_tokenizer(base)
+    return {
+        "model": {"base": str(base), "device": "cpu", "dtype": "float32", "name": MODEL, "torch_threads": 1},
+        "xlora": {"checkpoint": str(save_checkpoint(base, experts, root / "checkpoint"))},
+        "server": {"max_batch_size": 4, "max_new_tokens": 256, "request_timeout_s": 60, **server},
+        "logging": {"level": "info"},
+    }
+
+
+@pytest.fixture(scope="module")
+def ascii_server(tmp_path_factory, start_server):
+    return start_server(ascii_config(tmp_path_factory.mktemp("ascii")))
+
+
+@pytest.fixture()
+def oai(ascii_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=ascii_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def client(ascii_server) -> httpx.Client:
+    with httpx.Client(base_url=ascii_server.url, timeout=60) as c:
+        yield c
+
+
+def chat(oai: openai.OpenAI, content: str = "who is it?", **kwargs):
+    return oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# /v1 response_format
+
+
+def test_openai_parse_with_a_pydantic_model_gets_a_valid_record(oai):
+    """The client's own structured-output helper: it sends a strict json_schema and parses the answer."""
+    out = oai.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "record"}],
+                                     response_format=Person, max_tokens=200, temperature=0)  # fmt: skip
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, Person)
+    assert out.model_extra["xlora"]["constraint"] == "json_schema"
+
+
+@pytest.mark.parametrize("temperature", [0, 1.2])
+def test_strict_json_schema_answers_validate(oai, temperature):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for prompt in ("a", "tell me about someone"):
+        out = chat(oai, prompt, response_format=fmt, max_tokens=200, temperature=temperature, seed=7)
+        assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+        jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+
+
+def test_completions_take_response_format_too(oai):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    out = oai.completions.create(model=MODEL, prompt="person:", max_tokens=200, temperature=0,
+                                 extra_body={"response_format": fmt})  # fmt: skip
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].text), PERSON)
+
+
+def test_a_token_limit_first_is_length_and_the_text_may_be_cut(oai):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    out = chat(oai, response_format=fmt, max_tokens=6, temperature=0)  # the shortest valid answer is longer
+    assert out.choices[0].finish_reason == "length"
+    assert out.choices[0].message.content.startswith("{") and out.usage.completion_tokens == 6
+
+
+def test_json_object_and_text(oai):
+    out = chat(oai, response_format={"type": "json_object"}, max_tokens=100, temperature=0)
+    assert out.model_extra["xlora"]["constraint"] == "json_object"
+    content = out.choices[0].message.content
+    assert content.startswith("{")
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    text = chat(oai, response_format={"type": "text"}, max_tokens=6, temperature=0)  # "text": no constraint
+    assert text.model_extra["xlora"]["constraint"] is None
+
+
+def test_streamed_constrained_chat_assembles_to_a_valid_answer(oai):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    plain = chat(oai, "stream it", response_format=fmt, max_tokens=200, temperature=0)
+    chunks = list(chat(oai, "stream it", response_format=fmt, max_tokens=200, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+# -----------------------------------------------------------------------------
+# /generate constraint
+
+
+def generate(client: httpx.Client, **body) -> dict:
+    r = client.post("/generate", json={"prompt": "x", "max_new_tokens": 120, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_generate_with_regex_and_grammars(client):
+    out = generate(client, constraint={"regex": r"[A-Z][a-z]{2,5} [0-9]{2}"})
+    assert out["finish_reason"] == "stop" and re.fullmatch(r"[A-Z][a-z]{2,5} [0-9]{2}", out["text"]), out
+    assert out["constraint"] == "regex"
+    lark = generate(client, constraint={"grammar": 'start: "the answer is " ("yes" | "no")'})
+    assert lark["text"] in ("the answer is yes", "the answer is no"), lark
+    gbnf = generate(client, constraint={"grammar": 'root ::= [a-c]+ "=" [0-9]'}, temperature=0.9, seed=1)
+    assert re.fullmatch(r"[a-c]+=[0-9]", gbnf["text"]), gbnf
+
+
+def test_generate_json_schema_streamed_and_in_the_scalings_log(client):
+    events = []
+    body = {"prompt": "p", "max_new_tokens": 200, "constraint": {"json_schema": PERSON}, "stream": True}
+    with client.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line.split(":", 1)[1]))
+    done = events[-1]
+    assert done["finish_reason"] == "stop" and done["constraint"] == "json_schema"
+    jsonschema.validate(json.loads("".join(e["text"] for e in events[:-1])), PERSON)
+    logged = client.get(f"/scalings/{done['id']}").json()
+    assert logged["constraint"] == "json_schema"
+    free = generate(client, max_new_tokens=3)
+    assert client.get(f"/scalings/{free['id']}").json()["constraint"] is None
+
+
+def test_concurrent_constrained_and_free_requests(client):
+    """Rows with different constraints and none share batches; each gets its own shape."""
+    bodies = [{"constraint": {"json_schema": PERSON}}, {}, {"constraint": {"regex": "[0-9]{4}"}}, {"temperature": 1.0},
+              {"constraint": {"grammar": 'start: "ok"'}}, {}]  # fmt: skip
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        outs = list(pool.map(lambda b: generate(client, **b), bodies))
+    jsonschema.validate(json.loads(outs[0]["text"]), PERSON)
+    assert re.fullmatch("[0-9]{4}", outs[2]["text"]) and outs[4]["text"] == "ok"
+    assert [o["constraint"] for o in outs] == ["json_schema", None, "regex", None, "grammar", None]
+
+
+# -----------------------------------------------------------------------------
+# bad input: 422 on /generate, OpenAI's 400 on /v1, naming the field and the problem
+
+
+@pytest.mark.parametrize(
+    ("constraint", "param", "words"),
+    [
+        ({"json_schema": {"type": "strin"}}, "constraint.json_schema", "strin"),
+        ({"json_schema": {"type": "array", "uniqueItems": True}}, "constraint.json_schema", "uniqueItems"),
+        ({"json_schema": {"$ref": "#/$defs/nowhere"}}, "constraint.json_schema", "nowhere"),
+        ({"regex": "([a-z]+"}, "constraint.regex", "unclosed"),
+        ({"grammar": "start: missing_rule"}, "constraint.grammar", "missing_rule"),
+        ({"regex": "a", "grammar": 'start: "a"'}, "constraint", "exactly one"),
+        ({}, "constraint", "exactly one"),
+        ({"json_object": False}, "constraint.json_object", ""),
+    ],
+)
+def test_generate_refuses_bad_constraints(client, constraint, param, words):
+    r = client.post("/generate", json={"prompt": "x", "constraint": constraint})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_stop_strings_and_constraints_do_not_mix(client, oai):
+    r = client.post("/generate", json={"prompt": "x", "stop": ["}"], "constraint": {"json_object": True}})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "stop", r.text
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(oai, stop=["}"], response_format={"type": "json_object"})
+    assert info.value.body["param"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param", "words"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "strin"}}},
+         "response_format.json_schema.schema", "strin"),
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "if": {}}}},
+         "response_format.json_schema.schema", "if"),
+        ({"type": "json_schema", "json_schema": {"schema": PERSON}}, "response_format", "name"),
+        ({"type": "xml"}, "response_format", "xml"),
+    ],
+)  # fmt: skip
+def test_v1_refuses_bad_response_formats_as_openai_does(oai, response_format, param, words):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(oai, response_format=response_format, max_tokens=4)
+    error = info.value.body
+    assert info.value.status_code == 400 and error["type"] == "invalid_request_error"
+    assert error["param"].startswith(param) and words in error["message"], error
+
+
+def test_a_schema_too_slow_to_compile_is_refused_and_the_worker_goes_on(tmp_path, start_server):
+    server = start_server(ascii_config(tmp_path, constraint_compile_timeout_s=0.001))
+    big = {"type": "object", "required": [f"field_{i}" for i in range(300)],
+           "properties": {f"field_{i}": {"type": "string", "pattern": f"^[a-z]{{{i % 7 + 1}}}[0-9]+x{i}$"}
+                          for i in range(300)}}  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/generate", json={"prompt": "x", "constraint": {"json_schema": big}})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["param"] == "constraint.json_schema" and error["code"] == "constraint_too_complex"
+        assert "constraint_compile_timeout_s" in error["message"]
+        free = c.post("/generate", json={"prompt": "x", "max_new_tokens": 4})
+        assert free.status_code == 200 and free.json()["usage"]["completion_tokens"] == 4
