@@ -205,7 +205,7 @@ def test_requests_appear_live_and_tokens_show_their_experts(web, api, tmp_path):
     assert web.errors == [] and web.outside == []
 
 
-def test_tokens_chosen_with_frozen_scalings_are_marked(web, api, tmp_path):
+def test_frozen_and_constrained_requests_are_marked(web, api, tmp_path):
     body = {"prompt": "freeze", "max_new_tokens": 8, "routing": {"freeze_after": 2}}
     r = api.post("/generate", json=body, headers=bearer(API_KEY))
     assert r.status_code == 200, r.text
@@ -224,6 +224,12 @@ def test_tokens_chosen_with_frozen_scalings_are_marked(web, api, tmp_path):
     )
     # Answer tokens 0..2 were routed (token 2 by the freeze position itself); tokens 3.. reused its scalings.
     assert frozen == [False] * (n_prompt + 3) + [True] * (n_out - 3)
+    # A constrained request says so in the list.
+    body = {"prompt": "digits", "max_new_tokens": 4, "constraint": {"regex": "[a-c]{2,4}"}}
+    r = api.post("/generate", json=body, headers=bearer(API_KEY))
+    assert r.status_code == 200, r.text
+    item = page.locator(f'[data-testid="request"][data-id="{r.json()["id"]}"]')
+    item.get_by_test_id("constraint").filter(has_text="constrained: regex").wait_for()
     page.get_by_test_id("tokens").screenshot(path=tmp_path / "frozen.png")
     assert web.errors == [] and web.outside == []
 

@@ -177,6 +177,8 @@ function renderRequests() {
       el("span", { class: "when" }, when),
       el("span", { class: "counts" }, `${entry.prompt_tokens} prompt + ${entry.completion_tokens} answer tokens`),
       el("span", { class: "routing" }, routingText(entry.routing)),
+      el("span", { class: "constraint", "data-testid": "constraint" },
+        entry.constraint ? `constrained: ${entry.constraint}` : ""),
       el("span", { class: "bars" },
         el("span", { class: "hint" }, "prompt"), shareBar(entry.prompt_mean_scalings, "prompt-share"),
         el("span", { class: "hint" }, "answer"), shareBar(entry.completion_mean_scalings, "completion-share")));
@@ -350,7 +352,8 @@ function renderDetail(detail, note) {
   state.experts = detail.adapter_names;
   $("detail-title").textContent = detail.id;
   $("detail-meta").textContent = `${detail.prompt_tokens} prompt + ${detail.completion_tokens} answer tokens · ` +
-    `${detail.n_layers} LoRA layers · ${routingText(detail.routing)}`;
+    `${detail.n_layers} LoRA layers · ${routingText(detail.routing)}` +
+    (detail.constraint ? ` · constrained: ${detail.constraint}` : "");
   const rows = tokenRows(detail);
   const frozenFrom = detail.frozen_from == null ? null : detail.frozen_from;
   const nodes = [];
