@@ -17,19 +17,10 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from .test_xlora_constraints import PERSON
 from .tiny_world import build_world, make_tiny_tokenizer, save_checkpoint
 
 MODEL = "tiny-ascii"
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
-    },
-    "required": ["name", "age", "city"],
-    "additionalProperties": False,
-}
 
 
 class Person(BaseModel):
