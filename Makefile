@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-load bench-soak bench-scale experts router eval clean
+.PHONY: install serve test lint bench bench-peers bench-load bench-soak bench-scale experts router eval clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/constraints.txt
 	EDITABLE=1 scripts/install.sh $(VENV) dev
@@ -25,6 +25,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.generation --threads 1
 	$(PY) -m bench.structured --threads 1
+
+# Per-token speed against mistral.rs's X-LoRA on the embedded default (README: "Against mistral.rs").
+# ../shared/peers/mistralrs/setup.sh builds mistral.rs' venv and model into build/peers once.
+bench-peers: $(STAMP)
+	[ -x build/peers/venv-mistralrs/bin/python ] || ../shared/peers/mistralrs/setup.sh build/peers
+	$(PY) -m bench.peers --threads 1 --dtypes float32,bfloat16
 
 bench-load: $(STAMP)
 	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --max-new-tokens 32 --torch-threads 1
