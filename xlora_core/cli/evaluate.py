@@ -20,10 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=50, help="held-out examples per task")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the held-out examples")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (model.dtype's values)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = evaluate(args.checkpoint, base=args.base, n_per_task=args.n, seed=args.seed, batch_size=args.batch_size)
+    report = evaluate(args.checkpoint, base=args.base, n_per_task=args.n, seed=args.seed, batch_size=args.batch_size,
+                      dtype=args.dtype)
     print(f"Exact match on {args.n} held-out examples per task (seed {args.seed}).")
     print("Routing: mean dense scaling at the positions that produce the answer.")
     print(report.markdown())

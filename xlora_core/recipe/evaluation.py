@@ -64,17 +64,18 @@ def evaluate(
     seed: int = 2024,
     batch_size: int = 16,
     adapters: dict[str, str] | None = None,
+    dtype: str = "auto",
 ) -> EvalReport:
     examples = {task: make_examples(task, n_per_task, seed, split="eval") for task in TASKS}
     results: dict[str, dict[str, float]] = {}
 
-    base_model, tokenizer = load_base_model(base)
+    base_model, tokenizer = load_base_model(base, dtype=dtype)
     results["base model"] = _scores(base_model, tokenizer, examples, batch_size)
     xlora = XLoraModel.from_pretrained(base_model, checkpoint, adapters=adapters)
     expert_folders = dict(xlora.config.adapters)
 
     for name, folder in expert_folders.items():
-        lone_base, _ = load_base_model(base)
+        lone_base, _ = load_base_model(base, dtype=dtype)
         alone = PeftModel.from_pretrained(lone_base, folder).eval()
         results[f"expert {name} alone"] = _scores(alone, tokenizer, examples, batch_size)
 
