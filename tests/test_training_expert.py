@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from tests.tiny_world import make_tiny_tokenizer, save_tiny_llama
 from xlora_core import base_model as bm
-from xlora_core.base_model import load_base_model, resolve_device, resolve_dtype
+from xlora_core.base_model import cpu_has_native_bf16, load_base_model, resolve_device, resolve_dtype
 from xlora_core.recipe.tasks import (
     CITIES,
     COLORS,
@@ -166,7 +166,9 @@ def test_collate_pads_either_side():
 def test_resolve_device_and_dtype():
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    native = cpu_has_native_bf16()
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("auto", "cpu", cpu_bf16=False) == torch.float32  # training's
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):

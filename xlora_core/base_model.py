@@ -46,10 +46,23 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> torch.dtype:
-    """'auto' -> bfloat16 on cuda, float32 on cpu (bf16 matmuls on CPU are slow and lossy)."""
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPU computes bf16 matmuls natively (elsewhere torch emulates them, slowly)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no way to tell cheaply, stay with float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu", cpu_bf16: bool = True) -> torch.dtype:
+    """'auto' -> bfloat16 on cuda and (with cpu_bf16) on CPUs with native bf16, float32 on other CPUs.
+    The embedded default's eval holds in bf16 (README: "The embedded default")."""
     if dtype == "auto":
-        return torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
+        device = resolve_device(device)
+        native = device.startswith("cuda") or (cpu_bf16 and device == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
@@ -178,11 +191,13 @@ def load_base_model(
     device: str = "auto",
     dtype: str = "auto",
     cache_dir: str | None = None,
+    cpu_bf16: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer), model in eval mode on `device`, tokenizer padding on the left."""
+    """Load (model, tokenizer), model in eval mode on `device`, tokenizer padding on the left.
+    `cpu_bf16=False` keeps dtype 'auto' at float32 on every CPU (training does)."""
     folder = resolve_model_folder(spec, cache_dir)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, cpu_bf16)
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:  # batching needs one; eos is never attended to past the prompt

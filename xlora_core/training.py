@@ -149,7 +149,8 @@ def _clean_adapter_config(out: Path, base_name: str) -> None:
 def train_expert(cfg: ExpertTrainConfig) -> dict:
     """Train one LoRA expert and save it to cfg.out. Returns a summary (final loss, timings, accuracy)."""
     torch.manual_seed(cfg.seed)
-    base, tokenizer = load_base_model(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+    # dtype auto stays float32 on CPU for training: a pure-bf16 optimizer step loses small updates
+    base, tokenizer = load_base_model(cfg.base, cfg.device, cfg.dtype, cfg.cache_dir, cpu_bf16=False)
     if cfg.init_from:
         model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
         lora = model.peft_config["default"]  # the log records the shape actually trained, not the CLI defaults
@@ -315,7 +316,8 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     from xlora_core.model import XLoraModel
 
     torch.manual_seed(cfg.seed)
-    base, tokenizer = load_base_model(cfg.base, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+    # dtype auto stays float32 on CPU for training: a pure-bf16 optimizer step loses small updates
+    base, tokenizer = load_base_model(cfg.base, cfg.device, cfg.dtype, cfg.cache_dir, cpu_bf16=False)
     config = XLoraConfig(
         hidden_size=base.config.hidden_size,
         adapters=dict(cfg.experts),
