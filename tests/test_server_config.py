@@ -42,6 +42,7 @@ def run_server(config_path, timeout: float = 120) -> subprocess.CompletedProcess
         ("server", {"port": "eighty"}, "server.port"),
         ("model", {"dtype": "float8"}, "model.dtype"),
         ("model", {"device": "gpu"}, "model.device"),
+        ("model", {"compile": "fast"}, "model.compile"),
         ("routing", {"top_k": 0}, "routing.top_k"),
         ("routing", {"global_scaling_weight": float("nan")}, "routing.global_scaling_weight"),
         ("xlora", {"softmax_temprature": 2.0}, "softmax_temprature"),

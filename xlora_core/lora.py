@@ -136,9 +136,9 @@ class ExpertWeightsSlot:
     the weights here right before running the backbone and takes them out after; every fused layer
     reads its own layer's slice. None means the experts are off (a scaling pass at value 0).
 
-    For a one-token step (decoding) the model may also put every layer's rank-column weights here at
+    For a one-token step (decoding) the model puts every layer's rank-column weights here instead, at
     once (`columns`, [batch, 1, all columns], layer after layer): one gather per pass instead of one
-    per layer. Each layer then reads its own slice.
+    per layer. Each layer then reads its own slice. Both None: the experts are off.
     """
 
     def __init__(self) -> None:
@@ -174,13 +174,12 @@ class FusedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        weights = self.slot.weights
-        if weights is None:
-            return result
         if self.slot.columns is not None:  # a one-token step: gathered for every layer at once
             column_weights = self.slot.columns[:, :, self.first_column : self.first_column + self.lora_A.shape[0]]
-        else:  # [batch, seq, n_experts] -> one weight per rank column
-            column_weights = weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
+        elif self.slot.weights is not None:  # [batch, seq, n_experts] -> one weight per rank column
+            column_weights = self.slot.weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
+        else:  # the experts are off (a scaling pass at value 0)
+            return result
         hidden = nn.functional.linear(x, self.lora_A) * column_weights.to(x.dtype)
         return result + nn.functional.linear(hidden, self.lora_B)
 

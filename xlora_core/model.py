@@ -9,6 +9,7 @@ For generation each pass keeps its own KV cache (`XLoraCache`), so a new token c
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ class XLoraModel(nn.Module):
         # Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts].
         self.latest_scalings: torch.Tensor | None = None
         self.freeze_after: int | None = None  # the default Routing.freeze_after (None = granular)
+        self._compiled_step = None  # compile(): the one-token pass, compiled
         self.freeze_experts()
         self.eval()
 
@@ -110,6 +112,24 @@ class XLoraModel(nn.Module):
         self.config.scaling_pass_value = 1 / self.config.n_adapters if value is None else float(value)
         self.config.validate()
 
+    def compile(self, enabled: bool = True) -> float:
+        """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
+
+        On CPU the weights are frozen into the graph and the matmuls use inductor's autotuned C++ GEMM
+        kernels, which stream a decode step's weights much faster than eager torch's GEMV. Prefill and
+        training stay eager. Compilation happens on the first steps (and again per batch size; see
+        README "Compiled decoding"); returns the seconds it took to set up. `enabled=False` goes back
+        to eager."""
+        if not enabled:
+            self._compiled_step = None
+            return 0.0
+        started = time.perf_counter()
+        options = {"freezing": True}
+        if self.device.type == "cpu":
+            options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        self._compiled_step = torch.compile(self._one_token_pass, options=options)
+        return time.perf_counter() - started
+
     # ---- scalings inspection -------------------------------------------------------------------
     def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts]."""
@@ -140,11 +160,16 @@ class XLoraModel(nn.Module):
         weights: torch.Tensor | None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, with the experts weighted by `weights` (None: off)."""
-        self.slot.weights = weights
         # A one-token step: every layer's rank-column weights in one gather (ExpertWeightsSlot.columns).
         # Longer passes gather per layer, so no [batch, seq, all columns] tensor is ever held.
-        if weights is not None and input_ids.shape[1] == 1:
-            self.slot.columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
+        if input_ids.shape[1] == 1:
+            columns = None
+            if weights is not None:
+                columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
+            if self._compiled_step is not None and not torch.is_grad_enabled():
+                return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns)
+            return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns)
+        self.slot.weights = weights
         try:
             out = self.base.get_decoder()(
                 input_ids=input_ids,
@@ -154,7 +179,30 @@ class XLoraModel(nn.Module):
                 use_cache=cache is not None,
             )
         finally:
-            self.slot.weights = self.slot.columns = None
+            self.slot.weights = None
+        return out.last_hidden_state
+
+    def _one_token_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None,
+        columns: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One token per row through the backbone, the experts weighted by `columns` [batch, 1, all
+        rank columns] (None: off). This is the step `compile()` compiles."""
+        self.slot.columns = columns
+        try:
+            out = self.base.get_decoder()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        finally:
+            self.slot.columns = None
         return out.last_hidden_state
 
     def _scaling_pass_weights(self, batch: int, seq: int, routing: Routing | list[Routing]) -> torch.Tensor | None:
