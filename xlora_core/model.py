@@ -9,7 +9,6 @@ For generation each pass keeps its own KV cache (`XLoraCache`), so a new token c
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -112,23 +111,20 @@ class XLoraModel(nn.Module):
         self.config.scaling_pass_value = 1 / self.config.n_adapters if value is None else float(value)
         self.config.validate()
 
-    def compile(self, enabled: bool = True) -> float:
+    def compile(self, enabled: bool = True) -> None:
         """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
 
-        On CPU the weights are frozen into the graph and the matmuls use inductor's autotuned C++ GEMM
-        kernels, which stream a decode step's weights much faster than eager torch's GEMV. Prefill and
-        training stay eager. Compilation happens on the first steps (and again per batch size; see
-        README "Compiled decoding"); returns the seconds it took to set up. `enabled=False` goes back
-        to eager."""
+        The weights are frozen into the graph; on CPU the matmuls use inductor's autotuned C++ GEMM
+        kernels, which stream a step's weights faster than eager torch's GEMV. Prefill and training stay
+        eager. The compilation itself happens on the first steps, and again for a new batch size until
+        torch treats the size as dynamic (README "Compiled decoding"). `enabled=False`: eager again."""
         if not enabled:
             self._compiled_step = None
-            return 0.0
-        started = time.perf_counter()
+            return
         options = {"freezing": True}
         if self.device.type == "cpu":
             options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
         self._compiled_step = torch.compile(self._one_token_pass, options=options)
-        return time.perf_counter() - started
 
     # ---- scalings inspection -------------------------------------------------------------------
     def get_latest_scalings(self) -> torch.Tensor | None:
@@ -171,16 +167,9 @@ class XLoraModel(nn.Module):
             return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns)
         self.slot.weights = weights
         try:
-            out = self.base.get_decoder()(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-            )
+            return self._decoder(input_ids, attention_mask, position_ids, cache)
         finally:
             self.slot.weights = None
-        return out.last_hidden_state
 
     def _one_token_pass(
         self,
@@ -194,15 +183,25 @@ class XLoraModel(nn.Module):
         rank columns] (None: off). This is the step `compile()` compiles."""
         self.slot.columns = columns
         try:
-            out = self.base.get_decoder()(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-            )
+            return self._decoder(input_ids, attention_mask, position_ids, cache)
         finally:
             self.slot.columns = None
+
+    def _decoder(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
+        """The base model's decoder stack, with whatever expert weights the slot holds."""
+        out = self.base.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
         return out.last_hidden_state
 
     def _scaling_pass_weights(self, batch: int, seq: int, routing: Routing | list[Routing]) -> torch.Tensor | None:
