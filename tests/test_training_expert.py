@@ -227,7 +227,7 @@ def test_cache_dir_from_env(tmp_path, monkeypatch):
 @pytest.mark.parametrize("task", TASKS)
 def test_answer_loss_matches_the_model_loss(tiny_base, task):
     """The shared-prefix, answer-only loss is an optimisation: same value and gradients as HF's loss."""
-    base, tok = load_base_model(str(tiny_base), device="cpu")
+    base, tok = load_base_model(str(tiny_base), device="cpu", dtype="float32")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(base, lora)
     batch = collate([encode_example(tok, e) for e in make_examples(task, 4, seed=0)], tok.pad_token_id)
@@ -270,7 +270,7 @@ def test_train_expert_cli(tiny_base, tmp_path):
     assert all(r["loss"] > 0 for r in steps)
     assert 0.0 <= records[-1]["summary"]["eval_accuracy"] <= 1.0
 
-    base, _ = load_base_model(str(tiny_base), device="cpu")
+    base, _ = load_base_model(str(tiny_base), device="cpu", dtype="float32")
     model = PeftModel.from_pretrained(base, out)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: B moved off its zero init
@@ -278,7 +278,7 @@ def test_train_expert_cli(tiny_base, tmp_path):
 
 def test_train_expert_cli_continues_from_an_adapter(tiny_base, tmp_path):
     """--init-from keeps the adapter's shape and starts from its weights (lr 1e-9: they stay the same)."""
-    base, _ = load_base_model(str(tiny_base), device="cpu")
+    base, _ = load_base_model(str(tiny_base), device="cpu", dtype="float32")
     torch.manual_seed(0)
     start = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], init_lora_weights=False))
     start.save_pretrained(tmp_path / "start")
