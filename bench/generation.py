@@ -99,6 +99,7 @@ def main() -> None:
     for p in prompt_lens:
         g = torch.Generator().manual_seed(p)
         prompt = torch.randint(100, base.config.vocab_size, (1, p), generator=g)
+        seconds[(p, 1)] = run("ours", prompt, 1)[0]  # the prefill and first token: the fixed cost
         for n in new_tokens:
             t_base, _ = run("base", prompt, n)
             times = {name: run(name, prompt, n) for name in engines}
@@ -115,7 +116,11 @@ def main() -> None:
     for p in prompt_lens:
         if len(new_tokens) > 1:
             lo, hi = min(new_tokens), max(new_tokens)
-            print(f"prompt {p}: {hi} new tokens take {seconds[(p, hi)] / seconds[(p, lo)]:.2f}x the time of {lo}")
+            t1, t_lo, t_hi = seconds[(p, 1)], seconds[(p, lo)], seconds[(p, hi)]
+            early, late = (t_lo - t1) / (lo - 1), (t_hi - t_lo) / (hi - lo)  # seconds per decode step
+            print(f"prompt {p}: {hi} new tokens take {t_hi / t_lo:.2f}x the time of {lo} (granular); a decode "
+                  f"step costs {1000 * early:.1f} ms for tokens 2-{lo}, {1000 * late:.1f} ms for tokens {lo + 1}-{hi} "
+                  f"({late / early:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -285,3 +285,31 @@ def test_the_python_api_checks_top_k_against_the_experts(model):
     assert info.value.parameter == "top_k" and "1..3" in str(info.value)
     with pytest.raises(ParameterError):
         model.set_freeze_after(-2)
+
+
+def test_decode_writes_into_the_caches_room_and_reallocates_only_when_it_is_full(model):
+    """A step writes its token in place (transformers' DynamicLayer copies the whole cache every step);
+    past the room the buffers are reallocated once, and the logits still match the uncached forward."""
+    from xlora_core.cache import ROOM
+
+    rows = prompts(4, 9, seed=15)
+    ids, mask = left_pad(rows)
+    _, _, cache = model.prefill(ids, mask)
+    layers = [cache.scaling.layers[0], cache.real.layers[-1]]
+    assert [layer.capacity for layer in layers] == [9 + ROOM, 9 + ROOM]
+    fed = torch.randint(3, VOCAB, (2, ROOM + 20), generator=torch.Generator().manual_seed(16))
+    buffers_seen = [set(), set()]
+    for t in range(fed.shape[1]):
+        logits, _ = model.decode(fed[:, t], cache)
+        for seen, layer in zip(buffers_seen, layers, strict=True):
+            seen.add(layer.buffers[0].data_ptr())
+            assert layer.keys.data_ptr() == layer.buffers[0].data_ptr()  # a view of the buffer, not a copy
+    assert [len(seen) for seen in buffers_seen] == [2, 2]  # one reallocation, when the room ran out
+    assert layers[1].keys.shape[2] == 9 + ROOM + 20
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            expected = model(torch.cat([r, fed[i : i + 1]], dim=1)).logits[0, -1]
+            assert (logits[i] - expected).abs().max() <= TOL, i
+    # Selecting rows gives fresh buffers with room again.
+    cache = cache.select([1])
+    assert cache.real.layers[0].capacity == cache.seq_len + ROOM

@@ -8,16 +8,93 @@ always have the same number of columns, so they share the attention mask.
 
 Rows can be selected (drop finished requests) and caches of different lengths joined (a request joins
 a running batch): the shorter ones are left-padded, which the attention mask hides.
+
+The layers of both caches are `GrowingLayer`s: keys and values live in a buffer with room to grow, so a
+decode step writes its token in place. transformers' `DynamicLayer` concatenates instead, which copies
+the whole cache every step: a cost per token that grows with the sequence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
+
+# Tokens of room a layer's buffer gets whenever it is (re)allocated: one copy of the cache every ROOM
+# tokens instead of one every token.
+ROOM = 256
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views of buffers [batch, heads, capacity, head_dim]
+    with room for more tokens: `update` writes new tokens into the room; only a full buffer is copied,
+    into a new one with `ROOM` tokens of room again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buffers is None else self.buffers[0].shape[2]
+
+    def get_seq_length(self) -> int:
+        # Not from self.keys: a compiled step must not read the view besides its buffer (aliased inputs).
+        return self.length
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[2]
+        if self.length + new > self.capacity:
+            self._reallocate(key_states, value_states, self.length + new)
+        keys, values = self.buffers
+        # index_copy_ on the whole buffer, as transformers' StaticLayer: torch.compile cannot trace a write
+        # into a slice of a buffer whose length is dynamic.
+        columns = torch.arange(self.length, self.length + new, device=keys.device)
+        keys.index_copy_(2, columns, key_states)
+        values.index_copy_(2, columns, value_states)
+        self.length += new
+        self.keys, self.values = keys[:, :, : self.length], values[:, :, : self.length]
+        return self.keys, self.values
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` more tokens now, so that the next `update` writes in place."""
+        if self.buffers is not None and self.length + tokens > self.capacity:
+            self._reallocate(self.keys, self.values, self.length + tokens)
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold these keys and values instead (rows selected or joined), with fresh room."""
+        self.buffers, self.length = None, 0
+        self.update(keys, values)
+
+    def _reallocate(self, keys_like: torch.Tensor, values_like: torch.Tensor, needed: int) -> None:
+        """New buffers of capacity `needed + ROOM`, holding the tokens stored so far."""
+        batch, heads, _, dim = keys_like.shape
+        kwargs = dict(dtype=keys_like.dtype, device=keys_like.device)
+        keys = torch.empty(batch, heads, needed + ROOM, dim, **kwargs)
+        values = torch.empty(batch, heads, needed + ROOM, values_like.shape[-1], **kwargs)
+        if self.length:
+            keys[:, :, : self.length] = self.keys
+            values[:, :, : self.length] = self.values
+        self.buffers = (keys, values)
+
+    def nbytes(self) -> int:
+        """Memory held, the room included."""
+        return sum(t.numel() * t.element_size() for t in self.buffers) if self.buffers is not None else 0
+
+
+def growing_cache(config: PretrainedConfig) -> DynamicCache:
+    """transformers' DynamicCache for this model, its full-attention layers `GrowingLayer`s."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 @dataclass
@@ -96,30 +173,30 @@ class XLoraCache:
             frozen=[f for c in caches for f in c.frozen],
         )
 
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` more tokens in every layer of both caches, before a step writes them."""
+        for cache in (self.scaling, self.real):
+            if cache is not None:
+                for layer in _layers(cache):
+                    layer.reserve(tokens)
+
     def nbytes(self) -> int:
-        """Memory held by the keys and values of both caches."""
+        """Memory held by the keys and values of both caches, their room included."""
         caches = [c for c in (self.scaling, self.real) if c is not None]
-        return sum(t.numel() * t.element_size() for cache in caches for t in _tensors(cache))
+        return sum(layer.nbytes() for cache in caches for layer in _layers(cache))
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+def _layers(cache: DynamicCache) -> list[GrowingLayer]:
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if not isinstance(layer, GrowingLayer):
             raise NotImplementedError(f"joining or selecting rows of a {type(layer).__name__} is not supported")
     return cache.layers
-
-
-def _tensors(cache: DynamicCache) -> Iterator[torch.Tensor]:
-    for layer in cache.layers:
-        if layer.is_initialized:
-            yield layer.keys
-            yield layer.values
 
 
 def _map_layers(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> DynamicCache:
     for layer in _layers(cache):
         if layer.is_initialized:
-            layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+            layer.replace(fn(layer.keys), fn(layer.values))
     return cache
 
 
@@ -131,6 +208,5 @@ def _concat_layers(caches: list[DynamicCache], length: int) -> DynamicCache:
         def padded(t: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, 0, length - t.shape[2], 0))
 
-        layer.keys = torch.cat([padded(p.keys) for p in parts])
-        layer.values = torch.cat([padded(p.values) for p in parts])
+        layer.replace(torch.cat([padded(p.keys) for p in parts]), torch.cat([padded(p.values) for p in parts]))
     return first

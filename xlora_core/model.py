@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import XLoraCache
+from .cache import XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
 from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, read_expert
@@ -303,7 +303,7 @@ class XLoraModel(nn.Module):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         config = self.base.config
-        cache = XLoraCache(DynamicCache(config=config), DynamicCache(config=config), mask.long())
+        cache = XLoraCache(growing_cache(config), growing_cache(config), mask.long())
         scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling)
         hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
@@ -320,6 +320,7 @@ class XLoraModel(nn.Module):
         again here: prefill checked it."""
         routing = self.routing if routing is None else routing
         positions = cache.next_positions()
+        cache.reserve(1)  # any reallocation happens here, so the step itself only writes in place
         ones = torch.ones_like(cache.attention_mask[:, :1])
         cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
         tokens = next_tokens.to(self.device).view(-1, 1)
