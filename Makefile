@@ -30,7 +30,7 @@ bench: $(STAMP)
 # ../shared/peers/mistralrs/setup.sh builds mistral.rs' venv and model into build/peers once.
 bench-peers: $(STAMP)
 	[ -x build/peers/venv-mistralrs/bin/python ] || ../shared/peers/mistralrs/setup.sh build/peers
-	$(PY) -m bench.peers --threads 1 --dtypes float32,bfloat16
+	$(PY) -m bench.peers --threads 1 --dtypes float32,bfloat16 --compile
 
 bench-load: $(STAMP)
 	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --max-new-tokens 32 --torch-threads 1

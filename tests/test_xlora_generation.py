@@ -313,3 +313,24 @@ def test_decode_writes_into_the_caches_room_and_reallocates_only_when_it_is_full
     # Selecting rows gives fresh buffers with room again.
     cache = cache.select([1])
     assert cache.real.layers[0].capacity == cache.seq_len + ROOM
+
+
+def test_a_bfloat16_model_on_cpu_keeps_float32_kv_caches_and_stays_close_to_float32(model, tmp_path):
+    """torch's CPU attention is slow in bf16 at decode, so on CPU the caches hold float32 and the attention
+    runs in float32; the bf16 model's logits stay within bf16's rounding of the float32 model's."""
+    base, _ = build_world(tmp_path, names=["math", "code", "prose"])
+    narrow = XLoraModel(load_base(base).to(torch.bfloat16), model.config)
+    narrow.classifier.load_state_dict(model.classifier.state_dict())
+    assert narrow.dtype == torch.bfloat16 and narrow.kv_dtype == torch.float32 and model.kv_dtype == torch.float32
+    rows = prompts(4, 9, seed=17)
+    ids, mask = left_pad(rows)
+    fed = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(18))
+    logits = {}
+    for name, m in (("bf16", narrow), ("fp32", model)):
+        _, _, cache = m.prefill(ids, mask)
+        for t in range(fed.shape[1]):
+            logits[name], _ = m.decode(fed[:, t], cache)
+        layer = cache.real.layers[0]
+        assert layer.buffers[0].dtype == torch.float32 and layer.keys.dtype == torch.float32
+    scale = logits["fp32"].abs().max()
+    assert (logits["bf16"] - logits["fp32"]).abs().max() <= 0.05 * scale

@@ -12,6 +12,10 @@ a running batch): the shorter ones are left-padded, which the attention mask hid
 The layers of both caches are `GrowingLayer`s: keys and values live in a buffer with room to grow, so a
 decode step writes its token in place. transformers' `DynamicLayer` concatenates instead, which copies
 the whole cache every step: a cost per token that grows with the sequence.
+
+A cache may hold a wider dtype than the model: on CPU a bfloat16 model keeps float32 keys and values,
+because torch's CPU attention kernels are much slower in bfloat16 at decode (README "Long sequences").
+The attention function `WIDE_KV_SDPA` casts the query up to the cache's dtype and the output back.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PretrainedConfig
+from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Tokens of room a layer's buffer gets whenever it is (re)allocated: one copy of the cache every ROOM
 # tokens instead of one every token.
@@ -33,8 +39,9 @@ class GrowingLayer(DynamicLayer):
     with room for more tokens: `update` writes new tokens into the room; only a full buffer is copied,
     into a new one with `ROOM` tokens of room again."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.dtype = dtype  # None: the model's
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.length = 0
 
@@ -51,6 +58,8 @@ class GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.dtype is not None:
+            key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         new = key_states.shape[2]
         if self.length + new > self.capacity:
             self._reallocate(key_states, value_states, self.length + new)
@@ -90,11 +99,31 @@ class GrowingLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in self.buffers) if self.buffers is not None else 0
 
 
-def growing_cache(config: PretrainedConfig) -> DynamicCache:
-    """transformers' DynamicCache for this model, its full-attention layers `GrowingLayer`s."""
+def growing_cache(config: PretrainedConfig, dtype: torch.dtype | None = None) -> DynamicCache:
+    """transformers' DynamicCache for this model, its full-attention layers `GrowingLayer`s holding
+    `dtype` (None: the model's; a wider one needs the `WIDE_KV_SDPA` attention)."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer(dtype) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def _wide_kv_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, run in the dtype of the keys when the cache holds a wider one."""
+    out, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+# The attention implementation XLoraModel gives a base model that uses SDPA (same masks as "sdpa").
+WIDE_KV_SDPA = "sdpa_wide_kv"
+AttentionInterface.register(WIDE_KV_SDPA, _wide_kv_sdpa)
+AttentionMaskInterface.register(WIDE_KV_SDPA, sdpa_mask)
 
 
 @dataclass

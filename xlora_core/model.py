@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import XLoraCache, growing_cache
+from .cache import WIDE_KV_SDPA, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
 from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, read_expert
@@ -34,6 +34,8 @@ class XLoraModel(nn.Module):
             raise ValueError(f"hidden_size is {config.hidden_size} but the base model's is {base_hidden}")
         self.config = config
         self.base = base
+        if base.config._attn_implementation == "sdpa":  # the same, and it can read a wider KV cache
+            base.set_attn_implementation(WIDE_KV_SDPA)
         self.slot = ExpertWeightsSlot()
         experts = [read_expert(name, folder) for name, folder in config.adapters.items()]
         # A plain list: the fused layers are already registered as submodules of `base`.
@@ -76,6 +78,14 @@ class XLoraModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.classifier.parameters()).dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype of the KV caches: float32 on CPU (torch's CPU attention is much slower in bf16 or
+        fp16 at decode), the model's elsewhere or when the base model's attention cannot read it."""
+        if self.device.type == "cpu" and self.base.config._attn_implementation == WIDE_KV_SDPA:
+            return torch.float32
+        return self.dtype
 
     @property
     def routing(self) -> Routing:
@@ -303,7 +313,8 @@ class XLoraModel(nn.Module):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         config = self.base.config
-        cache = XLoraCache(growing_cache(config), growing_cache(config), mask.long())
+        kv = self.kv_dtype
+        cache = XLoraCache(growing_cache(config, kv), growing_cache(config, kv), mask.long())
         scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling)
         hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
