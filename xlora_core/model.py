@@ -55,6 +55,7 @@ class XLoraModel(nn.Module):
         self.latest_scalings: torch.Tensor | None = None
         self.freeze_after: int | None = None  # the default Routing.freeze_after (None = granular)
         self._compiled_step = None  # compile(): the one-token pass, compiled
+        self._inductor_config: dict[str, Any] = {}
         self.freeze_experts()
         self.eval()
 
@@ -131,10 +132,12 @@ class XLoraModel(nn.Module):
         if not enabled:
             self._compiled_step = None
             return
-        options = {"freezing": True}
+        import torch._inductor.config  # noqa: F401  (makes torch._inductor.config reachable in _backbone)
+
+        self._inductor_config = {"freezing": True}
         if self.device.type == "cpu":
-            options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-        self._compiled_step = torch.compile(self._one_token_pass, options=options)
+            self._inductor_config |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        self._compiled_step = torch.compile(self._one_token_pass)
 
     # ---- scalings inspection -------------------------------------------------------------------
     def get_latest_scalings(self) -> torch.Tensor | None:
@@ -173,7 +176,11 @@ class XLoraModel(nn.Module):
             if weights is not None:
                 columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
             if self._compiled_step is not None and not torch.is_grad_enabled():
-                return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns)
+                # Inductor's settings as a patch around the call (where compilation happens): torch 2.13
+                # ignores `freezing` given as torch.compile(options=...), and unfrozen weights get no
+                # C++ GEMM kernels.
+                with torch._inductor.config.patch(self._inductor_config):
+                    return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns)
             return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns)
         self.slot.weights = weights
         try:
