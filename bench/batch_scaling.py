@@ -21,20 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.kv_dtype import step_ms  # the same granular decode step, timed after a prefill
 from xlora_core import XLoraModel
 from xlora_core.base_model import load_base_model
-
-
-def step_ms(model: XLoraModel, batch: int, context: int, steps: int) -> float:
-    ids = torch.randint(100, 1000, (batch, context), generator=torch.Generator().manual_seed(context))
-    logits, _, cache = model.prefill(ids)
-    tokens = logits.argmax(-1)
-    for _ in range(2):
-        model.decode(tokens, cache)
-    start = time.perf_counter()
-    for _ in range(steps):
-        model.decode(tokens, cache)
-    return (time.perf_counter() - start) / steps * 1000
 
 
 def matmuls_ms(weights: list[torch.Tensor], head: torch.Tensor, batch: int, steps: int) -> float:
@@ -71,7 +60,7 @@ def main() -> None:
     model = XLoraModel.from_pretrained(base, args.checkpoint)
     head = base.get_output_embeddings().weight
     # The decoder's own linear layers (inside the fused LoRA layers), in the order a pass runs them.
-    weights = [m.weight for name, m in base.named_modules() if isinstance(m, torch.nn.Linear) and m.weight is not head]
+    weights = [m.weight for m in base.modules() if isinstance(m, torch.nn.Linear) and m.weight is not head]
 
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} thread(s), "
           f"torch {torch.__version__}, {head.dtype}; {len(weights)} linear layers + LM head, "
