@@ -259,6 +259,37 @@ def test_frozen_rows_leave_the_scaling_cache_and_rows_can_join_and_leave(model):
     assert rows[2].decoder.completion_ids == model.generate(c, max_new_tokens=8)[0, 5:].tolist()
 
 
+def test_rows_joining_in_the_decode_step_give_what_they_give_alone(model):
+    """Newcomers prefilled in the same forward as the running rows' decode step (one ragged row): each row
+    gets the tokens and scalings it gets alone, frozen and top-k rows included, whether the newcomer's
+    prompt is shorter or longer than what the batch has cached, and the caches go on from there."""
+    from xlora_core import BatchRow, DecodeBatch, RowDecoder, SamplingParams
+
+    a, b, c, d = prompts(4, 3, 17, 2, seed=17)
+    routings = [
+        Routing(freeze_after=0), Routing(), Routing(top_k=1), Routing(freeze_after=1, global_scaling_weight=0.5)
+    ]
+
+    def row(p: torch.Tensor, routing: Routing) -> BatchRow:
+        return BatchRow(RowDecoder(SamplingParams(max_new_tokens=9), None, p[0].tolist()), routing)
+
+    rows = [row(p, r) for p, r in zip((a, b, c, d), routings, strict=True)]
+    batch, _ = DecodeBatch.prefill(model, rows[:1])  # a: frozen from its first token, no scaling-cache row
+    batch.step(joining=rows[1:2])  # b joins a frozen batch: the only granular row
+    assert batch.cache.granular_rows() == [1] and batch.cache.scaling.layers[0].keys.shape[0] == 1
+    batch.step()
+    out = batch.step(joining=rows[2:])  # c's prompt is longer than anything cached; d's is shorter
+    assert [g.row for g in out] == rows and batch.cache.batch_size == 4
+    assert batch.cache.attention_mask.sum(dim=1).tolist() == [4 + 3, 3 + 2, 17, 2]  # every row's tokens, left-padded
+    while batch:
+        batch.step()
+    for r, p, routing in zip(rows, (a, b, c, d), routings, strict=True):
+        n = p.shape[1]
+        alone = model.generate(p, max_new_tokens=9, routing=routing)
+        assert r.decoder.completion_ids == alone[0, n:].tolist()
+        assert (r.all_scalings()[: n + 8] - model.get_latest_scalings()[0]).abs().max() <= TOL
+
+
 @pytest.mark.parametrize(
     ("make", "field"),
     [

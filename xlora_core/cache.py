@@ -215,6 +215,69 @@ class XLoraCache:
         return sum(layer.nbytes() for cache in caches for layer in _layers(cache))
 
 
+class RaggedRows:
+    """Rows that add different numbers of tokens in one forward (a decode row one, a newcomer its prompt):
+    every row's cached tokens and then every row's new tokens, back to back in a single row (batch 1), with
+    an attention mask that keeps each new token to its own row's keys. The matmuls then run once over all
+    the new tokens, where a newcomer's prefill on its own would run them again for its prompt alone.
+
+    `cached[r]` and `new[r]`: row r's tokens in the cache and in this forward, rows in batch order."""
+
+    def __init__(self, cached: list[int], new: list[int], device: torch.device) -> None:
+        self.cached, self.new, self.device = cached, new, device
+        rows = torch.arange(len(new), device=device)
+        self.token_row = rows.repeat_interleave(torch.tensor(new, device=device))  # [new tokens]
+        self.key_row = torch.cat([rows.repeat_interleave(torch.tensor(cached, device=device)), self.token_row])
+
+    def attention_mask(self) -> torch.Tensor:
+        """[1, 1, new tokens, cached + new tokens], True where a query may attend: the same row's keys,
+        the cached ones and the new ones up to its own (transformers takes a 4D mask as it is)."""
+        n = len(self.token_row)
+        old = len(self.key_row) - n
+        same_row = self.token_row[:, None] == self.key_row[None, :]
+        key, query = torch.arange(old + n, device=self.device), torch.arange(n, device=self.device)
+        causal = key[None, :] <= old + query[:, None]
+        return (same_row & causal)[None, None]
+
+    def flatten(self, cache: DynamicCache | None, mask: torch.Tensor, into: DynamicCache) -> DynamicCache:
+        """`into`, an empty cache, given the tokens of `cache` where `mask` [rows of cache, seq] is 1, row
+        after row (the rows of `cache` are this layout's first rows; the newcomers have none)."""
+        if cache is not None:
+            valid = mask.bool()
+            for target, layer in zip(_layers(into), _layers(cache), strict=True):
+                if layer.is_initialized:
+                    target.replace(_flat(layer.keys, valid), _flat(layer.values, valid))
+        return into
+
+    def unflatten(self, flat: DynamicCache, into: DynamicCache, width: int) -> torch.Tensor:
+        """`into`, an empty cache, given one row per request again, each left-padded to `width` columns;
+        returns their attention mask [rows, width]."""
+        cached, new = (torch.tensor(x, device=self.device) for x in (self.cached, self.new))
+        start = width - (cached + new)  # each row's first column
+        # A key's rank within its row (its cached tokens, then its new ones): its index in the flat layout
+        # less where its row's part of that layout begins.
+        old = len(self.key_row) - len(self.token_row)
+        cached_begin = (cached.cumsum(0) - cached)[self.key_row[:old]]
+        new_begin = old + (new.cumsum(0) - new)[self.token_row] - cached[self.token_row]
+        rank = torch.arange(len(self.key_row), device=self.device) - torch.cat([cached_begin, new_begin])
+        rows, columns = self.key_row, start[self.key_row] + rank
+        for target, layer in zip(_layers(into), _layers(flat), strict=True):
+            target.replace(*(_unflat(t, rows, columns, len(self.new), width) for t in (layer.keys, layer.values)))
+        return (torch.arange(width, device=self.device)[None, :] >= start[:, None]).long()
+
+
+def _flat(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[rows, heads, seq, dim] -> [1, heads, valid tokens, dim], row after row."""
+    return t.transpose(1, 2)[valid].transpose(0, 1).unsqueeze(0)
+
+
+def _unflat(t: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
+    """[1, heads, tokens, dim] -> [n_rows, heads, width, dim], token i at (rows[i], columns[i]), zeros elsewhere."""
+    out = t.new_zeros(n_rows, width, t.shape[1], t.shape[3])
+    out[rows, columns] = t[0].transpose(0, 1)
+    return out.transpose(1, 2)
+
+
 def _layers(cache: DynamicCache) -> list[GrowingLayer]:
     for layer in cache.layers:
         if not isinstance(layer, GrowingLayer):

@@ -5,6 +5,7 @@ A `DecodeBatch` (after TGI's `CausalLMBatch`) owns its rows and their `XLoraCach
     batch, first = DecodeBatch.prefill(model, rows)   # the prompts, together; every row's first token
     batch.concatenate([other])                        # newcomers join a running batch
     out = batch.step()                                # one token for every row
+    out = batch.step(joining=rows)                    # the same, newcomers prefilled in the same forward
     batch.filter(keep)                                # rows leave (a client went away)
 
 Rows that finish leave the batch by themselves at the end of `prefill` or `step`. Each row brings its
@@ -95,10 +96,21 @@ class DecodeBatch:
         batch = cls(model, rows, cache)
         return batch, batch._advance(logits, scalings[:, -1])
 
-    def step(self) -> list[Generated]:
-        """Feed every row its last token and choose the next one."""
+    def step(self, joining: list[BatchRow] | None = None) -> list[Generated]:
+        """Feed every row its last token and choose the next one. Rows in `joining` (not prefilled) join the
+        batch in the same forward and choose their first token (XLoraModel.decode_and_prefill); if the
+        forward fails, the batch is as it was."""
         assert self.cache is not None, "step() on an empty batch"
         tokens = torch.tensor([row.next_token for row in self.rows], dtype=torch.long)
+        if joining:
+            rows = self.rows + joining
+            logits, scalings, cache = self.model.decode_and_prefill(
+                tokens, self.cache, [row.prompt_ids for row in joining], [row.routing for row in rows]
+            )
+            self.rows, self.cache = rows, cache
+            for row, s in zip(rows, scalings, strict=True):
+                row.scalings.append(s.float().cpu())
+            return self._advance(logits, torch.stack([s[-1] for s in scalings]))
         logits, scalings = self.model.decode(tokens, self.cache, [row.routing for row in self.rows])
         on_cpu = scalings.float().cpu()
         for i, row in enumerate(self.rows):

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import WIDE_KV_SDPA, XLoraCache, growing_cache
+from .cache import WIDE_KV_SDPA, RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
 from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, read_expert
@@ -346,6 +346,66 @@ class XLoraModel(nn.Module):
         hidden = self.real_pass(tokens, cache.attention_mask, positions, scalings, routing, cache.real)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
         return logits, scalings
+
+    @torch.inference_mode()
+    def decode_and_prefill(
+        self, next_tokens: torch.Tensor, cache: XLoraCache, prompts: list[list[int]], routing: list[Routing]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], XLoraCache]:
+        """One decode step for the rows of `cache` and the prefill of new rows (`prompts`) in the same two
+        passes, all new tokens in one ragged row (`cache.RaggedRows`). `routing`: one per row, the cache's
+        rows first. Returns (logits [rows, vocab] in float32, each row's scalings [its new tokens, layers,
+        experts], a new cache of every row: the cache's, then the newcomers). `cache` is only read, so
+        if this fails the batch can go on without the newcomers."""
+        routing = self._resolve(routing)
+        device, old = self.device, cache.batch_size
+        new = [1] * old + [len(p) for p in prompts]
+        cached = cache.attention_mask.sum(dim=1).tolist() + [0] * len(prompts)
+        ids = torch.tensor([*next_tokens.tolist(), *(t for p in prompts for t in p)], device=device).view(1, -1)
+        starts = [cache.next_positions().view(-1), *(torch.arange(len(p), device=device) for p in prompts)]
+        positions = torch.cat(starts).view(1, -1)
+        real = RaggedRows(cached, new, device)
+        config, kv = self.base.config, self.kv_dtype
+        width = max(c + n for c, n in zip(cached, new, strict=True))
+
+        # Scaling pass: the granular rows, the newcomers among them; frozen rows keep their scalings.
+        frozen = cache.frozen + [None] * len(prompts)
+        granular = [r for r, f in enumerate(frozen) if f is None]
+        shape = (1, ids.shape[1], self.n_lora_layers, self.config.n_adapters)
+        scalings = torch.zeros(shape, device=device, dtype=self.dtype)
+        for r, f in enumerate(frozen):
+            if f is not None:
+                scalings[0, real.token_row == r] = f
+        scaling_cache = None
+        if granular:
+            sub = RaggedRows([cached[r] for r in granular], [new[r] for r in granular], device)
+            take = torch.isin(real.token_row, torch.tensor(granular, device=device))
+            flat = sub.flatten(cache.scaling, cache.attention_mask[cache.granular_rows()], growing_cache(config, kv))
+            dummy = None
+            if self.config.scaling_pass_value != 0:
+                dummy = self.classifier.dummy_scalings(1, int(take.sum()), device, self.dtype)
+                dummy = self._ragged_weights(dummy, sub, [routing[r] for r in granular])
+            hidden = self._backbone(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy)
+            scalings[:, take] = self.classifier(hidden)
+            self.scalings_log.record(scalings[:, take])
+            scaling_cache = growing_cache(config, kv)
+            sub.unflatten(flat, scaling_cache, width)
+
+        # Real pass: every row.
+        flat = real.flatten(cache.real, cache.attention_mask, growing_cache(config, kv))
+        weights = self._ragged_weights(scalings, real, routing)
+        hidden = self._backbone(ids, real.attention_mask(), positions, flat, weights)
+        last = torch.tensor(new, device=device).cumsum(0) - 1
+        logits = self.base.get_output_embeddings()(hidden[0, last]).float()
+        real_cache = growing_cache(config, kv)
+        mask = real.unflatten(flat, real_cache, width)
+        joined = XLoraCache(scaling_cache, real_cache, mask, frozen)
+        return logits, list(scalings[0].split(new)), joined
+
+    def _ragged_weights(self, scalings: torch.Tensor, rows: RaggedRows, routing: list[Routing]) -> torch.Tensor:
+        """expert_weights for a ragged row [1, tokens, layers, experts]: each row's tokens with its routing."""
+        parts = scalings.split(rows.new, dim=1)
+        softmax = self.config.enable_softmax_topk
+        return torch.cat([expert_weights(p, r, softmax) for p, r in zip(parts, routing, strict=True)], dim=1)
 
     def _step_scalings(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: XLoraCache, routing: Routing | list[Routing]
