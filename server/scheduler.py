@@ -5,8 +5,10 @@ the bounded queue, admission, cancellation and deadlines, failure isolation, eve
 The event loop only appends jobs to the queue and reads their events, so it never waits on the model.
 Each loop of the worker:
   1. drops rows whose client went away or whose deadline passed (their cache rows are freed);
-  2. admits waiting jobs up to max_batch_size: one prefill for the newcomers, who then join the batch;
-  3. runs one decode step for every running row, each with its own routing and sampling settings.
+  2. admits waiting jobs up to max_batch_size;
+  3. runs one decode step for every running row, each with its own routing and sampling settings; the
+     newcomers join in it, their prompts in the same forward (an empty batch, or long prompts, are
+     prefilled first).
 A failure inside the model fails only the requests it touched; the worker goes on.
 """
 
@@ -29,6 +31,11 @@ from server.scalings_store import ScalingsWriter
 from xlora_core import BatchRow, DecodeBatch, Generated, XLoraModel
 
 log = logging.getLogger("xlora.scheduler")
+
+# Newcomers with more prompt tokens than this are prefilled apart, not in the running rows' step: the step
+# pays off by reading the weights once for a few tokens, while a long prefill is compute-bound on its own
+# and its queries would also score (masked) every running row's keys (README "Serving under load").
+JOIN_IN_STEP_MAX_TOKENS = 128
 
 
 class Scheduler:
@@ -95,10 +102,11 @@ class Scheduler:
                 if admitted is None:
                     break
                 self._drop_gone(batch)
-                if admitted:
+                if admitted and (not batch or sum(len(j.prompt_ids) for j in admitted) > JOIN_IN_STEP_MAX_TOKENS):
                     batch.concatenate(self._prefill(admitted))
+                    admitted = []
                 if batch:
-                    self._step(batch)
+                    self._step(batch, admitted)
                 self._running = len(batch)
                 self.metrics.running.set(len(batch))
                 self.metrics.kv_cache_bytes.set(batch.cache.nbytes() if batch.cache is not None else 0)
@@ -181,24 +189,39 @@ class Scheduler:
         self.metrics.batch_size.labels(phase="prefill").observe(len(jobs))
         rows = [BatchRow(job.decoder, job.routing, owner=job) for job in jobs]
         batch, out = DecodeBatch.prefill(self.model, rows, self.pad_id)
+        self._started(jobs)
+        self._emit(out)
+        return batch
+
+    def _started(self, jobs: list[GenerationJob]) -> None:
         now = time.monotonic()
         for job in jobs:
             job.first_token_at = now
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
             self.metrics.time_to_first_token.observe(now - job.submitted)
-        self._emit(out)
-        return batch
 
-    def _step(self, batch: DecodeBatch) -> None:
+    def _step(self, batch: DecodeBatch, joining: list[GenerationJob] | None = None) -> None:
+        """One decode step; the `joining` jobs are prefilled in the same forward and join the batch."""
         self.metrics.batch_size.labels(phase="decode").observe(len(batch))
+        rows = [BatchRow(job.decoder, job.routing, owner=job) for job in joining or []]
         try:
-            out = batch.step()
+            out = batch.step(rows)
         except Exception as exc:
+            if rows and not any(row is rows[0] for row in batch.rows):
+                # The joint forward failed and left the batch as it was: prefill the newcomers apart (one
+                # that breaks the model then fails alone), and step again.
+                batch.concatenate(self._prefill(joining))
+                if batch:
+                    self._step(batch)
+                return
             # The cache may be half-updated: every row in it fails, the worker carries on empty.
             for row in batch.rows:
                 self._fail(row.owner, exc)
             batch.filter([])
             return
+        if rows:
+            self.metrics.batch_size.labels(phase="prefill").observe(len(rows))
+            self._started(joining)
         self._emit(out)
 
     def _emit(self, out: list[Generated]) -> None:

@@ -144,6 +144,32 @@ def test_a_request_that_breaks_the_model_fails_alone(world):
     assert h.sample("xlora_generations_total", outcome="error") == 1
 
 
+def test_a_request_that_breaks_the_model_while_joining_a_running_batch_fails_alone(world):
+    """Newcomers join in the running rows' decode step; when that forward fails, the batch goes on as it
+    was and the newcomers are prefilled apart, so only the bad one fails."""
+    model, tokenizer = world
+
+    async def main():
+        h = Harness(model, tokenizer)
+        h.scheduler.start()
+        try:
+            running = h.job(prompt(8), 12)
+            h.scheduler.submit(running)
+            head = await events(running, until=2)
+            late = [h.job(prompt(9, 5), 6), h.job([7, POISON], 6)]
+            for job in late:
+                h.scheduler.submit(job)
+            return h, await asyncio.gather(events(running), *(events(job) for job in late)), head
+        finally:
+            h.scheduler.stop()
+
+    h, (running, good, broken), head = asyncio.run(main())
+    assert isinstance(broken[-1], ErrorEvent) and broken[-1].code == "model_error"
+    assert tokens(head + running) == alone(model, prompt(8), 12)
+    assert tokens(good) == alone(model, prompt(9, 5), 6)
+    assert h.sample("xlora_generations_total", outcome="error") == 1
+
+
 def test_a_job_past_its_deadline_times_out(world):
     model, tokenizer = world
 
