@@ -265,7 +265,7 @@ def test_rows_joining_in_the_decode_step_give_what_they_give_alone(model):
     prompt is shorter or longer than what the batch has cached, and the caches go on from there."""
     from xlora_core import BatchRow, DecodeBatch, RowDecoder, SamplingParams
 
-    a, b, c, d = prompts(4, 3, 17, 2, seed=17)
+    a, b, c, d = prompts(4, 1, 17, 2, seed=17)
     routings = [
         Routing(freeze_after=0), Routing(), Routing(top_k=1), Routing(freeze_after=1, global_scaling_weight=0.5)
     ]
@@ -275,12 +275,12 @@ def test_rows_joining_in_the_decode_step_give_what_they_give_alone(model):
 
     rows = [row(p, r) for p, r in zip((a, b, c, d), routings, strict=True)]
     batch, _ = DecodeBatch.prefill(model, rows[:1])  # a: frozen from its first token, no scaling-cache row
-    batch.step(joining=rows[1:2])  # b joins a frozen batch: the only granular row
+    batch.step(joining=rows[1:2])  # b joins a frozen batch: the only granular row, one token in the scaling pass
     assert batch.cache.granular_rows() == [1] and batch.cache.scaling.layers[0].keys.shape[0] == 1
     batch.step()
     out = batch.step(joining=rows[2:])  # c's prompt is longer than anything cached; d's is shorter
     assert [g.row for g in out] == rows and batch.cache.batch_size == 4
-    assert batch.cache.attention_mask.sum(dim=1).tolist() == [4 + 3, 3 + 2, 17, 2]  # every row's tokens, left-padded
+    assert batch.cache.attention_mask.sum(dim=1).tolist() == [4 + 3, 1 + 2, 17, 2]  # every row's tokens, left-padded
     while batch:
         batch.step()
     for r, p, routing in zip(rows, (a, b, c, d), routings, strict=True):

@@ -182,6 +182,18 @@ class XLoraModel(nn.Module):
                 with torch._inductor.config.patch(self._inductor_config):
                     return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns)
             return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns)
+        return self._per_token_pass(input_ids, attention_mask, position_ids, cache, weights)
+
+    def _per_token_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: DynamicCache | None,
+        weights: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The backbone with the experts weighted per token by `weights` [batch, seq, layers, experts]
+        (None: off), each fused layer gathering its own columns: every pass but the one-token step."""
         self.slot.weights = weights
         try:
             return self._decoder(input_ids, attention_mask, position_ids, cache)
@@ -384,7 +396,8 @@ class XLoraModel(nn.Module):
             if self.config.scaling_pass_value != 0:
                 dummy = self.classifier.dummy_scalings(1, int(take.sum()), device, self.dtype)
                 dummy = self._ragged_weights(dummy, sub, [routing[r] for r in granular])
-            hidden = self._backbone(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy)
+            # Not _backbone: a ragged row of one token is no one-token step (its mask is 4D, its cache batch 1).
+            hidden = self._per_token_pass(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy)
             scalings[:, take] = self.classifier(hidden)
             self.scalings_log.record(scalings[:, take])
             scaling_cache = growing_cache(config, kv)
@@ -393,7 +406,7 @@ class XLoraModel(nn.Module):
         # Real pass: every row.
         flat = real.flatten(cache.real, cache.attention_mask, growing_cache(config, kv))
         weights = self._ragged_weights(scalings, real, routing)
-        hidden = self._backbone(ids, real.attention_mask(), positions, flat, weights)
+        hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights)
         last = torch.tensor(new, device=device).cumsum(0) - 1
         logits = self.base.get_output_embeddings()(hidden[0, last]).float()
         real_cache = growing_cache(config, kv)
