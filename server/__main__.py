@@ -3,6 +3,9 @@
 With --replicas N: N replicas on Ray Serve behind one endpoint (server/ray_app.py), on a local Ray cluster
 this command starts on 127.0.0.1 (or joins the one at --ray-address); it stops them on SIGTERM or SIGINT.
 
+With --download-only: fetch the config's Hugging Face Hub ids into huggingface_hub's cache (HF_HOME) and exit,
+loading nothing (for machines that serve offline, HF_HUB_OFFLINE=1, and for image builds).
+
 Exit codes: 0 after a clean (signalled) shutdown, 2 for a bad config, 1 if the model cannot be loaded.
 SIGTERM or SIGINT drains: /ready and new generations answer 503, requests in flight finish (up to
 server.shutdown_grace_s), then the process exits 0. A second signal stops at once.
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve with N replicas on Ray Serve (needs pip install 'xlora-server[ray]')")
     parser.add_argument("--ray-address",
                         help="with --replicas: join this Ray cluster (e.g. auto) instead of starting one on 127.0.0.1")
+    parser.add_argument("--download-only", action="store_true",
+                        help="fetch the config's Hugging Face Hub ids into the cache (HF_HOME), then exit")
     args = parser.parse_args(argv)
     if args.replicas is not None and args.replicas < 1:
         parser.error("--replicas must be at least 1")
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.logs import setup_logging
 
     setup_logging(settings.logging.level, settings.logging.format)
+    if args.download_only:
+        return _download_only(settings)
     if args.replicas is not None:
         return _serve_on_ray(settings, args.replicas, args.ray_address)
 
@@ -119,6 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     if server.fatal is not None:
         print(f"xlora-serve: cannot start: {server.fatal}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _download_only(settings) -> int:
+    """Resolve every model of the config (fetching Hub ids, with huggingface_hub's progress bars) and say where
+    each one is; load none."""
+    from server.model_sources import resolve_sources
+    from xlora_core.hub import HubError
+
+    try:
+        sources = resolve_sources(settings)
+    except HubError as exc:
+        print(f"xlora-serve: cannot download: {exc}", file=sys.stderr)
+        return 1
+    print(f"model.base: {sources.base}")
+    if sources.checkpoint is not None:
+        print(f"xlora.checkpoint: {sources.checkpoint}")
+    for name, folder in (sources.adapters or {}).items():
+        print(f"xlora.adapters.{name}: {folder}")
     return 0
 
 

@@ -110,6 +110,7 @@ class ModelManager:
             log.info("model ready: %s with experts %s", self.model_name, ", ".join(self.model.adapter_names))
 
     def _load_model(self) -> None:
+        from server.model_sources import resolve_sources
         from xlora_core import XLoraConfig, XLoraModel
         from xlora_core.base_model import load_base_model
 
@@ -117,8 +118,9 @@ class ModelManager:
         started = time.monotonic()
         if s.model.torch_threads is not None:
             torch.set_num_threads(s.model.torch_threads)
-        base, tokenizer = load_base_model(s.base_spec(), s.model.device, s.model.dtype, s.model.cache_dir)
-        checkpoint, adapters = s.checkpoint_dir(), s.adapter_dirs()
+        sources = resolve_sources(s)  # Hub ids -> folders in huggingface_hub's cache, fetched now (before /ready)
+        base, tokenizer = load_base_model(sources.base, s.model.device, s.model.dtype, s.model.cache_dir)
+        checkpoint, adapters = sources.checkpoint, sources.adapters
         overrides = s.xlora.config_overrides()
         if checkpoint is not None:
             ordering = s.ordering_path()
@@ -358,4 +360,4 @@ def _default_name(settings: Settings) -> str:
 
 def _names_itself(exc: Exception) -> bool:
     # xlora_core's load errors already say which expert or file; do not prefix the class name.
-    return type(exc).__name__ in {"ExpertError", "CheckpointError", "FileNotFoundError"}
+    return type(exc).__name__ in {"ExpertError", "CheckpointError", "FileNotFoundError", "HubError"}

@@ -32,7 +32,12 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    base: str = Field("default", description="'default' (embedded SmolLM2), a .gguf file or a transformers folder")
+    base: str = Field(
+        "default",
+        description="'default' (embedded SmolLM2), a .gguf file, a transformers folder or a Hugging Face Hub id "
+        "(org/name[@revision])",
+    )
+    revision: str | None = Field(None, description="the branch, tag or commit of a Hub id base (as base: org/name@rev)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: str | None = Field(None, description="where converted GGUF models are cached")
@@ -51,15 +56,27 @@ class ModelSection(_Section):
             raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
         return value
 
+    @model_validator(mode="after")
+    def _check_revision(self) -> ModelSection:
+        if self.revision is not None and self.base == "default":
+            raise ValueError("revision applies to a Hugging Face Hub id base (org/name), not to 'default'")
+        _check_hub_id(self.base, self.revision)
+        return self
+
 
 class XLoraSection(_Section):
     # Any XLoraConfig field is also allowed here; `_check_xlora_fields` rejects the rest by name.
     model_config = ConfigDict(extra="allow", validate_default=True)
 
     checkpoint: str | None = Field(
-        None, description="checkpoint folder: xlora-server's and peft's layout, or the xlora library's (detected)"
+        None,
+        description="checkpoint folder or Hugging Face Hub id: xlora-server's and peft's layout, or the xlora "
+        "library's (detected)",
     )
-    adapters: dict[str, str] | None = Field(None, description="expert name -> PEFT adapter folder")
+    revision: str | None = Field(None, description="the branch, tag or commit of a Hub id checkpoint")
+    adapters: dict[str, str] | None = Field(
+        None, description="expert name -> PEFT adapter folder or Hugging Face Hub id (org/name[/folder][@revision])"
+    )
     ordering: str | None = Field(None, description="a mistral.rs ordering file the checkpoint must agree with")
     allow_pickle: bool = Field(
         False, description="read an xlora library checkpoint's xlora_classifier.pt (a pickle: only files you trust)"
@@ -69,6 +86,12 @@ class XLoraSection(_Section):
     def _check_xlora_fields(self) -> XLoraSection:
         if self.ordering is not None and self.checkpoint is None:
             raise ValueError("ordering describes a checkpoint's experts and layers: set xlora.checkpoint too")
+        if self.revision is not None and self.checkpoint is None:
+            raise ValueError("revision is the revision of a Hub id checkpoint: set xlora.checkpoint too")
+        if self.checkpoint is not None:
+            _check_hub_id(self.checkpoint, self.revision)
+        for folder in (self.adapters or {}).values():
+            _check_hub_id(folder)
         extra = dict(self.model_extra or {})
         if not extra:
             return self
@@ -81,6 +104,13 @@ class XLoraSection(_Section):
     def config_overrides(self) -> dict[str, Any]:
         """The XLoraConfig fields set in the file (everything but checkpoint and adapters)."""
         return dict(self.model_extra or {})
+
+
+def _check_hub_id(value: str, revision: str | None = None) -> None:
+    """Refuse a Hub id whose revision is empty or given twice (org/name@a with revision: b)."""
+    from xlora_core.hub import parse_hub_id
+
+    parse_hub_id(value, revision)
 
 
 class RoutingSection(_Section):
@@ -111,6 +141,11 @@ class ServerSection(_Section):
         description="a JSON schema, regex or grammar that takes longer to compile is refused (422; 400 on /v1)",
     )
     constraint_cache_size: int = Field(64, ge=1, description="compiled constraints kept (by their text)")
+    allow_hub_downloads: bool = Field(
+        False,
+        description="models loaded at run time (admin) may be Hugging Face Hub ids, fetched by the server; the "
+        "config's own ids are always fetched at start-up",
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSection:
@@ -142,12 +177,20 @@ class Settings(_Section):
             path = (self.source.parent / path).resolve()
         return str(path)
 
+    def model_ref(self, value: str) -> str:
+        """A model from the file: a path relative to the file's folder if one is there or `value` cannot be a
+        Hugging Face Hub id, else the id as it is (fetched at start-up: server/model_sources.py)."""
+        from xlora_core.hub import parse_hub_id
+
+        path = self.resolve_path(value)
+        return value if not Path(path).exists() and parse_hub_id(value) is not None else path
+
     def base_spec(self) -> str:
         base = self.model.base
-        return base if base == "default" else self.resolve_path(base)
+        return base if base == "default" else self.model_ref(base)
 
     def checkpoint_dir(self) -> str | None:
-        return None if self.xlora.checkpoint is None else self.resolve_path(self.xlora.checkpoint)
+        return None if self.xlora.checkpoint is None else self.model_ref(self.xlora.checkpoint)
 
     def ordering_path(self) -> str | None:
         return None if self.xlora.ordering is None else self.resolve_path(self.xlora.ordering)
@@ -157,7 +200,7 @@ class Settings(_Section):
     def adapter_dirs(self) -> dict[str, str] | None:
         if self.xlora.adapters is None:
             return None
-        return {name: self.resolve_path(folder) for name, folder in self.xlora.adapters.items()}
+        return {name: self.model_ref(folder) for name, folder in self.xlora.adapters.items()}
 
 
 def xlora_config_fields() -> set[str]:

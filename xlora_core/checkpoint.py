@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, XLoraConfig
+from .hub import hub_folder
 from .ordering import check_layers, read_ordering, resolve_order
 from .stored import (
     CheckpointError,
@@ -59,7 +60,7 @@ def save_checkpoint(model: XLoraModel, folder: str | Path) -> None:
         state = {CLASSIFIER_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for index, (name, source) in enumerate(model.config.adapters.items()):
-            _save_expert(model, index, Path(source), tmp / name)
+            _save_expert(model, index, hub_folder(source, f"expert {name!r}"), tmp / name)
 
     write_folder_atomically(folder, fill)
 
@@ -110,16 +111,20 @@ def read_checkpoint(
     adapters: dict[str, str] | None = None,
     ordering: str | Path | None = None,
     allow_pickle: bool = False,
+    revision: str | None = None,
     **overrides: Any,
 ) -> StoredCheckpoint:
     """Read a checkpoint in our (= peft's) layout or the xlora library's, detected from its config file.
 
+    folder and adapters' folders: local paths or Hugging Face Hub ids (hub.py); `revision` is the checkpoint's.
     adapters: expert name -> folder, instead of the checkpoint's copies (the same names).
     ordering: a mistral.rs ordering file the checkpoint must agree with (see ordering.py).
     allow_pickle: read the library's xlora_classifier.pt (torch.save); off, it is refused.
     overrides: XLoraConfig fields that replace the checkpoint's.
     """
-    folder = Path(folder)
+    folder = hub_folder(folder, "checkpoint", revision)
+    if adapters is not None:
+        adapters = {name: str(hub_folder(source, f"expert {name!r}")) for name, source in adapters.items()}
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     ordering_file = read_ordering(ordering) if ordering is not None else None
@@ -212,9 +217,12 @@ def load_checkpoint(
     adapters: dict[str, str] | None = None,
     ordering: str | Path | None = None,
     allow_pickle: bool = False,
+    revision: str | None = None,
     **overrides: Any,
 ) -> XLoraModel:
-    stored = read_checkpoint(folder, adapters=adapters, ordering=ordering, allow_pickle=allow_pickle, **overrides)
+    stored = read_checkpoint(
+        folder, adapters=adapters, ordering=ordering, allow_pickle=allow_pickle, revision=revision, **overrides
+    )
     model = cls(base, stored.config)
     check_against_model(stored, model)
     model.classifier.load_state_dict({k: v.to(model.dtype) for k, v in stored.classifier.items()})

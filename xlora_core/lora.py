@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .hub import hub_folder
 
 # LoRA variants and extras that change the computation: refused rather than silently ignored.
 UNSUPPORTED_OPTIONS = {
@@ -55,8 +56,8 @@ class LoraExpert:
 
 
 def read_expert(name: str, folder: str | Path) -> LoraExpert:
-    """Read a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
-    folder = Path(folder)
+    """Read a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors), local or a Hub id (hub.py)."""
+    folder = hub_folder(folder, f"expert {name!r}")
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():

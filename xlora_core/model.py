@@ -466,13 +466,16 @@ class XLoraModel(nn.Module):
         adapters: dict[str, str] | None = None,
         ordering: str | Path | None = None,
         allow_pickle: bool = False,
+        revision: str | None = None,
         **overrides: Any,
     ) -> XLoraModel:
         """Load a checkpoint as save_pretrained (ours or peft's) or the xlora library wrote it (detected).
-        `adapters` overrides the experts' folders; `ordering` is a mistral.rs ordering file the checkpoint
-        must agree with; `allow_pickle` reads the library's xlora_classifier.pt (see checkpoint.py)."""
+        `folder` and `adapters`' folders may be Hugging Face Hub ids (`org/name[@revision]`; `revision` is the
+        checkpoint's); `adapters` overrides the experts' folders; `ordering` is a mistral.rs ordering file the
+        checkpoint must agree with; `allow_pickle` reads the library's xlora_classifier.pt (see checkpoint.py)."""
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(
-            cls, base, folder, adapters=adapters, ordering=ordering, allow_pickle=allow_pickle, **overrides
+            cls, base, folder, adapters=adapters, ordering=ordering, allow_pickle=allow_pickle, revision=revision,
+            **overrides,
         )

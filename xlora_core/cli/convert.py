@@ -4,6 +4,8 @@
         --ordering xlora-paper-ordering.json                       # the xlora library's layout -> ours
     xlora-convert checkpoints/default out/default-xlora --base default --to xlora
                                                                    # ours -> the library's, + ordering file
+    xlora-convert lamm-mit/x-lora checkpoints/paper --base HuggingFaceH4/zephyr-7b-beta
+                                                                   # Hub ids (only the base's config is fetched)
 
 The source may be in our (= peft's) layout or the xlora library's (detected). `--to xlora` also writes a
 mistral.rs ordering file (default: beside the output folder, <out>.ordering.json), so the router runs on
@@ -27,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from xlora_core.base_model import resolve_model_folder
 from xlora_core.checkpoint import check_against_model, lora_module_names, read_checkpoint, write_checkpoint
 from xlora_core.config import XLoraConfig
+from xlora_core.hub import HubError, hub_folder
 from xlora_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertError
 from xlora_core.model import XLoraModel
 from xlora_core.ordering import write_ordering
@@ -37,8 +40,10 @@ log = logging.getLogger("xlora_core.convert")
 
 
 def meta_base_model(spec: str, cache_dir: str | None = None) -> PreTrainedModel:
-    """The base model's modules without its weights (on the meta device): its config.json is all that is read."""
-    config = AutoConfig.from_pretrained(resolve_model_folder(spec, cache_dir))
+    """The base model's modules without its weights (on the meta device): its config.json is all that is read
+    (and all that is fetched of a Hugging Face Hub id)."""
+    config = AutoConfig.from_pretrained(resolve_model_folder(str(hub_folder(spec, "--base", files=["*.json"])),
+                                                             cache_dir))  # fmt: skip
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -58,7 +63,7 @@ def convert(
     cache_dir: str | None = None,
 ) -> StoredCheckpoint:
     """Read `source` (any layout), check it against the base model's modules, write `target` in `to`'s layout."""
-    source, target = Path(source), Path(target)
+    source, target = hub_folder(source, "checkpoint"), Path(target)
     if to not in ("ours", "xlora"):
         raise ValueError(f"to must be 'ours' or 'xlora', got {to!r}")
     if target.resolve() == source.resolve():
@@ -129,10 +134,11 @@ def _warn_about_mistralrs_names(names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xlora-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("source", help="checkpoint folder (xlora-server's/peft's layout or the xlora library's)")
+    parser.add_argument("source", help="checkpoint folder (xlora-server's/peft's layout or the xlora library's) or "
+                        "Hugging Face Hub id (org/name[@revision])")  # fmt: skip
     parser.add_argument("target", help="output folder")
-    parser.add_argument("--base", required=True, help="the base model: 'default', a .gguf file or a transformers "
-                        "folder (only its config is read)")  # fmt: skip
+    parser.add_argument("--base", required=True, help="the base model: 'default', a .gguf file, a transformers "
+                        "folder or a Hugging Face Hub id (only its config is read)")  # fmt: skip
     parser.add_argument("--to", choices=["ours", "xlora"], default="ours",
                         help="ours (default): xlora-server's layout; xlora: the xlora library's, with a mistral.rs "
                         "ordering file")  # fmt: skip
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         convert(args.source, args.target, base=args.base, to=args.to, ordering=args.ordering,
                 ordering_out=args.ordering_out, base_model_id=args.base_model_id, allow_pickle=args.allow_pickle,
                 rename=rename, overwrite=args.overwrite, cache_dir=args.cache_dir)  # fmt: skip
-    except (CheckpointError, ExpertError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ExpertError, HubError, ValueError, FileNotFoundError) as e:
         print(f"xlora-convert: {e}", file=sys.stderr)
         return 1
     return 0
