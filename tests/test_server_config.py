@@ -63,8 +63,8 @@ def test_missing_config_file(tmp_path):
     assert result.returncode == 2 and "nope.yaml" in result.stderr
 
 
-def _expect_load_failure(config: dict, tmp_path, *needles: str) -> None:
-    proc = ServerProcess(write_config(tmp_path, config))
+def _expect_load_failure(config: dict, tmp_path, *needles: str, env: dict[str, str] | None = None) -> str:
+    proc = ServerProcess(write_config(tmp_path, config), env)
     ready_seen = False
     while proc.proc.poll() is None:  # it may answer /health while loading, but never /ready 200
         try:
@@ -78,6 +78,7 @@ def _expect_load_failure(config: dict, tmp_path, *needles: str) -> None:
     assert not ready_seen, "a model that failed to load was reported ready"
     for needle in needles:
         assert needle in log, log
+    return log
 
 
 def test_missing_expert_is_named(tmp_path, world):

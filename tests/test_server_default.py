@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from server.settings import load_settings
+from xlora_core.base_model import resolve_model_folder
 
-from .conftest import REPO, ServerProcess
+from .conftest import REPO, ServerProcess, write_config
+from .hub_cache import add_repo, offline_env
 
 CONFIG = REPO / "configs" / "default.yaml"
 
@@ -129,3 +133,34 @@ def test_default_json_expert_fills_a_strict_schema_through_the_openai_client(def
         messages=[{"role": "user", "content": "Extract as JSON: name is Alice, age is 31, city is Paris"}],
     )  # fmt: skip
     assert parsed.choices[0].message.parsed == Person(name="Alice", age=31, city="Paris")
+
+
+@needs_default
+def test_the_default_served_by_hub_ids_answers_as_with_local_paths(default_server, tmp_path):
+    """The embedded default's base, checkpoint and arithmetic expert by Hugging Face Hub ids (the expert as a
+    folder of a repository, at a tag), read offline from a Hub cache laid out as huggingface_hub lays it: the
+    same answers and scalings as the server given local paths."""
+    hf_home = tmp_path / "hf"
+    # The server processes run without XLORA_CACHE_DIR, so the converted default is in the home cache.
+    add_repo(hf_home, "HuggingFaceTB/SmolLM2-135M-Instruct",
+             resolve_model_folder("default", Path.home() / ".cache" / "xlora-server"))  # fmt: skip
+    add_repo(hf_home, "xlora-tests/smollm2-router", REPO / "checkpoints" / "default")
+    add_repo(hf_home, "xlora-tests/smollm2-experts", REPO / "experts", revision="v1")
+    config = yaml.safe_load(CONFIG.read_text())
+    config["model"]["base"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config["xlora"] = {
+        "checkpoint": "xlora-tests/smollm2-router",
+        "adapters": {"arithmetic": "xlora-tests/smollm2-experts/arithmetic@v1",
+                     "sorting": str(REPO / "experts" / "sorting"), "json": str(REPO / "experts" / "json")},
+    }  # fmt: skip
+    proc = ServerProcess(write_config(tmp_path, config), env=offline_env(hf_home))
+    try:
+        proc.wait_ready(timeout=300)
+        by_ids, by_paths = compute(proc, "Compute: 12 + 30"), compute(default_server, "Compute: 12 + 30")
+        assert by_ids["text"] == by_paths["text"] and by_ids["text"].strip(), (by_ids, by_paths)
+        assert by_ids["scalings"] == by_paths["scalings"]
+        log = proc.log()
+        assert f"model.base: HuggingFaceTB/SmolLM2-135M-Instruct: {hf_home / 'hub'}" in log, log
+        assert f"xlora.adapters.arithmetic: xlora-tests/smollm2-experts/arithmetic@v1: {hf_home / 'hub'}" in log, log
+    finally:
+        proc.stop()

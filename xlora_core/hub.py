@@ -102,15 +102,15 @@ def hub_folder(value: str | Path, what: str, revision: str | None = None, files:
 def download(hub_id: HubId, what: str, files: list[str] | None = None) -> Path:
     """The folder of `hub_id` in huggingface_hub's cache, fetching what is missing (or new on its branch)."""
     sub = f"{hub_id.subfolder}/" if hub_id.subfolder else ""
-    log.info("%s: %s from the Hugging Face Hub (cache: %s%s)", what, hub_id, constants.HF_HUB_CACHE,
-             ", offline" if is_offline_mode() else "")  # fmt: skip
+    log.info("%s: %s: from the Hugging Face Hub or its cache (%s%s)", what, hub_id, constants.HF_HUB_CACHE,
+             "; HF_HUB_OFFLINE: the cache only" if is_offline_mode() else "")  # fmt: skip
     snapshot = _snapshot(hub_id, what, [sub + p for p in files] if files else ([sub + "*"] if sub else None))
     folder = snapshot / hub_id.subfolder if hub_id.subfolder else snapshot
     if files is BASE_MODEL_FILES and folder.is_dir() and not any(folder.glob("*.safetensors")):
         _snapshot(hub_id, what, [sub + p for p in BASE_MODEL_PYTORCH_FILES])  # into the same snapshot folder
     if not folder.is_dir():
         raise HubError(f"{what}: {hub_id}: the repository {hub_id.repo_id} has no folder {hub_id.subfolder!r}")
-    log.info("%s: %s is %s", what, hub_id, folder)
+    log.info("%s: %s: %s", what, hub_id, folder)
     return folder
 
 
@@ -136,11 +136,12 @@ def hub_error_reason(exc: BaseException, hub_id: HubId) -> str:
         return (f"revision {rev!r} is only partly in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
                 "cannot be reached to finish it")  # fmt: skip
     if isinstance(exc, LocalEntryNotFoundError):
-        why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hugging Face Hub cannot be reached"
-        if (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")).is_dir():
-            return (f"revision {rev!r} of {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                    f"{why}")  # fmt: skip
-        return f"not a local path, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}"
+        cache = constants.HF_HUB_CACHE
+        why = ("HF_HUB_OFFLINE is set (fill the cache first: xlora-serve --download-only on a machine online)"
+               if is_offline_mode() else "the Hugging Face Hub cannot be reached")  # fmt: skip
+        if (Path(cache) / repo_folder_name(repo_id=repo, repo_type="model")).is_dir():
+            return f"revision {rev!r} of {repo} is not in the Hugging Face cache ({cache}), and {why}"
+        return f"not a local path, and not in the Hugging Face cache ({cache}), and {why}"
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         return f"the Hugging Face Hub answered HTTP {status} ({_first_line(exc)})"
