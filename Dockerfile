@@ -6,6 +6,8 @@
 #                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #   Run:            docker run -p 8000:8000 -e XLORA_API_KEY -e XLORA_ADMIN_TOKEN xlora-server
+#   Hub ids baked in (served offline): --build-arg PREFETCH_CONFIG=gpu-xlora-paper.yaml
+#                   (a gated repository also needs --secret id=hf_token,env=HF_TOKEN)
 #
 # The install steps are scripts/install.sh, the same script `make` runs. Tokens (XLORA_API_KEY,
 # XLORA_ADMIN_TOKEN) come from the environment at run time; none is baked into the image.
@@ -66,6 +68,15 @@ RUN python -c "import os; from xlora_core.base_model import default_gguf_path; \
 assert os.stat(default_gguf_path()).st_mtime_ns % 10**9 == 0, 'GGUF mtime is not whole seconds'" \
     && python -c "from xlora_core.base_model import load_base_model; load_base_model('default', device='cpu')" \
     && chown -R xlora:xlora /cache
+# Optional: the Hugging Face Hub ids of one of configs/ (e.g. gpu-xlora-paper.yaml) fetched into the image's
+# Hugging Face cache (HF_HOME), so it serves them offline; none by default (the GPU configs' models are GBs).
+ARG PREFETCH_CONFIG=""
+RUN --mount=type=secret,id=hf_token,required=false \
+    if [ -n "${PREFETCH_CONFIG}" ]; then \
+        HF_HUB_OFFLINE=0 HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
+            xlora-serve --config "/app/configs/${PREFETCH_CONFIG}" --download-only \
+        && chown -R xlora:xlora /cache; \
+    fi
 VOLUME ["/app/configs", "/cache"]
 USER 10001:10001
 EXPOSE 8000

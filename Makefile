@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-peers bench-load bench-soak bench-scale experts router eval clean
+.PHONY: install serve test lint bench bench-peers bench-load bench-soak bench-scale experts router eval fetch-paper-model clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/constraints.txt
 	EDITABLE=1 scripts/install.sh $(VENV) dev
@@ -55,6 +55,11 @@ router: $(STAMP)
 
 eval: $(STAMP)
 	$(VENV)/bin/xlora-eval --checkpoint checkpoints/default --threads 2
+
+# The paper's model (README: "The paper's model") into the Hugging Face cache (HF_HOME, default ~/.cache/huggingface;
+# about 15 GB), so that a machine or an image serves configs/gpu-xlora-paper.yaml offline (HF_HUB_OFFLINE=1).
+fetch-paper-model: $(STAMP)
+	$(VENV)/bin/xlora-serve --config configs/gpu-xlora-paper.yaml --download-only
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -228,7 +228,7 @@ def _under_adapters(lines: list[str], i: int) -> bool:
 
 def test_gpu_config_is_the_papers_setting():
     settings = load_settings(ROOT / "configs" / "gpu-mistral-7b.yaml")
-    assert "mistral-7b" in settings.model.base.lower()
+    assert settings.base_spec() == "mistralai/Mistral-7B-Instruct-v0.1"  # a Hub id
     assert Path(settings.model.base).suffix != ".gguf"  # a local transformers folder
     assert settings.model.device.startswith("cuda")
     assert settings.model.dtype == "bfloat16"
@@ -239,11 +239,25 @@ def test_gpu_config_is_the_papers_setting():
 
 def test_paper_config_serves_the_published_model():
     settings = load_settings(ROOT / "configs" / "gpu-xlora-paper.yaml")
-    assert Path(settings.model.base).name == "zephyr-7b-beta"  # the base its experts and router were trained on
+    # Hub ids, as mistral.rs and peft's docs name them: the base its experts and router were trained on, the model
+    assert settings.base_spec() == "HuggingFaceH4/zephyr-7b-beta"
+    assert settings.checkpoint_dir() == "lamm-mit/x-lora"
+    ordering = json.loads(Path(settings.ordering_path()).read_text())  # mistral.rs's, shipped in configs/orderings
+    assert ordering["base_model_id"] == "HuggingFaceH4/zephyr-7b-beta"
+    assert len(ordering["order"]) == 9 and len(ordering["layers"]) == 160
     assert settings.model.device.startswith("cuda") and settings.model.dtype == "bfloat16"
     assert settings.xlora.checkpoint and settings.xlora.adapters is None  # the folder as published, no overrides
     assert settings.ordering_path().endswith("xlora-paper-ordering.json")
     assert settings.xlora.config_overrides() == {}
+
+
+def test_the_paper_model_can_be_fetched_ahead():
+    """For offline machines and image builds: make fetch-paper-model, and the image's PREFETCH_CONFIG."""
+    made = subprocess.run(["make", "-n", "fetch-paper-model"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert "xlora-serve --config configs/gpu-xlora-paper.yaml --download-only" in made.stdout
+    dockerfile = DOCKERFILE.read_text()
+    assert 'xlora-serve --config "/app/configs/${PREFETCH_CONFIG}" --download-only' in dockerfile
 
 
 # ---------------------------------------------------------------------------------------------------------
