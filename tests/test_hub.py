@@ -23,7 +23,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNot
 
 from server.model_sources import resolve_model_source, resolve_sources
 from server.settings import ConfigError, load_settings
-from xlora_core import XLoraModel
+from xlora_core import XLoraConfig, XLoraModel
 from xlora_core.base_model import base_model_name, load_base_model
 from xlora_core.checkpoint import read_checkpoint
 from xlora_core.cli.convert import convert
@@ -94,6 +94,15 @@ def test_the_python_api_takes_hub_ids_with_the_same_results_as_local_paths(tmp_p
     with torch.no_grad():
         assert torch.equal(by_id(ids).logits, local(ids).logits)
     assert base_model_name("tiny/base@v1") == "base"
+    # experts by ids, one as a folder of a repository, in a config built in Python
+    add_repo(hf_home, "tiny/experts", world["root"])
+    experts = {"json": "tiny/experts/expert-json", "sorting": world["experts"]["sorting"]}
+    fresh = [load_base_model(world["base"], device="cpu", dtype="float32")[0] for _ in range(2)]  # unpatched bases
+    by_id = XLoraModel(fresh[0], XLoraConfig(hidden_size=32, adapters=experts))
+    local = XLoraModel(fresh[1], XLoraConfig(hidden_size=32, adapters={n: world["experts"][n] for n in experts}))
+    local.classifier.load_state_dict(by_id.classifier.state_dict())
+    with torch.no_grad():
+        assert torch.equal(by_id(ids).logits, local(ids).logits)
     with pytest.raises(HubError, match=r"checkpoint: tiny/x-lora: revision 'main' of tiny/x-lora is not in the"):
         XLoraModel.from_pretrained(base, "tiny/x-lora")  # only v1 is cached
 
