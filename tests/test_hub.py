@@ -174,7 +174,8 @@ def test_hub_errors_that_need_the_network_are_one_line_naming_what_to_do():
     """The Hub's own answers (a missing or gated repository, a missing revision, a failure) cannot be had offline:
     huggingface_hub's real exception classes, as it raises them, give these lines."""
     hub_id = HubId("org/name", revision="v3")
-    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/name"))
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/org/name")
+    response = httpx2.Response(404, request=request)
     cases = [
         (RepositoryNotFoundError("404 Client Error.\n\nRepository Not Found", response=response),
          "not a local path, and no repository of that name on the Hugging Face Hub (if it is private, set HF_TOKEN)"),
@@ -183,8 +184,10 @@ def test_hub_errors_that_need_the_network_are_one_line_naming_what_to_do():
          "https://huggingface.co/org/name and set HF_TOKEN"),
         (RevisionNotFoundError("404 Client Error.\n\nRevision Not Found", response=response),
          "the Hugging Face Hub repository org/name has no revision 'v3'"),
-        (HfHubHTTPError("500 Server Error\n\nInternal Error", response=httpx2.Response(500, request=response.request)),
+        (HfHubHTTPError("500 Server Error\n\nInternal Error", response=httpx2.Response(500, request=request)),
          "the Hugging Face Hub answered HTTP 500 (500 Server Error)"),
+        (HfHubHTTPError("401 Client Error\n\nInvalid credentials", response=httpx2.Response(401, request=request)),
+         "the Hugging Face Hub refused the token (HTTP 401): set HF_TOKEN to a valid one"),
     ]  # fmt: skip
     for exc, expected in cases:
         reason = hub_error_reason(exc, hub_id)

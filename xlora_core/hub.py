@@ -144,6 +144,8 @@ def hub_error_reason(exc: BaseException, hub_id: HubId) -> str:
         return f"not a local path, and not in the Hugging Face cache ({cache}), and {why}"
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
+        if status == 401:
+            return "the Hugging Face Hub refused the token (HTTP 401): set HF_TOKEN to a valid one, or unset it"
         return f"the Hugging Face Hub answered HTTP {status} ({_first_line(exc)})"
     return f"download failed: {type(exc).__name__}: {_first_line(exc)}"
 
