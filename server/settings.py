@@ -108,6 +108,8 @@ class XLoraSection(_Section):
 
 def _check_hub_id(value: str, revision: str | None = None) -> None:
     """Refuse a Hub id whose revision is empty or given twice (org/name@a with revision: b)."""
+    if "@" not in value or (revision is None and not value.endswith("@")):
+        return  # nothing to refuse: and a bad config stays quick to report (xlora_core imports torch)
     from xlora_core.hub import parse_hub_id
 
     parse_hub_id(value, revision)
