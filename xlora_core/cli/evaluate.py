@@ -15,8 +15,8 @@ from xlora_core.recipe.evaluation import evaluate
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="xlora-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--checkpoint", default="checkpoints/default", help="X-LoRA checkpoint folder")
-    parser.add_argument("--base", default="default", help="base model: default, a .gguf file or a folder")
+    parser.add_argument("--checkpoint", default="checkpoints/default", help="X-LoRA checkpoint folder or Hub id")
+    parser.add_argument("--base", default="default", help="base model: default, a .gguf file, a folder or a Hub id")
     parser.add_argument("--n", type=int, default=50, help="held-out examples per task")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the held-out examples")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -23,7 +23,7 @@ from xlora_core.training import (
 
 def add_run_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int, warmup_steps: int) -> None:
     """Options both subcommands share: the base model, the optimisation schedule, logging, device."""
-    p.add_argument("--base", default="default", help="'default', a .gguf file, or a local transformers folder")
+    p.add_argument("--base", default="default", help="'default', a .gguf file, a transformers folder or a Hub id")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=1e-3)
