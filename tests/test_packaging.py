@@ -229,7 +229,7 @@ def _under_adapters(lines: list[str], i: int) -> bool:
 def test_gpu_config_is_the_papers_setting():
     settings = load_settings(ROOT / "configs" / "gpu-mistral-7b.yaml")
     assert settings.base_spec() == "mistralai/Mistral-7B-Instruct-v0.1"  # a Hub id
-    assert Path(settings.model.base).suffix != ".gguf"  # a local transformers folder
+    assert Path(settings.model.base).suffix != ".gguf"  # a transformers model, not a GGUF file
     assert settings.model.device.startswith("cuda")
     assert settings.model.dtype == "bfloat16"
     assert settings.xlora.checkpoint and len(settings.xlora.adapters or {}) >= 2
