@@ -18,7 +18,7 @@ import torch
 
 from xlora_core import XLoraModel
 from xlora_core.base_model import load_base_model
-from xlora_core.cache import WIDE_KV_SDPA
+from xlora_core.batch_invariant import ROW_SDPA
 
 
 def step_ms(model: XLoraModel, batch: int, context: int, steps: int) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         batch, context = (int(x) for x in shape.split("x"))
         base_ms = step_ms(fp32, batch, context, args.steps)
-        bf16.base.set_attn_implementation(WIDE_KV_SDPA)
+        bf16.base.set_attn_implementation(ROW_SDPA)
         wide = step_ms(bf16, batch, context, args.steps)
         bf16.base.set_attn_implementation("sdpa")  # plain SDPA: the caches hold bf16
         narrow = step_ms(bf16, batch, context, args.steps)

@@ -15,7 +15,7 @@ the whole cache every step: a cost per token that grows with the sequence.
 
 A cache may hold a wider dtype than the model: on CPU a bfloat16 model keeps float32 keys and values,
 because torch's CPU attention kernels are much slower in bfloat16 at decode (README "Long sequences").
-The attention function `WIDE_KV_SDPA` casts the query up to the cache's dtype and the output back.
+The attention function `batch_invariant.ROW_SDPA` casts the query up to the cache's dtype and the output back.
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface, DynamicCache, PretrainedConfig
+from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Tokens of room a layer's buffer gets whenever it is (re)allocated: one copy of the cache every ROOM
 # tokens instead of one every token.
@@ -101,29 +99,10 @@ class GrowingLayer(DynamicLayer):
 
 def growing_cache(config: PretrainedConfig, dtype: torch.dtype | None = None) -> DynamicCache:
     """transformers' DynamicCache for this model, its full-attention layers `GrowingLayer`s holding
-    `dtype` (None: the model's; a wider one needs the `WIDE_KV_SDPA` attention)."""
+    `dtype` (None: the model's; a wider one needs the `batch_invariant.ROW_SDPA` attention)."""
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer(dtype) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
-
-
-def _wide_kv_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: object,
-) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, run in the dtype of the keys when the cache holds a wider one."""
-    out, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask, **kwargs)
-    return out.to(query.dtype), weights
-
-
-# The attention implementation XLoraModel gives a base model that uses SDPA (same masks as "sdpa").
-WIDE_KV_SDPA = "sdpa_wide_kv"
-AttentionInterface.register(WIDE_KV_SDPA, _wide_kv_sdpa)
-AttentionMaskInterface.register(WIDE_KV_SDPA, sdpa_mask)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .batch_invariant import linear
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .hub import hub_folder
 
@@ -181,8 +182,8 @@ class FusedLoraLinear(nn.Module):
             column_weights = self.slot.weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
         else:  # the experts are off (a scaling pass at value 0)
             return result
-        hidden = nn.functional.linear(x, self.lora_A) * column_weights.to(x.dtype)
-        return result + nn.functional.linear(hidden, self.lora_B)
+        hidden = linear(x, self.lora_A) * column_weights.to(x.dtype)
+        return result + linear(hidden, self.lora_B)
 
     def expert_matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This module's (A, B) of one expert, as stored by PEFT (for saving and inspection)."""

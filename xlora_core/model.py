@@ -17,7 +17,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import WIDE_KV_SDPA, RaggedRows, XLoraCache, growing_cache
+from .batch_invariant import ROW_SDPA, RowSpans, use_row_invariant_linears
+from .cache import RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
 from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, read_expert
@@ -34,8 +35,8 @@ class XLoraModel(nn.Module):
             raise ValueError(f"hidden_size is {config.hidden_size} but the base model's is {base_hidden}")
         self.config = config
         self.base = base
-        if base.config._attn_implementation == "sdpa":  # the same, and it can read a wider KV cache
-            base.set_attn_implementation(WIDE_KV_SDPA)
+        if base.config._attn_implementation == "sdpa":  # the same, row by row in cached steps, wider KV caches
+            base.set_attn_implementation(ROW_SDPA)
         self.slot = ExpertWeightsSlot()
         experts = [read_expert(name, folder) for name, folder in config.adapters.items()]
         # A plain list: the fused layers are already registered as submodules of `base`.
@@ -50,6 +51,9 @@ class XLoraModel(nn.Module):
             self.register_buffer(name, torch.cat(parts), persistent=False)
         ref = next(base.parameters())
         self.classifier = XLoraClassifier(config, len(self._lora_layers), len(experts)).to(ref.device, ref.dtype)
+        # Every matmul computes each row alike for any number of rows (batch_invariant.py).
+        use_row_invariant_linears(self.base)
+        use_row_invariant_linears(self.classifier)
         self.scalings_log = ClassifierScalingsLog(scalings_log_size)
         # Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts].
         self.latest_scalings: torch.Tensor | None = None
@@ -84,7 +88,7 @@ class XLoraModel(nn.Module):
     def kv_dtype(self) -> torch.dtype:
         """The dtype of the KV caches: float32 on CPU (torch's CPU attention is much slower in bf16 or
         fp16 at decode), the model's elsewhere or when the base model's attention cannot read it."""
-        if self.device.type == "cpu" and self.base.config._attn_implementation == WIDE_KV_SDPA:
+        if self.device.type == "cpu" and self.base.config._attn_implementation == ROW_SDPA:
             return torch.float32
         return self.dtype
 
@@ -167,8 +171,10 @@ class XLoraModel(nn.Module):
         position_ids: torch.Tensor | None,
         cache: DynamicCache | None,
         weights: torch.Tensor | None,
+        spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, with the experts weighted by `weights` (None: off)."""
+        """Hidden states after the final norm, with the experts weighted by `weights` (None: off). `spans`
+        (a `RowSpans` table) has attention run row by row, as for each row alone (cached steps)."""
         # A one-token step: every layer's rank-column weights in one gather (ExpertWeightsSlot.columns).
         # Longer passes gather per layer, so no [batch, seq, all columns] tensor is ever held.
         if input_ids.shape[1] == 1:
@@ -180,9 +186,9 @@ class XLoraModel(nn.Module):
                 # ignores `freezing` given as torch.compile(options=...), and unfrozen weights get no
                 # C++ GEMM kernels.
                 with torch._inductor.config.patch(self._inductor_config):
-                    return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns)
-            return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns)
-        return self._per_token_pass(input_ids, attention_mask, position_ids, cache, weights)
+                    return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns, spans)
+            return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns, spans)
+        return self._per_token_pass(input_ids, attention_mask, position_ids, cache, weights, spans)
 
     def _per_token_pass(
         self,
@@ -191,12 +197,13 @@ class XLoraModel(nn.Module):
         position_ids: torch.Tensor | None,
         cache: DynamicCache | None,
         weights: torch.Tensor | None,
+        spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The backbone with the experts weighted per token by `weights` [batch, seq, layers, experts]
         (None: off), each fused layer gathering its own columns: every pass but the one-token step."""
         self.slot.weights = weights
         try:
-            return self._decoder(input_ids, attention_mask, position_ids, cache)
+            return self._decoder(input_ids, attention_mask, position_ids, cache, spans)
         finally:
             self.slot.weights = None
 
@@ -207,12 +214,13 @@ class XLoraModel(nn.Module):
         position_ids: torch.Tensor,
         cache: DynamicCache | None,
         columns: torch.Tensor | None,
+        spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One token per row through the backbone, the experts weighted by `columns` [batch, 1, all
         rank columns] (None: off). This is the step `compile()` compiles."""
         self.slot.columns = columns
         try:
-            return self._decoder(input_ids, attention_mask, position_ids, cache)
+            return self._decoder(input_ids, attention_mask, position_ids, cache, spans)
         finally:
             self.slot.columns = None
 
@@ -222,14 +230,17 @@ class XLoraModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         cache: DynamicCache | None,
+        spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The base model's decoder stack, with whatever expert weights the slot holds."""
+        by_rows = {} if spans is None else {"row_spans": spans}  # read by batch_invariant.row_attention
         out = self.base.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
+            **by_rows,
         )
         return out.last_hidden_state
 
@@ -255,6 +266,7 @@ class XLoraModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         routing: Routing | list[Routing] | None = None,
         cache: DynamicCache | None = None,
+        spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scaling pass, then the classifier: scalings [batch, seq, n_lora_layers, n_experts].
         The routing matters only when scaling_pass_value is not 0 (top-k and the global weight apply
@@ -262,7 +274,7 @@ class XLoraModel(nn.Module):
         batch, seq = input_ids.shape
         with torch.no_grad():  # as peft: the classifier learns through the real pass only
             dummy = self._scaling_pass_weights(batch, seq, self.routing if routing is None else routing)
-            hidden = self._backbone(input_ids, attention_mask, position_ids, cache, dummy)
+            hidden = self._backbone(input_ids, attention_mask, position_ids, cache, dummy, spans)
         scalings = self.classifier(hidden)
         self.scalings_log.record(scalings)
         return scalings
@@ -275,10 +287,11 @@ class XLoraModel(nn.Module):
         scalings: torch.Tensor,
         routing: Routing | list[Routing],
         cache: DynamicCache | None = None,
+        spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The backbone with the experts mixed by `scalings` (after top-k and the global weight)."""
         weights = expert_weights(scalings, routing, self.config.enable_softmax_topk)
-        return self._backbone(input_ids, attention_mask, position_ids, cache, weights)
+        return self._backbone(input_ids, attention_mask, position_ids, cache, weights, spans)
 
     def hidden_states(
         self,
@@ -334,8 +347,9 @@ class XLoraModel(nn.Module):
         config = self.base.config
         kv = self.kv_dtype
         cache = XLoraCache(growing_cache(config, kv), growing_cache(config, kv), mask.long())
-        scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling)
-        hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real)
+        spans = RowSpans.left_padded(mask, input_ids.shape[1]).table
+        scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling, spans)
+        hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real, spans)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
         self.latest_scalings = scalings
         return logits, scalings, cache
@@ -355,7 +369,8 @@ class XLoraModel(nn.Module):
         cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
         tokens = next_tokens.to(self.device).view(-1, 1)
         scalings = self._step_scalings(tokens, positions, cache, routing)
-        hidden = self.real_pass(tokens, cache.attention_mask, positions, scalings, routing, cache.real)
+        spans = RowSpans.left_padded(cache.attention_mask, 1).table
+        hidden = self.real_pass(tokens, cache.attention_mask, positions, scalings, routing, cache.real, spans)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
         return logits, scalings
 
@@ -397,7 +412,8 @@ class XLoraModel(nn.Module):
                 dummy = self.classifier.dummy_scalings(1, int(take.sum()), device, self.dtype)
                 dummy = self._ragged_weights(dummy, sub, [routing[r] for r in granular])
             # Not _backbone: a ragged row of one token is no one-token step (its mask is 4D, its cache batch 1).
-            hidden = self._per_token_pass(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy)
+            spans = RowSpans.ragged(sub.cached, sub.new).table
+            hidden = self._per_token_pass(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy, spans)
             scalings[:, take] = self.classifier(hidden)
             self.scalings_log.record(scalings[:, take])
             scaling_cache = growing_cache(config, kv)
@@ -406,7 +422,8 @@ class XLoraModel(nn.Module):
         # Real pass: every row.
         flat = real.flatten(cache.real, cache.attention_mask, growing_cache(config, kv))
         weights = self._ragged_weights(scalings, real, routing)
-        hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights)
+        spans = RowSpans.ragged(real.cached, real.new).table
+        hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights, spans)
         last = torch.tensor(new, device=device).cumsum(0) - 1
         logits = self.base.get_output_embeddings()(hidden[0, last]).float()
         real_cache = growing_cache(config, kv)
@@ -427,7 +444,8 @@ class XLoraModel(nn.Module):
         (a scaling pass over their own scaling-cache rows), the frozen ones for the others."""
         granular = cache.granular_rows()
         if len(granular) == cache.batch_size:
-            return self.predict_scalings(tokens, cache.attention_mask, positions, routing, cache.scaling)
+            spans = RowSpans.left_padded(cache.attention_mask, 1).table
+            return self.predict_scalings(tokens, cache.attention_mask, positions, routing, cache.scaling, spans)
         shape = (self.n_lora_layers, self.config.n_adapters)
         none = torch.zeros(shape, device=self.device, dtype=self.dtype)
         scalings = torch.stack([none if f is None else f for f in cache.frozen]).unsqueeze(1)
@@ -435,7 +453,8 @@ class XLoraModel(nn.Module):
             index = torch.tensor(granular, device=self.device)
             subset = [routing[i] for i in granular] if isinstance(routing, list) else routing
             mask = cache.attention_mask[index]
-            scalings[index] = self.predict_scalings(tokens[index], mask, positions[index], subset, cache.scaling)
+            spans = RowSpans.left_padded(mask, 1).table
+            scalings[index] = self.predict_scalings(tokens[index], mask, positions[index], subset, cache.scaling, spans)
         return scalings
 
     # ---- generation and checkpoints live in their own modules ----------------------------------

@@ -1,0 +1,198 @@
+"""Kernels that give a row the same numbers whatever else is in its batch (README "Batch invariance").
+
+A request decoded alone, in a batch of 8, or joining a running batch mid-step must get the same tokens
+at temperature 0. Two things in a plain forward break that, both in the last bits of the arithmetic,
+which bfloat16 then rounds into different tokens:
+
+- matmul kernels pick their blocking, and so their order of additions, by the number of rows M, and
+  bfloat16 rounds the results: one element in a few thousand then differs between M=1 and M=8. `linear`
+  (bfloat16 on CPU) always calls oneDNN with exactly `ROWS_PER_CALL` rows, padding the last call with zero
+  rows, on weights prepacked once: every call has the same shape, so every row gets the same arithmetic.
+  On CPUs with AMX or AVX-512 BF16 a call of 16 rows costs about what one row costs (decoding reads
+  weights; it does not multiply much), and prepacking makes bf16 matmuls faster than torch's plain path,
+  which repacks the weight at every call (`python -m bench.batch_invariance`).
+- attention over a padded batch: the padding shifts where a row's keys fall in the kernel's vector lanes.
+  `row_attention` runs each row's queries over its own keys only (spans from `RowSpans`), the same call
+  with the same shapes as when the row is alone.
+
+Elsewhere (float32, or a GPU) `linear` is plain `F.linear`: float32 kernels differ by batch size in the
+last bit (about 1e-7), which has not changed a greedy token in our tests, but is not a guarantee.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+# The rows of every prepacked matmul call (AMX tiles are 16 rows high).
+ROWS_PER_CALL = 16
+
+# weight -> (its _version when packed, the packed copy); dropped with the weight
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def prepacking_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bfloat16 inference on a CPU whose oneDNN runs bf16 natively, outside torch.compile (inductor's
+    freezing prepacks the weights itself)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        and not torch.compiler.is_compiling()
+        and _mkldnn_bf16()
+    )
+
+
+def _mkldnn_bf16() -> bool:
+    global _MKLDNN_BF16
+    if _MKLDNN_BF16 is None:
+        _MKLDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _MKLDNN_BF16
+
+
+_MKLDNN_BF16: bool | None = None
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """The weight prepacked for oneDNN calls of ROWS_PER_CALL rows, packed again if it changed since
+    (loading a state dict writes in place and bumps its version)."""
+    version = 0 if weight.is_inference() else weight._version  # inference tensors cannot change
+    entry = _PACKED.get(weight)
+    if entry is None or entry[0] != version:
+        with torch.inference_mode(False), torch.no_grad():
+            entry = (version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_PER_CALL))
+        _PACKED[weight] = entry
+    return entry[1]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; for bf16 inference on CPU, calls of exactly ROWS_PER_CALL rows on a prepacked weight, so
+    each row's result is the same for any number of rows."""
+    if not prepacking_applies(x, weight):
+        return F.linear(x, weight, bias)
+    packed = _packed(weight)
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n % ROWS_PER_CALL:
+        rows = torch.cat([rows, rows.new_zeros(ROWS_PER_CALL - n % ROWS_PER_CALL, rows.shape[1])])
+    parts = [
+        torch.ops.mkldnn._linear_pointwise(part, packed, bias, "none", [], "") for part in rows.split(ROWS_PER_CALL)
+    ]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out[:n].view(*x.shape[:-1], weight.shape[0])
+
+
+class RowInvariantLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state-dict keys) whose forward is `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_row_invariant_linears(module: nn.Module) -> None:
+    """Replace every plain nn.Linear under `module` by a RowInvariantLinear holding the same parameters
+    (tied weights stay tied: the Parameter objects are the same)."""
+    for name, child in list(module.named_modules()):
+        if type(child) is not nn.Linear:
+            continue
+        new = RowInvariantLinear.__new__(RowInvariantLinear)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = child.in_features, child.out_features
+        new.weight, new.bias = child.weight, child.bias
+        new.train(child.training)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)
+
+
+# -----------------------------------------------------------------------------
+# attention, row by row
+
+
+@dataclass
+class RowSpans:
+    """Where each row's queries and keys are in a forward's tensors: one int64 row per span,
+    (batch index, first query, end of queries, key ranges 1 and 2 as start, end). A row's keys are its
+    range 1 then its range 2 (the ragged layout keeps a row's cached keys apart from its new ones; elsewhere
+    range 2 is empty). A tensor, so that a compiled step sees a changing batch as a changing shape."""
+
+    table: torch.Tensor  # [spans, 7] int64, on the CPU
+
+    @classmethod
+    def left_padded(cls, mask: torch.Tensor, new: int) -> RowSpans:
+        """Rows of a left-padded batch (`mask` [batch, keys], 1 on real tokens) whose last `new` columns
+        are this forward's queries."""
+        keys = mask.shape[1]
+        first = (mask.shape[1] - mask.long().sum(dim=1)).cpu()  # leading padding of each row
+        rows = torch.arange(mask.shape[0])
+        q_first = (first - (keys - new)).clamp(min=0)
+        table = torch.stack([rows, q_first, torch.full_like(rows, new), first, torch.full_like(rows, keys)], dim=1)
+        return cls(torch.cat([table, torch.full_like(table[:, :2], keys)], dim=1))
+
+    @classmethod
+    def ragged(cls, cached: list[int], new: list[int]) -> RowSpans:
+        """The rows of a `cache.RaggedRows` forward: every row's cached keys, then every row's new tokens."""
+        old, spans, key_at, query_at = sum(cached), [], 0, 0
+        for c, n in zip(cached, new, strict=True):
+            spans.append([0, query_at, query_at + n, key_at, key_at + c, old + query_at, old + query_at + n])
+            key_at, query_at = key_at + c, query_at + n
+        return cls(torch.tensor(spans, dtype=torch.long))
+
+
+@torch.compiler.disable  # data-dependent loop over rows: a graph break, run eagerly inside a compiled step
+def _attention_by_rows(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """[batch, heads, queries, dim] -> [batch, queries, heads, dim], each span on its own keys (causal among
+    its queries, which are its last keys)."""
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+    for b, qs, qe, ks1, ke1, ks2, ke2 in spans.tolist():
+        k, v = key[b : b + 1, :, ks1:ke1], value[b : b + 1, :, ks1:ke1]
+        if ke2 > ks2:
+            k = torch.cat([k, key[b : b + 1, :, ks2:ke2]], dim=2)
+            v = torch.cat([v, value[b : b + 1, :, ks2:ke2]], dim=2)
+        n, total = qe - qs, k.shape[2]
+        mask = None
+        if n > 1:  # query i sees keys up to total - n + i
+            mask = torch.ones(n, total, dtype=torch.bool, device=query.device).tril(total - n)
+        o = F.scaled_dot_product_attention(
+            query[b : b + 1, :, qs:qe], k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != query.shape[1]
+        )
+        out[b, qs:qe] = o[0].transpose(0, 1)
+    return out
+
+
+def row_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    row_spans: torch.Tensor | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, run in the dtype of the keys (a cache may hold a wider dtype than the
+    model: on CPU bf16 models keep float32 keys and values, README "Long sequences"), and row by row when
+    the model passes `row_spans` (XLoraModel's cached steps do). Sliding windows and soft-capping keep
+    transformers' path."""
+    dtype = query.dtype
+    if row_spans is None or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout:
+        out, _ = sdpa_attention_forward(
+            module, query.to(key.dtype), key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        return out.to(dtype), None
+    return _attention_by_rows(query.to(key.dtype), key, value, row_spans, scaling).to(dtype), None
+
+
+# The attention implementation XLoraModel gives a base model that uses SDPA (same masks as "sdpa").
+ROW_SDPA = "sdpa_by_rows"
+AttentionInterface.register(ROW_SDPA, row_attention)
+AttentionMaskInterface.register(ROW_SDPA, sdpa_mask)
