@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +39,9 @@ JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,8}"
 LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
               max_lexer_states=250_000, max_grammar_size=500_000)  # fmt: skip
 
+
+# A line where llguidance echoes the grammar's source ("   1 | start: /([a-z]+/"), under its error.
+_ECHO = re.compile(r"\d+ \|")
 
 # Row b: the 8 bits of byte value b, lowest first (a bitmask to a bool mask in one lookup).
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
@@ -231,9 +235,11 @@ def _refusal(kind: str, matcher: llguidance.LLMatcher, at_start: bool) -> Constr
 
 
 def _short(message: str, max_chars: int = 300) -> str:
-    """llguidance's error as a client sees it: without its debugging dump (parser state, the whole grammar),
-    at most two lines and `max_chars`. The whole text goes to the debug log."""
-    short = " / ".join(line.strip() for line in message.split("<state>")[0].strip().splitlines()[:2])
+    """llguidance's error as a client sees it: one line of at most `max_chars`, without its debugging dump
+    (parser state, the whole grammar) or the source lines and carets it draws. The whole text goes to the
+    debug log."""
+    lines = [line.strip() for line in message.split("<state>")[0].splitlines()]
+    short = " ".join(line for line in lines if line and not set(line) <= set("^~-| ") and not _ECHO.match(line))
     if len(short) > max_chars:
         short = short[: max_chars - 3].rstrip() + "..."
     if short != message.strip():
