@@ -81,7 +81,7 @@ class GrammarMatcher:
     """One row's place in its grammar: which tokens may come next, and the tokens taken so far. When the
     grammar cannot go on (nothing may follow, or a work limit is hit), ConstraintError naming its kind."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, kind: str = "grammar") -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, kind: str) -> None:
         self._matcher = matcher
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self.kind = kind
@@ -157,7 +157,7 @@ class GrammarCompiler:
         grammar = _grammar(spec)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self.limits)
         if matcher.is_error():
-            raise ParameterError(spec.kind, _short(matcher.get_error()))
+            raise _invalid(spec.kind, matcher.get_error())
         _check_start(spec.kind, matcher)
         compiled = CompiledGrammar(spec, matcher, self.vocab_size, time.perf_counter() - started)
         if time_limit_s is None or compiled.compile_s <= time_limit_s:
@@ -187,7 +187,7 @@ def _grammar(spec: ConstraintSpec) -> str:
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
         except ValueError as exc:
-            raise ParameterError(spec.kind, _short(str(exc))) from None
+            raise _invalid(spec.kind, str(exc)) from None
     if not spec.text:
         raise ParameterError(spec.kind, "must not be empty")
     if spec.kind == "regex":
@@ -195,7 +195,14 @@ def _grammar(spec: ConstraintSpec) -> str:
     try:
         return llguidance.grammar_from("grammar", spec.text)  # Lark, or GBNF converted to Lark
     except ValueError as exc:
-        raise ParameterError(spec.kind, _short(str(exc))) from None
+        raise _invalid(spec.kind, str(exc)) from None
+
+
+def _invalid(kind: str, message: str) -> ParameterError:
+    """llguidance's refusal of a constraint's text, as the client sees it: shortened (the whole text, which
+    can hold the parser's state and the whole grammar, goes to the debug log)."""
+    log.debug("%s constraint refused by llguidance: %s", kind, message)
+    return ParameterError(kind, _short(message))
 
 
 def _check_start(kind: str, template: llguidance.LLMatcher) -> None:
@@ -235,15 +242,12 @@ def _refusal(kind: str, matcher: llguidance.LLMatcher, at_start: bool) -> Constr
 
 
 def _short(message: str, max_chars: int = 300) -> str:
-    """llguidance's error as a client sees it: one line of at most `max_chars`, without its debugging dump
-    (parser state, the whole grammar) or the source lines and carets it draws. The whole text goes to the
-    debug log."""
+    """llguidance's error in one line of at most `max_chars`, without its debugging dump (parser state, the
+    whole grammar) or the source lines and carets it draws."""
     lines = [line.strip() for line in message.split("<state>")[0].splitlines()]
     short = " ".join(line for line in lines if line and not set(line) <= set("^~-| ") and not _ECHO.match(line))
     if len(short) > max_chars:
         short = short[: max_chars - 3].rstrip() + "..."
-    if short != message.strip():
-        log.debug("llguidance said: %s", message)
     return short
 
 
