@@ -48,9 +48,10 @@ class ErrorEvent:
     status: int
     message: str
     code: str
+    param: str | None = None  # the request field at fault, for a client error found while decoding
 
     def to_api_error(self) -> APIError:
-        return APIError(self.status, self.message, code=self.code)
+        return APIError(self.status, self.message, param=self.param, code=self.code)
 
 
 Event = TokenEvent | DoneEvent | ErrorEvent
@@ -69,6 +70,7 @@ class GenerationJob:
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the event loop (client gone); read by the worker between steps
     request_id: str | None = field(default_factory=current_request_id)  # the HTTP request's, for log lines
+    constraint_param: str | None = None  # the request field its constraint came from (a 422 names it)
     finished: bool = False
     first_token_at: float | None = None  # set by the worker
     last_token_at: float | None = None

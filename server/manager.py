@@ -301,9 +301,9 @@ class ModelManager:
                 422, f"took longer than {limit:g} s to compile (server.constraint_compile_timeout_s); simplify it",
                 param=param, code="constraint_too_complex",
             ) from None
-        except ParameterError as exc:
+        except ParameterError as exc:  # a ConstraintError (it compiles, but no answer can follow it) has a code
             message = str(exc).removeprefix(exc.parameter).strip()
-            raise APIError(422, message, param=param, code="invalid_constraint") from None
+            raise APIError(422, message, param=param, code=getattr(exc, "code", "invalid_constraint")) from None
 
     async def start(self, body: GenerationRequest, id_prefix: str) -> GenerationJob:
         """The one way in for every generation endpoint: tokenize, check lengths, merge the routing, compile
@@ -338,6 +338,7 @@ class ModelManager:
             routing=routing,
             deadline=time.monotonic() + self.settings.server.request_timeout_s,
             loop=asyncio.get_running_loop(),
+            constraint_param=spec_param if spec is not None else None,
         )
         self.scheduler.submit(job)
         return job

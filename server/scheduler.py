@@ -28,7 +28,7 @@ from server.logs import note_request
 from server.metrics import Metrics
 from server.scalings_log import ScalingsEntry
 from server.scalings_store import ScalingsWriter
-from xlora_core import BatchRow, DecodeBatch, Generated, XLoraModel
+from xlora_core import BatchRow, ConstraintError, DecodeBatch, Generated, XLoraModel
 
 log = logging.getLogger("xlora.scheduler")
 
@@ -229,6 +229,9 @@ class Scheduler:
         now = time.monotonic()
         for g in out:
             job: GenerationJob = g.row.owner
+            if g.error is not None:
+                self._refuse(job, g.error)
+                continue
             job.last_token_at = now
             job.post(TokenEvent(len(job.decoder.completion_ids) - 1, g.token_id, g.text))
             self.metrics.generated_tokens.inc()
@@ -262,6 +265,18 @@ class Scheduler:
         if n_out > 1:
             self.metrics.time_per_output_token.observe((job.last_token_at - job.first_token_at) / (n_out - 1))
         job.post(DoneEvent(finish_reason, dec.text, n_prompt, n_out, job.routing, scalings, frozen_from, constraint))
+
+    def _refuse(self, job: GenerationJob, exc: ConstraintError) -> None:
+        """The request's constraint cannot go on (found while decoding; its row has left the batch): the
+        client's mistake, a 422 (400 on /v1) naming the field, or an error event once streaming has begun."""
+        log.info(
+            "generation %s refused while decoding: %s", job.id, exc,
+            extra={"request_id": job.request_id, "generation_id": job.id},
+        )
+        self.metrics.generations.labels(outcome="refused").inc()
+        message = str(exc).removeprefix(exc.parameter).strip()
+        param = job.constraint_param
+        job.post(ErrorEvent(422, f"{param}: {message}" if param else message, exc.code, param))
 
     def _fail(self, job: GenerationJob, exc: Exception) -> None:
         log.error(

@@ -11,6 +11,8 @@ documented, content type, body), invalid input rejected. Afterwards /health is 2
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ import schemathesis
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -234,6 +237,96 @@ def test_streams_are_documented_event_by_event(fuzz_server):
         assert event["type"] == "object" and "data" in event["required"], (path, event)
     generate = schema["paths"]["/generate"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert generate["properties"]["event"]["enum"] == ["token", "done", "error"]
+
+
+# Hostile constraints: regexes, Lark grammars and JSON schemas drawn from small pieces that include what no answer can
+# follow (a class that matches nothing, a rule with no finite derivation, a `$ref` to itself or to nowhere, bounds
+# that cross). Each is served (200) or refused as the client's mistake (422 on /generate, 400 on /v1), streamed
+# or not, the refusal naming the field in one short line; never a 5xx.
+CONSTRAINT_EXAMPLES = int(os.environ.get("FUZZ_CONSTRAINT_EXAMPLES", "50"))  # per kind
+
+_REGEX_PIECES = ["a", "b", "[a-c]", "[0-9]", ".", r"\d", r"[^\x00-\x{10FFFF}]", "(a|b)", "é", "(", "[z-a]", "x{2,1}"]
+_REPEATS = ["*", "+", "?", "{3}", "{0,2}", "{2,1}", "{40}"]
+regexes = st.recursive(
+    st.sampled_from(_REGEX_PIECES),
+    lambda inner: st.one_of(
+        st.tuples(inner, inner).map("".join),
+        st.tuples(inner, inner).map(lambda pair: f"({pair[0]}|{pair[1]})"),
+        st.tuples(inner, st.sampled_from(_REPEATS)).map(lambda pair: f"({pair[0]}){pair[1]}"),
+    ),
+    max_leaves=5,
+)
+_SYMBOLS = ['"a"', '"b"', '""', "/[0-9]/", r"/[^\x00-\x{10FFFF}]/", "r0", "r1", "r2", "nowhere"]
+_rule = st.lists(st.lists(st.sampled_from(_SYMBOLS), min_size=1, max_size=3).map(" ".join), min_size=1, max_size=3)
+grammars = st.tuples(_rule, _rule, _rule).map(
+    lambda rules: "start: r0\n" + "\n".join(f"r{i}: {' | '.join(body)}" for i, body in enumerate(rules))
+)
+_SCHEMA_LEAVES = [
+    {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {}, {"const": "x"}, {"enum": []}, {"not": {}},
+    {"$ref": "#"}, {"$ref": "#/$defs/d"}, {"$ref": "#/$defs/nowhere"}, {"type": "strin"},
+    {"type": "string", "minLength": 3, "maxLength": 1}, {"type": "integer", "minimum": 5, "maximum": 1},
+    {"type": "string", "pattern": r"[^\x00-\x{10FFFF}]"},
+]  # fmt: skip
+_schemas = st.recursive(
+    st.sampled_from(_SCHEMA_LEAVES),
+    lambda inner: st.one_of(
+        st.builds(lambda props, n: {"type": "object", "properties": props, "required": sorted(props)[:n]},
+                  st.dictionaries(st.sampled_from("abc"), inner, max_size=2), st.integers(0, 2)),
+        st.builds(lambda items, n: {"type": "array", "items": items, "minItems": n}, inner, st.integers(0, 2)),
+        st.lists(inner, min_size=1, max_size=2).map(lambda parts: {"anyOf": parts}),
+        st.lists(inner, min_size=1, max_size=2).map(lambda parts: {"allOf": parts}),
+    ),
+    max_leaves=4,
+)  # fmt: skip
+json_schemas = st.builds(lambda schema, d: {**schema, "$defs": {"d": d}}, _schemas, _schemas)
+
+
+def served_or_refused(c: httpx.Client, path: str, body: dict, param: str) -> str:
+    """Send it; a refusal (before or during a stream) names a field below `param` in one short line. The status
+    and the refusal's code."""
+    refused = 400 if path.startswith("/v1/") else 422
+    with c.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            errors = [r.json()["error"]]
+        elif body.get("stream"):  # a refusal found while decoding, after the first tokens: an error event
+            data = [line.split(":", 1)[1].strip() for line in r.iter_lines() if line.startswith("data:")]
+            errors = [event["error"] for event in map(json.loads, data[:-1] if path.startswith("/v1/") else data)
+                      if "error" in event]  # fmt: skip
+            assert all(error["type"] == "invalid_request_error" for error in errors), errors
+        else:
+            errors = []
+    assert r.status_code in (200, refused), (r.status_code, body, errors)
+    for error in errors:
+        assert error["param"].startswith(param) and error["code"], (body, error)
+        message = error["message"]
+        assert "\n" not in message and "<state>" not in message and len(message) <= 400, message
+    return " ".join([str(r.status_code), *(error["code"] for error in errors)])
+
+
+@pytest.mark.parametrize("kind", ["regex", "grammar", "json_schema"])
+def test_random_constraints_are_served_or_refused_never_a_server_error(fuzz_server, kind):
+    strategy = {"regex": regexes, "grammar": grammars, "json_schema": json_schemas}[kind]
+    outcomes = collections.Counter()
+
+    @given(constraint=strategy, stream=st.booleans())
+    @settings(max_examples=CONSTRAINT_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+              derandomize=DERANDOMIZE, database=None)  # fmt: skip
+    def run(constraint, stream: bool) -> None:
+        body = {"prompt": "x", "max_new_tokens": 6, "stream": stream, "constraint": {kind: constraint}}
+        outcomes[served_or_refused(c, "/generate", body, "constraint")] += 1
+        if kind == "json_schema":
+            fmt = {"type": "json_schema", "json_schema": {"name": "fuzzed", "schema": constraint}}
+            body = {"model": "tiny-xlora", "messages": [{"role": "user", "content": "x"}], "max_tokens": 6,
+                    "stream": stream, "response_format": fmt}  # fmt: skip
+            outcomes[served_or_refused(c, "/v1/chat/completions", body, "response_format")] += 1
+
+    with httpx.Client(base_url=fuzz_server.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        run()
+        print(f"{kind}: {dict(outcomes)}")
+        assert c.get("/health").status_code == 200
+        assert c.post("/generate", json={"prompt": "x", "max_new_tokens": 2}).status_code == 200
+    assert "failed inside the model" not in fuzz_server.log()
 
 
 def test_server_alive_after_fuzzing(fuzz_server):

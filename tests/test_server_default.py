@@ -164,3 +164,23 @@ def test_the_default_served_by_hub_ids_answers_as_with_local_paths(default_serve
         assert f"xlora.adapters.arithmetic: xlora-tests/smollm2-experts/arithmetic@v1: {hf_home / 'hub'}" in log, log
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_default_refuses_constraints_no_answer_can_follow_as_the_clients_mistake(default_server, stream):
+    """The issue's hostile client on the default model (SmolLM2's 49k BPE vocabulary): each was a 500 carrying
+    llguidance's whole parser state; now a 422 naming the field, in one short line."""
+    hostile = [
+        ({"grammar": 'start: "a" start'}, "constraint.grammar"),
+        ({"regex": r"[^\x00-\x{10FFFF}]"}, "constraint.regex"),
+        ({"json_schema": {"$ref": "#"}}, "constraint.json_schema"),
+    ]
+    with httpx.Client(base_url=default_server.url, timeout=300) as c:
+        for constraint, param in hostile:
+            r = c.post("/generate", json={"prompt": "x", "constraint": constraint, "stream": stream})
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error["param"] == param and error["code"].startswith("constraint_"), error
+            assert "\n" not in error["message"] and "<state>" not in error["message"], error
+            assert len(error["message"]) <= 400, error
+        assert c.get("/health").status_code == 200

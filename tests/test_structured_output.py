@@ -17,7 +17,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from .test_xlora_constraints import PERSON
+from .test_server import metric
+from .test_xlora_constraints import DEAD_AFTER_ONE, PERSON
 from .tiny_world import build_world, make_tiny_tokenizer, save_checkpoint
 
 MODEL = "tiny-ascii"
@@ -216,6 +217,87 @@ def test_v1_refuses_bad_response_formats_as_openai_does(oai, response_format, pa
     error = info.value.body
     assert info.value.status_code == 400 and error["type"] == "invalid_request_error"
     assert error["param"].startswith(param) and words in error["message"], error
+
+
+# -----------------------------------------------------------------------------
+# constraints no answer can follow: the client's mistake, refused with a short message naming the field
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event; unnamed events (OpenAI's) are "message"; [DONE] is left out."""
+    events, name = [], "message"
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and line.split(":", 1)[1].strip() != "[DONE]":
+            events.append((name, json.loads(line.split(":", 1)[1])))
+            name = "message"
+    return events
+
+
+def assert_short(message: str) -> None:
+    """One line, no internal state of the grammar library."""
+    assert "\n" not in message and "<state>" not in message and len(message) <= 400, message
+
+
+UNSATISFIABLE = [
+    ({"grammar": 'start: "a" start'}, "constraint.grammar", "constraint_too_complex"),  # no finite derivation
+    ({"regex": r"[^\x00-\x{10FFFF}]"}, "constraint.regex", "constraint_unsatisfiable"),  # matches nothing
+    ({"json_schema": {"$ref": "#"}}, "constraint.json_schema", "constraint_unsatisfiable"),  # refers to itself
+]
+
+
+@pytest.mark.parametrize(("constraint", "param", "code"), UNSATISFIABLE, ids=["endless", "empty", "self-ref"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_constraints_no_answer_can_follow_are_a_422_naming_the_field(client, constraint, param, code, stream):
+    r = client.post("/generate", json={"prompt": "x", "constraint": constraint, "stream": stream})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error"), error
+    assert error["message"].startswith(param + ": ")
+    assert_short(error["message"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_v1_refuses_a_schema_no_answer_can_follow_with_400(oai, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "loop", "schema": {"$ref": "#"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(oai, response_format=fmt, max_tokens=8, stream=stream)
+    with pytest.raises(openai.BadRequestError) as completions:
+        oai.completions.create(model=MODEL, prompt="x", max_tokens=8, stream=stream,
+                               extra_body={"response_format": fmt})  # fmt: skip
+    for error in (info.value, completions.value):
+        assert error.status_code == 400 and error.body["code"] == "constraint_unsatisfiable", error.body
+        assert error.body["param"] == "response_format.json_schema.schema"
+        assert_short(error.body["message"])
+
+
+def test_a_constraint_that_fails_while_decoding_is_the_clients_error(client):
+    """It compiles, and its first token is fine; only then does llguidance find that no answer can end. The
+    request ends with a 422 (or, once streaming has begun, an error event), and counts as refused, not failed."""
+    before = client.get("/metrics").text
+    constraint = {"grammar": DEAD_AFTER_ONE}
+    r = client.post("/generate", json={"prompt": "x", "constraint": constraint})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("constraint.grammar", "constraint_too_complex"), error
+    assert_short(error["message"])
+    with client.stream("POST", "/generate", json={"prompt": "x", "constraint": constraint, "stream": True}) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert [name for name, _ in events] == ["token", "error"], events
+    assert events[0][1]["text"] in ("b", "c")
+    streamed = events[1][1]["error"]
+    assert (streamed["param"], streamed["code"]) == ("constraint.grammar", "constraint_too_complex"), streamed
+    assert_short(streamed["message"])
+    after = client.get("/metrics").text
+    refused = metric(after, "xlora_generations_total", outcome="refused")
+    assert refused - metric(before, "xlora_generations_total", outcome="refused") == 2
+    assert metric(after, "xlora_generations_total", outcome="error") == metric(before, "xlora_generations_total",
+                                                                               outcome="error")  # fmt: skip
+    assert metric(after, "xlora_requests_total", route="/generate", status="422") > metric(
+        before, "xlora_requests_total", route="/generate", status="422")  # fmt: skip
+    assert generate(client, max_new_tokens=3)["usage"]["completion_tokens"] == 3  # the worker goes on
 
 
 def test_a_schema_too_slow_to_compile_is_refused_and_the_worker_goes_on(tmp_path, start_server):

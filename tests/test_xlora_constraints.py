@@ -13,6 +13,7 @@ import torch
 
 from xlora_core import (
     BatchRow,
+    ConstraintError,
     ConstraintSpec,
     GrammarCompiler,
     ParameterError,
@@ -22,7 +23,7 @@ from xlora_core import (
     XLoraConfig,
     XLoraModel,
 )
-from xlora_core.engine import run
+from xlora_core.engine import DecodeBatch, run
 
 from .tiny_world import VOCAB, build_world, load_base, make_tiny_tokenizer
 
@@ -164,3 +165,59 @@ def test_stop_strings_and_a_constraint_do_not_mix(compiler):
     with pytest.raises(ParameterError) as info:
         SamplingParams(stop=["}"], constraint=grammar)
     assert info.value.parameter == "stop"
+
+
+# -----------------------------------------------------------------------------
+# constraints no answer can follow: refused, as the request's fault, never a model failure
+
+
+@pytest.mark.parametrize(
+    ("spec", "code"),
+    [
+        (ConstraintSpec("grammar", 'start: "a" start'), "constraint_too_complex"),  # no finite derivation
+        (ConstraintSpec("grammar", 'start: "x" y\ny: "y" y'), "constraint_too_complex"),
+        (ConstraintSpec("regex", r"[^\x00-\x{10FFFF}]"), "constraint_unsatisfiable"),  # matches nothing
+        (ConstraintSpec("json_schema", '{"$ref": "#"}'), "constraint_unsatisfiable"),  # refers to itself
+        (ConstraintSpec("json_schema", '{"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}'),
+         "constraint_unsatisfiable"),
+    ],
+)  # fmt: skip
+def test_constraints_no_answer_can_follow_are_refused_at_compile_time(compiler, spec, code):
+    with pytest.raises(ConstraintError) as info:
+        compiler.compile(spec)
+    assert info.value.parameter == spec.kind and info.value.code == code
+    message = str(info.value)
+    assert "<state>" not in message and "\n" not in message and len(message) < 300, message
+    assert len(compiler) == 0 or spec not in compiler._cache  # nothing refused is kept
+
+
+DEAD_AFTER_ONE = 'start: ("b" | "c") y\ny: "y" y'  # compiles; whichever token comes first, no answer can end
+
+
+def test_a_constraint_that_fails_while_decoding_fails_its_row_alone(model, tokenizer, compiler):
+    grammar = compiler.compile(ConstraintSpec("grammar", DEAD_AFTER_ONE))
+    free = ("count: 1 2", params(max_new_tokens=12))
+    (alone,) = decode_rows(model, tokenizer, [free])
+    rows = [BatchRow(RowDecoder(p, tokenizer, tokenizer(text)["input_ids"]), Routing())
+            for text, p in (free, ("q", params(grammar=grammar)))]  # fmt: skip
+    batch, out = DecodeBatch.prefill(model, rows)
+    assert [g.error for g in out] == [None, None] and rows[1].decoder.text in ("b", "c")
+    out = batch.step()  # llguidance finds the endless "yyy..." once the first token is in
+    assert out[0].error is None and isinstance(out[1].error, ConstraintError)
+    assert out[1].error.parameter == "grammar" and out[1].error.code == "constraint_too_complex"
+    assert "<state>" not in str(out[1].error)
+    assert batch.rows == rows[:1]  # the failed row left; its neighbour decodes on as if alone
+    while batch:
+        batch.step()
+    assert rows[0].decoder.completion_ids == alone.completion_ids
+    with pytest.raises(ConstraintError):  # generate/stream (engine.run) raise it
+        decode_rows(model, tokenizer, [("q", params(grammar=grammar))])
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_min_new_tokens_that_bars_the_only_ending_is_the_requests_fault(model, tokenizer, compiler, temperature):
+    grammar = compiler.compile(ConstraintSpec("grammar", 'start: ""'))  # the empty answer: only the end may come
+    barred = params(grammar=grammar, min_new_tokens=5, temperature=temperature, seed=1)
+    with pytest.raises(ConstraintError) as info:
+        decode_rows(model, tokenizer, [("q", barred)])
+    assert "min_new_tokens" in str(info.value)

@@ -3,7 +3,7 @@ generating with a KV cache for each of its two passes."""
 
 from .cache import XLoraCache
 from .classifier import Routing
-from .config import ParameterError, XLoraConfig
+from .config import ConstraintError, ParameterError, XLoraConfig
 from .constraints import CompiledGrammar, ConstraintSpec, GrammarCompiler
 from .engine import BatchRow, DecodeBatch, Generated
 from .generation import StreamedToken
@@ -13,6 +13,7 @@ from .sampling import RowDecoder, SamplingParams
 __all__ = [
     "BatchRow",
     "CompiledGrammar",
+    "ConstraintError",
     "ConstraintSpec",
     "DecodeBatch",
     "Generated",

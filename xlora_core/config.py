@@ -114,6 +114,16 @@ class ParameterError(ValueError):
         self.parameter = parameter
 
 
+class ConstraintError(ParameterError):
+    """A structured-output constraint that cannot be followed: no answer satisfies it (or none this vocabulary
+    can spell), or it runs past the grammar engine's work limits. The request's mistake, found when it is
+    compiled or while its row decodes. `parameter` is the constraint's kind; `code` says which of the two."""
+
+    def __init__(self, parameter: str, message: str, code: str = "constraint_unsatisfiable") -> None:
+        super().__init__(parameter, message)
+        self.code = code
+
+
 def check_top_k(top_k: int | None, n_adapters: int | None, parameter: str = "top_k_lora") -> None:
     """None (dense) or 1..n_adapters; with n_adapters None, only the type and the lower bound."""
     if top_k is None:

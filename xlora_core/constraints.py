@@ -13,6 +13,8 @@ allowed next, and the token chosen.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -23,7 +25,9 @@ import llguidance
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import ParameterError
+from .config import ConstraintError, ParameterError
+
+log = logging.getLogger("xlora.constraints")
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "grammar"]
 KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "grammar")
@@ -35,6 +39,9 @@ JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,8}"
 LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
               max_lexer_states=250_000, max_grammar_size=500_000)  # fmt: skip
 
+
+# A line where llguidance echoes the grammar's source ("   1 | start: /([a-z]+/"), under its error.
+_ECHO = re.compile(r"\d+ \|")
 
 # Row b: the 8 bits of byte value b, lowest first (a bitmask to a bool mask in one lookup).
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
@@ -67,15 +74,17 @@ class CompiledGrammar:
         return self.spec.kind
 
     def matcher(self) -> GrammarMatcher:
-        return GrammarMatcher(self._template.deep_copy(), self.vocab_size)
+        return GrammarMatcher(self._template.deep_copy(), self.vocab_size, self.kind)
 
 
 class GrammarMatcher:
-    """One row's place in its grammar: which tokens may come next, and the tokens taken so far."""
+    """One row's place in its grammar: which tokens may come next, and the tokens taken so far. When the
+    grammar cannot go on (nothing may follow, or a work limit is hit), ConstraintError naming its kind."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, kind: str) -> None:
         self._matcher = matcher
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self.kind = kind
 
     def allowed(self, n: int) -> torch.Tensor:
         """Bool [n]: the tokens (of a logits row of width n) the grammar allows next. Ids past the
@@ -89,12 +98,14 @@ class GrammarMatcher:
         """int32 [(vocab + 31) // 32]: bit i % 32 of word i // 32 says whether token i may come next."""
         self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
         if self._matcher.is_error():
-            raise RuntimeError(f"the grammar matcher failed: {self._matcher.get_error()}")
+            raise _refusal(self.kind, self._matcher, at_start=False)
         return self._bits
 
     def consume(self, token_id: int) -> None:
+        # The token came from this matcher's own mask: a refusal here is the grammar's (llguidance computes
+        # what the token forces next, which is where a rule with no finite derivation runs out of work).
         if not self._matcher.consume_token(token_id):
-            raise RuntimeError(f"token {token_id} is not allowed by the grammar: {self._matcher.get_error()}")
+            raise _refusal(self.kind, self._matcher, at_start=False)
 
     @property
     def is_complete(self) -> bool:
@@ -116,7 +127,8 @@ class GrammarCompiler:
     """Compiles constraints for one tokenizer, keeping the last `cache_size` compiled grammars by spec.
 
     Thread-safe: the server compiles in worker threads. Errors are ParameterError naming the spec's kind
-    (`json_schema`, `regex`, `grammar`) with llguidance's message (which names the keyword or position)."""
+    (`json_schema`, `regex`, `grammar`) with llguidance's message (which names the keyword or position),
+    shortened; ConstraintError for a grammar that compiles but no answer can follow (`_check_start`)."""
 
     def __init__(
         self,
@@ -145,7 +157,8 @@ class GrammarCompiler:
         grammar = _grammar(spec)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self.limits)
         if matcher.is_error():
-            raise ParameterError(spec.kind, _short(matcher.get_error()))
+            raise _invalid(spec.kind, matcher.get_error())
+        _check_start(spec.kind, matcher)
         compiled = CompiledGrammar(spec, matcher, self.vocab_size, time.perf_counter() - started)
         if time_limit_s is None or compiled.compile_s <= time_limit_s:
             with self._lock:
@@ -174,7 +187,7 @@ def _grammar(spec: ConstraintSpec) -> str:
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
         except ValueError as exc:
-            raise ParameterError(spec.kind, str(exc)) from None
+            raise _invalid(spec.kind, str(exc)) from None
     if not spec.text:
         raise ParameterError(spec.kind, "must not be empty")
     if spec.kind == "regex":
@@ -182,12 +195,60 @@ def _grammar(spec: ConstraintSpec) -> str:
     try:
         return llguidance.grammar_from("grammar", spec.text)  # Lark, or GBNF converted to Lark
     except ValueError as exc:
-        raise ParameterError(spec.kind, str(exc)) from None
+        raise _invalid(spec.kind, str(exc)) from None
 
 
-def _short(message: str) -> str:
-    """llguidance's error without its debugging dump (parser state, the whole grammar)."""
-    return message.split("<state>")[0].strip()
+def _invalid(kind: str, message: str) -> ParameterError:
+    """llguidance's refusal of a constraint's text, as the client sees it: shortened (the whole text, which
+    can hold the parser's state and the whole grammar, goes to the debug log)."""
+    log.debug("%s constraint refused by llguidance: %s", kind, message)
+    return ParameterError(kind, _short(message))
+
+
+def _check_start(kind: str, template: llguidance.LLMatcher) -> None:
+    """Refuse a grammar that compiles but that no answer can follow, as llguidance sees its start (on a copy):
+    the mask of the first token is empty (the language is empty: a regex that matches nothing, a `$ref` to
+    itself; or it needs text this vocabulary cannot spell), or the text that every answer must begin with
+    never ends (a rule with no finite derivation, `start: "a" start`: taking its first forced token runs
+    into llguidance's work limits). What only shows later fails the row while it decodes (GrammarMatcher)."""
+    probe = template.deep_copy()
+    forced = probe.compute_ff_tokens()
+    if forced:
+        probe.consume_token(forced[0])
+    if not probe.is_error():
+        probe.compute_bitmask()
+    if probe.is_error():
+        raise _refusal(kind, probe, at_start=True)
+
+
+def _refusal(kind: str, matcher: llguidance.LLMatcher, at_start: bool) -> ConstraintError:
+    """Why llguidance stopped a matcher, as the client's error: a short message (the full text, with the
+    parser's state, goes to the debug log)."""
+    error, reason = matcher.get_error() or "", matcher.stop_reason()
+    log.debug("%s constraint stopped by llguidance (%s): %s", kind, reason, error)
+    if reason == "NoExtensionBias" or error.startswith("NoExtensionBias"):  # no token may come next
+        if at_start:
+            why = "matches nothing: no answer can begin (its language is empty, or needs text this model cannot spell)"
+        else:
+            why = "cannot be continued: no token this model can produce follows the answer so far"
+        return ConstraintError(kind, why)
+    if reason in ("ParserTooComplex", "LexerTooComplex") or "limit" in error:
+        where = "before any answer can end" if at_start else "while decoding"
+        return ConstraintError(
+            kind, f"runs past the grammar engine's work limits {where} (a rule with no finite derivation, like "
+            f'start: "a" start, does): {_short(error)}', code="constraint_too_complex",
+        )
+    return ConstraintError(kind, f"cannot be followed: {_short(error)}", code="invalid_constraint")
+
+
+def _short(message: str, max_chars: int = 300) -> str:
+    """llguidance's error in one line of at most `max_chars`, without its debugging dump (parser state, the
+    whole grammar) or the source lines and carets it draws."""
+    lines = [line.strip() for line in message.split("<state>")[0].splitlines()]
+    short = " ".join(line for line in lines if line and not set(line) <= set("^~-| ") and not _ECHO.match(line))
+    if len(short) > max_chars:
+        short = short[: max_chars - 3].rstrip() + "..."
+    return short
 
 
 class _TokenBytes:

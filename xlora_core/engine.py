@@ -24,6 +24,7 @@ import torch
 
 from .cache import XLoraCache
 from .classifier import Routing
+from .config import ConstraintError
 from .sampling import RowDecoder
 
 if TYPE_CHECKING:
@@ -59,13 +60,15 @@ class BatchRow:
 @dataclass
 class Generated:
     """What one step gave one row: its token, the text it adds, and the scalings of the position that
-    produced it [layers, experts]. finish_reason is set on a row's last token."""
+    produced it [layers, experts]. finish_reason is set on a row's last token. `error`: the row's constraint
+    could not go on (no token, no text); the row has left the batch, and the other rows are unaffected."""
 
     row: BatchRow
     token_id: int
     text: str
     finish_reason: str | None
     scalings: torch.Tensor
+    error: ConstraintError | None = None
 
 
 class DecodeBatch:
@@ -137,7 +140,11 @@ class DecodeBatch:
         """Each row chooses its token; rows whose routing says so freeze; finished rows leave."""
         out, keep, freeze = [], [], {}
         for i, row in enumerate(self.rows):
-            token, text, finish = row.decoder.step(logits[i])
+            try:
+                token, text, finish = row.decoder.step(logits[i])
+            except ConstraintError as exc:  # this row's own grammar: it alone leaves
+                out.append(Generated(row, -1, "", None, row.scalings[-1][-1], error=exc))
+                continue
             row.next_token = token
             out.append(Generated(row, token, text, finish, row.scalings[-1][-1]))
             if finish is not None:
@@ -152,8 +159,14 @@ class DecodeBatch:
 
 
 def run(model: XLoraModel, rows: list[BatchRow], pad_id: int = 0) -> Iterator[list[Generated]]:
-    """The decode loop of a fixed set of rows: what each step gave, until every row has finished."""
+    """The decode loop of a fixed set of rows: what each step gave, until every row has finished. A row's
+    constraint that cannot go on raises its ConstraintError."""
     batch, out = DecodeBatch.prefill(model, rows, pad_id)
-    yield out
-    while batch:
-        yield batch.step()
+    while True:
+        for generated in out:
+            if generated.error is not None:
+                raise generated.error
+        yield out
+        if not batch:
+            return
+        out = batch.step()

@@ -28,7 +28,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .config import ParameterError
+from .config import ConstraintError, ParameterError
 
 if TYPE_CHECKING:
     from .constraints import CompiledGrammar
@@ -87,7 +87,7 @@ class RowDecoder:
 
     One call per token: `step(logits)` returns (token, the text it adds, finish reason or None).
     With a constraint, only the tokens its grammar allows are chosen, and the row finishes ("stop") as
-    soon as the grammar is complete.
+    soon as the grammar is complete; a grammar that cannot go on raises ConstraintError (the request's fault).
     """
 
     def __init__(self, params: SamplingParams, tokenizer: PreTrainedTokenizerBase | None, prompt_ids: list[int]):
@@ -188,13 +188,22 @@ class RowDecoder:
         if self.generator is None:
             token = int(scores.argmax(dim=-1))
             if self.matcher is not None and scores[0, token] == -torch.inf:
-                raise RuntimeError("the constraint allows no token this model can produce next")
+                raise self._nothing_allowed()
             return token
         # Valid but extreme settings (repetition_penalty 1e-50) overflow the scores to inf, and softmax over inf
         # is nan: +inf becomes the largest float, nan becomes -inf; -inf (masked tokens) stays.
         scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf)
+        if self.matcher is not None and bool(torch.isneginf(scores).all()):
+            raise self._nothing_allowed()
         probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _nothing_allowed(self) -> ConstraintError:
+        """The grammar's tokens are all out of reach: past the model's logits, or barred by min_new_tokens."""
+        why = "allows no token this model can produce next"
+        if self.params.min_new_tokens > len(self.completion_ids):
+            why += f" (min_new_tokens {self.params.min_new_tokens} bars ending here)"
+        return ConstraintError(self.matcher.kind, why)
 
     def _detokenize(self) -> None:
         """Add the text of the new tokens to _decoded, decoding only from the last complete piece on

@@ -85,7 +85,7 @@ class _GenerateStream:
         return [ServerSentEvent(data=done.model_dump_json(), event="done")]
 
     def error(self, event: ErrorEvent) -> list[Chunk]:
-        body = error_body(event.status, event.message, code=event.code)
+        body = error_body(event.status, event.message, event.param, event.code)
         return [ServerSentEvent(data=json.dumps(body), event="error")]
 
     def closing(self) -> list[Chunk]:

@@ -138,7 +138,8 @@ class _OpenAIStream:
         return out
 
     def error(self, event: ErrorEvent) -> list[Chunk]:
-        return [json.dumps(error_body(event.status, event.message, code=event.code))]
+        status = 400 if event.status == 422 else event.status  # OpenAI's status for an invalid request
+        return [json.dumps(error_body(status, event.message, event.param, event.code))]
 
     def closing(self) -> list[Chunk]:
         return ["[DONE]"]
