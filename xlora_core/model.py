@@ -324,9 +324,11 @@ class XLoraModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         routing: Routing | list[Routing] | None = None,
+        all_positions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, XLoraCache]:
         """Run a (left-padded) prompt batch. Returns (next-token logits [batch, vocab] in float32,
-        scalings [batch, seq, layers, experts], the new cache, every row granular)."""
+        scalings [batch, seq, layers, experts], the new cache, every row granular). With `all_positions`,
+        the logits are every position's [batch, seq, vocab] (to score the prompt itself)."""
         routing = self._resolve(routing)
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
@@ -336,7 +338,7 @@ class XLoraModel(nn.Module):
         cache = XLoraCache(growing_cache(config, kv), growing_cache(config, kv), mask.long())
         scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling)
         hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real)
-        logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
+        logits = self.base.get_output_embeddings()(hidden if all_positions else hidden[:, -1]).float()
         self.latest_scalings = scalings
         return logits, scalings, cache
 
