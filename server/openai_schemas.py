@@ -1,17 +1,19 @@
 """OpenAI request and response shapes for /v1 (completions, chat completions, models).
 
-Unsupported OpenAI parameters (n > 1, logprobs, tools, penalties, ...) are accepted as fields only so
-that setting them is refused with a message naming them, rather than silently ignored. X-LoRA
-extensions are extra body fields: `xlora_routing` and `xlora_return_scalings`.
+Unsupported OpenAI parameters (penalties, suffix, ...) are accepted as fields only so that setting them
+is refused with a message naming them, rather than silently ignored. X-LoRA extensions are extra body
+fields: `xlora_routing` and `xlora_return_scalings`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from server.logprobs import ChatLogprobs, CompletionLogprobs
 from server.schemas import (
     PromptInput,
     RoutingSettings,
@@ -71,37 +73,22 @@ class _Common(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 (or below 1e-4) = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = 1
+    seed: int | None = Field(None, ge=0, lt=2**63, description="with n > 1, choice i is seeded seed + i")
+    n: int = Field(1, ge=1, le=128, description="choices per prompt; they share the prompt's prefill")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Accepted by vLLM and others as extensions; harmless to support.
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias added to its logit, -100..100")
     # Refused unless left at their neutral value.
-    logprobs: bool | int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = Field(None, description="structured output (json_object, json_schema)")
     # X-LoRA extensions.
     xlora_routing: RoutingUpdate | None = None
     xlora_return_scalings: bool = False
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise _refuse("n", "must be 1 (one choice per request)")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise _refuse("logprobs")
-        return value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -112,9 +99,12 @@ class _Common(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise _refuse("logit_bias")
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (digits), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are in -100..100, got {bias} for token {key}")
         return value
 
     @field_validator("stop")
@@ -132,8 +122,18 @@ class _Common(_Request):
     def token_limit(self) -> int | None:
         return self.max_tokens
 
+    def samples_per_prompt(self) -> int:
+        return self.n
+
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        return sampling_params(self, self.token_limit() or default_max_new_tokens)
+        limit = self.token_limit()
+        params = sampling_params(self, limit if limit is not None else default_max_new_tokens)
+        bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        return replace(params, logit_bias=bias, logprobs=self.top_logprobs_per_token())
+
+    def top_logprobs_per_token(self) -> int | None:
+        """How many alternatives to report per generated token; None: no logprobs."""
+        raise NotImplementedError
 
     def param_name(self, sampling_field: str) -> str:
         return "max_tokens" if sampling_field == "max_new_tokens" else sampling_field
@@ -152,31 +152,28 @@ class _Common(_Request):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
-    echo: bool = False
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a text, token ids, or a list of either: one choice (times n) per prompt"
+    )
+    max_tokens: int | None = Field(None, ge=0, description="0: score the prompt only (with echo and logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log probabilities of the tokens, and this many "
+                                 "top alternatives per token")  # fmt: skip
+    echo: bool = Field(False, description="the prompt comes back before the completion, with logprobs its own")
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("give one prompt (a string or a list of one string)")
+    def _prompts(cls, value: str | list[str] | list[int] | list[list[int]]) -> str | list:
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("give a text, token ids, or a non-empty list of either (no empty token lists)")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise _refuse("echo")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise _refuse("best_of", "must be 1")
-        return value
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> CompletionRequest:
+        if self.best_of not in (None, self.n):
+            raise _refuse("best_of", "other than n is not supported (every choice generated is returned)")
+        return self
 
     @field_validator("suffix")
     @classmethod
@@ -185,17 +182,30 @@ class CompletionRequest(_Common):
             raise _refuse("suffix")
         return value
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
-    def prompt_input(self) -> PromptInput:
-        return PromptInput(self.prompt_text(), None, "prompt")
+    def prompt_inputs(self) -> list[PromptInput]:
+        single = len(self.prompts()) == 1
+        return [
+            PromptInput(p, None, "prompt" if single else f"prompt.{i}") if isinstance(p, str)
+            else PromptInput(None, None, "prompt" if single else f"prompt.{i}", token_ids=p)
+            for i, p in enumerate(self.prompts())
+        ]
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        return super().to_sampling_params(16)  # OpenAI's default for completions is 16 tokens
+        params = super().to_sampling_params(16)  # OpenAI's default for completions is 16 tokens
+        return replace(params, prompt_logprobs=self.logprobs if self.echo else None)
 
-    def logged_prompt(self) -> str:
-        return self.prompt_text()
+    def top_logprobs_per_token(self) -> int | None:
+        return self.logprobs
+
+    def logged_prompt(self) -> str | list:
+        return self.prompt
 
 
 class TextPart(_Request):
@@ -221,7 +231,8 @@ class ChatCompletionRequest(_Common):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="each generated token's log probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
 
     @field_validator("tools", "functions")
     @classmethod
@@ -239,10 +250,13 @@ class ChatCompletionRequest(_Common):
 
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
-        if value:
-            raise _refuse("top_logprobs")
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
         return value
+
+    def top_logprobs_per_token(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -256,8 +270,8 @@ class ChatCompletionRequest(_Common):
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
-    def prompt_input(self) -> PromptInput:
-        return PromptInput(None, self.chat_messages(), "messages")
+    def prompt_inputs(self) -> list[PromptInput]:
+        return [PromptInput(None, self.chat_messages(), "messages")]
 
     def logged_prompt(self) -> list[dict]:
         return self.chat_messages()
@@ -281,7 +295,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -303,7 +317,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -325,7 +339,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

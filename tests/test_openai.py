@@ -112,8 +112,8 @@ def test_frozen_scalings_through_extra_body(oai):
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 30}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"temperature": 5}, "temperature"),
