@@ -247,14 +247,16 @@ class ModelManager:
             raise APIError(422, str(exc), param=param_prefix + exc.parameter, code="invalid_value") from None
 
     async def tokenize(
-        self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None
+        self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        """Prompt text, chat messages or token ids -> token ids, off the event loop; 422 naming `param` if
-        unusable."""
-        return await asyncio.to_thread(self._tokenize, prompt, messages, param, token_ids)
+        """Prompt text, chat messages (with the tools they may call) or token ids -> token ids, off the event
+        loop; 422 naming `param` if unusable."""
+        return await asyncio.to_thread(self._tokenize, prompt, messages, param, token_ids, tools)
 
     def _tokenize(
-        self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None
+        self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         tok = self.tokenizer
         if token_ids is not None:
@@ -267,7 +269,7 @@ class ModelManager:
             if not getattr(tok, "chat_template", None):
                 raise APIError(422, "this model has no chat template; send a prompt instead", param=param)
             try:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # a template may reject a role order (e.g. two system messages)
                 raise APIError(422, f"the chat template refused these messages: {exc}", param=param) from None
             ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -323,7 +325,7 @@ class ModelManager:
         field, before anything reaches the model worker."""
         self.require_ready()
         inputs: list[PromptInput] = body.prompt_inputs()
-        prompts = [await self.tokenize(p.prompt, p.messages, p.param, p.token_ids) for p in inputs]
+        prompts = [await self.tokenize(p.prompt, p.messages, p.param, p.token_ids, p.tools) for p in inputs]
         try:
             params = body.to_sampling_params(self.settings.server.default_max_new_tokens)
         except ParameterError as exc:

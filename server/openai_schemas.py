@@ -23,9 +23,10 @@ from server.schemas import (
     sampling_params,
     stop_list,
 )
+from server.tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, constraint_for, mode_of
 from xlora_core import ConstraintSpec, SamplingParams
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class _Request(BaseModel):
@@ -214,39 +215,99 @@ class TextPart(_Request):
 
 
 class ChatCompletionMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, description="null only on an assistant turn with tool_calls")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, description="a tool turn: the call it answers")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatCompletionMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant turn with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant turns have tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool turns, and only they, have a tool_call_id")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content or [])
+
+    def for_template(self) -> dict[str, Any]:
+        """As chat templates read it: calls with their arguments parsed (transformers' convention)."""
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _parsed(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _parsed(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatCompletionMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = Field(None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool = Field(True, description="with auto or required: several calls may come")
     functions: list[Any] | None = None
     function_call: Any = None
     logprobs: bool | None = Field(None, description="each generated token's log probability")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
 
-    @field_validator("tools", "functions")
+    @field_validator("functions", "function_call")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise _refuse("tools / functions", "(function calling) are not supported by this server")
+    def _no_functions(cls, value: Any) -> Any:
+        if value is not None:
+            raise _refuse("functions / function_call", "(deprecated by OpenAI) are not supported; use tools")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none"):
-            raise _refuse("tool_choice / function_call")
+    def _choice_among_tools(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if value is not None and value != "none" and not names:
+            raise ValueError("needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names {value.function.name!r}, which is not among the tools ({', '.join(names)})")
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in value or []]
+        if len(set(names)) < len(names):
+            raise ValueError("function names must be distinct")
+        return value
+
+    @model_validator(mode="after")
+    def _tools_or_response_format(self) -> ChatCompletionRequest:
+        if self.response_format is not None and self.tool_mode() not in (None, "none"):
+            raise ValueError("response_format cannot be combined with tools (the tools' grammar shapes the answer)")
+        return self
+
+    def tool_mode(self) -> str | NamedToolChoice | None:
+        return mode_of(self.tools, self.tool_choice)
+
+    def constraint_spec(self) -> tuple[ConstraintSpec | None, str]:
+        mode = self.tool_mode()
+        if mode is None:
+            return super().constraint_spec()
+        return constraint_for(self.tools or [], mode, self.parallel_tool_calls), "tools"
 
     @field_validator("top_logprobs")
     @classmethod
@@ -267,11 +328,11 @@ class ChatCompletionRequest(_Common):
         return super().param_name(sampling_field)
 
     def chat_messages(self) -> list[dict]:
-        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
     def prompt_inputs(self) -> list[PromptInput]:
-        return [PromptInput(None, self.chat_messages(), "messages")]
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        return [PromptInput(None, self.chat_messages(), "messages", tools=tools)]
 
     def logged_prompt(self) -> list[dict]:
         return self.chat_messages()
@@ -310,7 +371,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -333,6 +395,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -118,12 +118,14 @@ class RoutingUpdate(_Request):
 
 
 class PromptInput(NamedTuple):
-    """Prompt text, chat messages or token ids (the others None), and the request field they came from."""
+    """Prompt text, chat messages or token ids (the others None), and the request field they came from;
+    `tools`: the function definitions the chat template shows the model."""
 
     prompt: str | None
     messages: list[dict] | None
     param: str
     token_ids: list[int] | None = None
+    tools: list[dict] | None = None
 
 
 class GenerationRequest(Protocol):

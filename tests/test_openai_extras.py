@@ -204,3 +204,4 @@ def test_generate_logprobs_and_prompt_logprobs(client, tok, reference):
     assert len(out["logprobs"]) == out["usage"]["completion_tokens"]
     assert "".join(e["token"] for e in out["logprobs"]) == out["text"]
     assert all(math.isclose(e["logprob"], e["top"][0]["logprob"]) for e in out["logprobs"])
+

@@ -35,6 +35,7 @@ from server.openai_schemas import (
 )
 from server.schemas import TokenScalings, Usage, error_responses, sse_doc
 from server.streaming import Chunk, stream_response, wait_done
+from server.tools import ToolCallDelta, may_begin_a_call, parse_calls
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -89,8 +90,8 @@ async def chat_completions(
     choices = [
         ChatChoice(
             index=done.choice,
-            message=AssistantMessage(content=done.text),
-            finish_reason=done.finish_reason,
+            message=_message(done, body),
+            finish_reason=_chat_finish(done, body),
             logprobs=chat_logprobs(done.logprobs, texts) if done.logprobs is not None else None,
         )
         for done in dones
@@ -112,6 +113,19 @@ def _check_model(name: str, manager: ModelManager) -> None:
     if name != manager.model_name:
         raise APIError(404, f"the model {name!r} does not exist; this server serves {manager.model_name!r}",
                        param="model", code="model_not_found")
+
+
+def _message(done: DoneEvent, body: ChatCompletionRequest) -> AssistantMessage:
+    """The answer as text, or as the tool calls it makes (server/tools.py)."""
+    mode = body.tool_mode()
+    calls = parse_calls(done.text, mode) if mode is not None and done.finish_reason == "stop" else None
+    if calls:
+        return AssistantMessage(content=None, tool_calls=calls)
+    return AssistantMessage(content=done.text)
+
+
+def _chat_finish(done: DoneEvent, body: ChatCompletionRequest) -> str:
+    return "tool_calls" if _message(done, body).tool_calls else done.finish_reason
 
 
 def _usage(dones: list[DoneEvent], n: int) -> Usage:
@@ -224,7 +238,16 @@ class _CompletionStream(_OpenAIStream):
 
 
 class _ChatStream(_OpenAIStream):
+    """With tools, text that is (or may still become) a call is held back: a call comes whole, in the choice's
+    last chunk, as `delta.tool_calls`."""
+
     response_class = ChatCompletionChunk
+    body: ChatCompletionRequest
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.held: dict[int, str] = {}  # per choice: text not sent yet, while it may be a call
+        self.text_only: set[int] = set()  # choices whose text can no longer be a call
 
     def opening(self) -> list[Chunk]:
         role = ChatDelta(role="assistant", content="")
@@ -233,9 +256,30 @@ class _ChatStream(_OpenAIStream):
     def token(self, event: TokenEvent) -> list[Chunk]:
         if not event.text and event.logprob is None:
             return []
+        text = self.release(event.choice, event.text)
         logprobs = chat_logprobs([event.logprob], self.texts) if event.logprob is not None else None
-        delta = ChatDelta(content=event.text)
+        delta = ChatDelta(content=text)
         return [self.chunk([ChatChunkChoice(index=event.choice, delta=delta, logprobs=logprobs)])]
 
+    def release(self, choice: int, text: str) -> str:
+        """What of a token's text may be sent now."""
+        mode = self.body.tool_mode()
+        if mode is None or mode == "none" or choice in self.text_only:
+            return text
+        held = self.held.get(choice, "") + text
+        if mode == "auto" and not may_begin_a_call(held):
+            self.text_only.add(choice)
+            self.held.pop(choice, None)
+            return held
+        self.held[choice] = held
+        return ""
+
     def finish(self, event: DoneEvent) -> ChatChunkChoice:
-        return ChatChunkChoice(index=event.choice, delta=ChatDelta(), finish_reason=event.finish_reason)
+        held = self.held.pop(event.choice, None)
+        message = _message(event, self.body)
+        if message.tool_calls:
+            calls = [ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(message.tool_calls)]
+            delta = ChatDelta(tool_calls=calls)
+        else:
+            delta = ChatDelta(content=held) if held else ChatDelta()
+        return ChatChunkChoice(index=event.choice, delta=delta, finish_reason=_chat_finish(event, self.body))
