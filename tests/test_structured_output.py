@@ -339,3 +339,22 @@ def test_auto_lets_text_through_but_a_call_once_begun_follows_the_schema(tmp_pat
     call = '<tool_call>{"name": "get_weather", "arguments": {"unit": "c", "days": 3}}</tool_call>'
     assert allowed_after(call) >= {"\n", tok.eos_token}  # the end, or (parallel) another call
     assert "9" not in allowed_after(call[: call.index("3")])  # days is 1..7
+
+
+class GetWeather(BaseModel):
+    """The weather in a city."""
+
+    unit: Literal["c", "f"]
+    days: Annotated[int, Field(ge=1, le=7)]
+
+
+def test_langchain_bind_tools_calls_a_named_tool(ascii_server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=ascii_server.url + "/v1", api_key="unused", temperature=0,
+                     max_tokens=120, max_retries=0)  # fmt: skip
+    reply = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke("weather in Oslo?")
+    (call,) = reply.tool_calls
+    assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+    GetWeather.model_validate(call["args"])
+    assert reply.response_metadata["finish_reason"] == "tool_calls"
