@@ -4,7 +4,9 @@ same checkpoint loaded here and run as one full forward."""
 
 from __future__ import annotations
 
+import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -205,3 +207,38 @@ def test_generate_logprobs_and_prompt_logprobs(client, tok, reference):
     assert "".join(e["token"] for e in out["logprobs"]) == out["text"]
     assert all(math.isclose(e["logprob"], e["top"][0]["logprob"]) for e in out["logprobs"])
 
+
+
+def test_generate_streams_logprobs(server, client):
+    body = {"prompt": "stream me", "max_new_tokens": 5, "logprobs": 1, "prompt_logprobs": 0}
+    plain = client.post("/generate", json=body).json()
+    with httpx.stream("POST", server.url + "/generate", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    tokens = events[:-1]
+    assert [t["logprob"] for t in tokens] == plain["logprobs"]
+    assert tokens[0]["prompt_logprobs"] == plain["prompt_logprobs"]
+    assert all(t["prompt_logprobs"] is None for t in tokens[1:])
+
+
+def test_logprobs_of_requests_batched_together_are_each_their_own(oai):
+    """Requests that arrive together share batches (prefilled together, or joining the running rows' step):
+    each still gets what it gets alone."""
+    prompts = [f"batch {i} " * (i + 1) for i in range(6)]
+
+    def ask(prompt: str):
+        out = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+        return out.choices[0].text, out.choices[0].logprobs.token_logprobs
+
+    alone = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, prompts))
+    for (text, logprobs), (text2, logprobs2) in zip(alone, together, strict=True):
+        assert text == text2 and logprobs2 == pytest.approx(logprobs, abs=TOL)
+
+
+def test_each_choice_has_its_scalings_entry(oai, client):
+    out = oai.completions.create(model=MODEL, prompt="route me", n=2, max_tokens=3, temperature=1.0, seed=1,
+                                 extra_body={"xlora_routing": {"top_k": 1}})  # fmt: skip
+    entries = [client.get(f"/scalings/{out.id}-{i}").json() for i in range(2)]
+    assert sum(e["completion_tokens"] for e in entries) == out.usage.completion_tokens
+    assert all(e["prompt_tokens"] == out.usage.prompt_tokens and e["routing"]["top_k"] == 1 for e in entries)
