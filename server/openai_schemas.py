@@ -160,7 +160,10 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=20, description="log probabilities of the tokens, and this many "
                                  "top alternatives per token")  # fmt: skip
     echo: bool = Field(False, description="the prompt comes back before the completion, with logprobs its own")
-    best_of: int | None = None
+    best_of: int | None = Field(
+        None, ge=1, le=128, description="generate this many choices per prompt, return the n with the highest "
+        "log probability per token",
+    )
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -170,11 +173,22 @@ class CompletionRequest(_Common):
             raise ValueError("give a text, token ids, or a non-empty list of either (no empty token lists)")
         return value
 
-    @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
-        if self.best_of not in (None, self.n):
-            raise _refuse("best_of", "other than n is not supported (every choice generated is returned)")
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise ValueError(f"must be at least n ({n})")
+        if value is not None and value > n and info.data.get("stream"):
+            raise ValueError("above n cannot be streamed (the best are known only at the end)")
+        return value
+
+    def ranks_choices(self) -> bool:
+        """Whether more choices are generated than returned (best_of > n)."""
+        return self.best_of is not None and self.best_of > self.n
+
+    def samples_per_prompt(self) -> int:
+        return self.best_of or self.n
 
     @field_validator("suffix")
     @classmethod
@@ -203,6 +217,8 @@ class CompletionRequest(_Common):
         return replace(params, prompt_logprobs=self.logprobs if self.echo else None)
 
     def top_logprobs_per_token(self) -> int | None:
+        if self.logprobs is None and self.ranks_choices():
+            return 0  # best_of ranks the choices by their tokens' log probabilities
         return self.logprobs
 
     def logged_prompt(self) -> str | list:

@@ -242,3 +242,18 @@ def test_each_choice_has_its_scalings_entry(oai, client):
     entries = [client.get(f"/scalings/{out.id}-{i}").json() for i in range(2)]
     assert sum(e["completion_tokens"] for e in entries) == out.usage.completion_tokens
     assert all(e["prompt_tokens"] == out.usage.prompt_tokens and e["routing"]["top_k"] == 1 for e in entries)
+
+
+def test_best_of_returns_the_choices_with_the_highest_logprob_per_token(oai):
+    kwargs = dict(model=MODEL, prompt="pick", max_tokens=6, temperature=1.0, seed=4)
+    every = oai.completions.create(n=3, logprobs=0, **kwargs)  # the same three candidates, seeded 4, 5, 6
+    mean = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices]
+    ranked = [every.choices[i].text for i in sorted(range(3), key=lambda i: -mean[i])]
+    best = oai.completions.create(n=2, best_of=3, **kwargs)
+    assert [c.text for c in best.choices] == ranked[:2] and [c.index for c in best.choices] == [0, 1]
+    assert all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # every candidate counts
+    for bad in ({"n": 2, "best_of": 1}, {"best_of": 2, "stream": True}):
+        with pytest.raises(openai.BadRequestError) as info:
+            oai.completions.create(model=MODEL, prompt="x", max_tokens=2, **bad)
+        assert info.value.body["param"] == "best_of"

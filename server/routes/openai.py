@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 
@@ -63,12 +64,15 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
     dones = await wait_done(job, request)
     note_generation(dones[0], body.logged_prompt(), log_prompts)
     texts = TokenTexts(manager.tokenizer)
+    usage = _usage(dones, body.samples_per_prompt())  # every choice generated counts, best_of's included
+    if body.ranks_choices():
+        dones = _best(dones, body)
     return CompletionResponse(
         id=job.id,
         created=created,
         model=manager.model_name,
         choices=[_completion_choice(done, body, texts) for done in dones],
-        usage=_usage(dones, body.n),
+        usage=usage,
         xlora=_xlora(dones[0], body.xlora_return_scalings, manager),
     )
 
@@ -126,6 +130,18 @@ def _message(done: DoneEvent, body: ChatCompletionRequest) -> AssistantMessage:
 
 def _chat_finish(done: DoneEvent, body: ChatCompletionRequest) -> str:
     return "tool_calls" if _message(done, body).tool_calls else done.finish_reason
+
+
+def _best(dones: list[DoneEvent], body: CompletionRequest) -> list[DoneEvent]:
+    """best_of: of each prompt's choices, the n with the highest mean log probability per token, best first,
+    numbered as if only they had been asked for."""
+    kept = []
+    for start in range(0, len(dones), body.samples_per_prompt()):
+        group = dones[start : start + body.samples_per_prompt()]
+        ranked = sorted(group, key=lambda d: -sum(lp.logprob for lp in d.logprobs) / max(len(d.logprobs), 1))
+        kept += ranked[: body.n]
+    reported = body.logprobs is not None
+    return [replace(d, choice=i, logprobs=d.logprobs if reported else None) for i, d in enumerate(kept)]
 
 
 def _usage(dones: list[DoneEvent], n: int) -> Usage:
@@ -189,7 +205,7 @@ class _OpenAIStream:
         out = [self.chunk([self.finish(event)], xlora=_xlora(event, self.body.xlora_return_scalings, self.manager))]
         options = self.body.stream_options
         if len(self.dones) == self.job.choices and options is not None and options.include_usage:
-            out.append(self.chunk([], usage=_usage(self.dones, self.body.n)))
+            out.append(self.chunk([], usage=_usage(self.dones, self.body.samples_per_prompt())))
         return out
 
     def error(self, event: ErrorEvent) -> list[Chunk]:
