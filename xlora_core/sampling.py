@@ -206,7 +206,8 @@ class RowDecoder:
         token, scores = self._choose(logits)
         if self.params.logprobs is not None:
             logprobs = torch.log_softmax(scores.view(1, -1).float(), dim=-1)
-            self.logprobs.extend(token_logprobs(logprobs, torch.tensor([token]), self.params.logprobs))
+            chosen = torch.tensor([token], device=logprobs.device)
+            self.logprobs.extend(token_logprobs(logprobs, chosen, self.params.logprobs))
         text, finish = self.accept(token)
         return token, text, finish
 
