@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 import torch
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from transformers import AutoTokenizer
 
 from xlora_core import XLoraModel
@@ -46,6 +48,7 @@ def tok(world):
 
 def test_completion_logprobs_are_the_models(oai, tok, reference):
     out = oai.completions.create(model=MODEL, prompt="count: 1 2", max_tokens=6, temperature=0, logprobs=3)
+    Completion.model_validate(out.to_dict())  # the client's own model, validating (it only constructs by default)
     choice = out.choices[0]
     lp = choice.logprobs
     n = out.usage.completion_tokens
@@ -109,6 +112,7 @@ def test_chat_logprobs_plain_and_streamed(oai):
     routing = {"xlora_routing": {"top_k": 2, "freeze_after": 1}}
     out = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
                                       top_logprobs=2, extra_body=routing)  # fmt: skip
+    ChatCompletion.model_validate(out.to_dict())
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     assert "".join(c.token for c in content) == out.choices[0].message.content
@@ -117,7 +121,8 @@ def test_chat_logprobs_plain_and_streamed(oai):
         assert bytes(c.bytes).decode() == c.token
     stream = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
                                          top_logprobs=2, stream=True, extra_body=routing)  # fmt: skip
-    streamed = [e for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+    chunks = [ChatCompletionChunk.model_validate(chunk.to_dict()) for chunk in stream]
+    streamed = [e for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
                 for e in chunk.choices[0].logprobs.content]  # fmt: skip
     assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
     plain = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)

@@ -15,6 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, Field
 
 from .test_xlora_constraints import PERSON
@@ -258,6 +259,7 @@ def test_a_named_tool_is_called_with_arguments_that_follow_its_schema(oai):
     choice = {"type": "function", "function": {"name": "get_weather"}}
     out = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
                                       max_tokens=60, temperature=0)  # fmt: skip
+    ChatCompletion.model_validate(out.to_dict())  # the client's own model, validating
     (c,) = out.choices
     assert c.finish_reason == "tool_calls" and c.message.content is None
     (call,) = c.message.tool_calls
@@ -265,7 +267,7 @@ def test_a_named_tool_is_called_with_arguments_that_follow_its_schema(oai):
     check_weather(call.function.arguments)
     stream = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
                                          max_tokens=60, temperature=0, stream=True)  # fmt: skip
-    chunks = [chunk.choices[0] for chunk in stream if chunk.choices]
+    chunks = [ChatCompletionChunk.model_validate(chunk.to_dict()).choices[0] for chunk in stream if chunk.choices]
     assert "".join(ch.delta.content or "" for ch in chunks) == ""
     (last,) = [ch for ch in chunks if ch.delta.tool_calls]
     assert last.finish_reason == "tool_calls"
