@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from server.errors import APIError
-from server.jobs import GenerationJob
+from server.jobs import GenerationJob, JobGroup
 from server.metrics import Metrics
 from server.routing_state import (
     LocalRoutingState,
@@ -36,7 +36,7 @@ from server.routing_state import (
 )
 from server.scalings_store import LocalScalingsStore
 from server.scheduler import Scheduler
-from server.schemas import GenerationRequest, RoutingUpdate
+from server.schemas import GenerationRequest, PromptInput, RoutingUpdate
 from server.settings import Settings
 from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
 
@@ -78,6 +78,7 @@ class ModelManager:
         self.scheduler: Scheduler | None = None
         self.model_name = settings.model.name or _default_name(settings)
         self.context_length: int | None = None
+        self.vocab_size: int | None = None  # the model's (its LM head's rows): token ids in requests stay below
         self.eos_token_id: int | list[int] | None = None
         self.grammars: GrammarCompiler | None = None  # structured output; None if this tokenizer cannot have it
         self.grammars_error: str | None = None
@@ -151,6 +152,7 @@ class ModelManager:
 
         self.model, self.tokenizer = model, tokenizer
         self.context_length = getattr(base.config, "max_position_embeddings", None)
+        self.vocab_size = base.get_output_embeddings().weight.shape[0]
         self.metrics.set_routing(routing)
         self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
         eos = getattr(base.generation_config, "eos_token_id", None) if base.generation_config else None
@@ -246,17 +248,30 @@ class ModelManager:
         except ParameterError as exc:
             raise APIError(422, str(exc), param=param_prefix + exc.parameter, code="invalid_value") from None
 
-    async def tokenize(self, prompt: str | None, messages: list[dict] | None, param: str) -> list[int]:
-        """Prompt text or chat messages -> token ids, off the event loop; 422 naming `param` if unusable."""
-        return await asyncio.to_thread(self._tokenize, prompt, messages, param)
+    async def tokenize(
+        self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None,
+        tools: list[dict] | None = None,
+    ) -> list[int]:
+        """Prompt text, chat messages (with the tools they may call) or token ids -> token ids, off the event
+        loop; 422 naming `param` if unusable."""
+        return await asyncio.to_thread(self._tokenize, prompt, messages, param, token_ids, tools)
 
-    def _tokenize(self, prompt: str | None, messages: list[dict] | None, param: str) -> list[int]:
+    def _tokenize(
+        self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None,
+        tools: list[dict] | None = None,
+    ) -> list[int]:
         tok = self.tokenizer
-        if messages is not None:
+        if token_ids is not None:
+            bad = [t for t in token_ids if not 0 <= t < (self.vocab_size or 0)]
+            if bad:
+                raise APIError(422, f"token ids must be in 0..{self.vocab_size - 1}, got {bad[0]}", param=param,
+                               code="invalid_value")  # fmt: skip
+            ids = list(token_ids)
+        elif messages is not None:
             if not getattr(tok, "chat_template", None):
                 raise APIError(422, "this model has no chat template; send a prompt instead", param=param)
             try:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # a template may reject a role order (e.g. two system messages)
                 raise APIError(422, f"the chat template refused these messages: {exc}", param=param) from None
             ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -305,19 +320,25 @@ class ModelManager:
             message = str(exc).removeprefix(exc.parameter).strip()
             raise APIError(422, message, param=param, code=getattr(exc, "code", "invalid_constraint")) from None
 
-    async def start(self, body: GenerationRequest, id_prefix: str) -> GenerationJob:
+    async def start(self, body: GenerationRequest, id_prefix: str) -> JobGroup:
         """The one way in for every generation endpoint: tokenize, check lengths, merge the routing, compile
-        the constraint, build the row's decoder and queue the job. Every refusal is a 4xx naming the request's
+        the constraint, build the rows' decoders and queue the jobs, one per choice (each prompt, n times;
+        the n choices of a prompt seeded seed, seed + 1, ...). Every refusal is a 4xx naming the request's
         field, before anything reaches the model worker."""
         self.require_ready()
-        prompt, messages, prompt_param = body.prompt_input()
-        prompt_ids = await self.tokenize(prompt, messages, prompt_param)
+        inputs: list[PromptInput] = body.prompt_inputs()
+        prompts = [await self.tokenize(p.prompt, p.messages, p.param, p.token_ids, p.tools) for p in inputs]
         try:
             params = body.to_sampling_params(self.settings.server.default_max_new_tokens)
         except ParameterError as exc:
             raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
         params.eos_token_id = self.eos_token_id
-        self.check_lengths(len(prompt_ids), params.max_new_tokens, body.param_name("max_new_tokens"), prompt_param)
+        unknown = [t for t in params.logit_bias if t >= (self.vocab_size or 0)]
+        if unknown:
+            raise APIError(422, f"token id {unknown[0]} is not in this model's vocabulary (0..{self.vocab_size - 1})",
+                           param=body.param_name("logit_bias"), code="invalid_value")  # fmt: skip
+        for ids, p in zip(prompts, inputs, strict=True):
+            self.check_lengths(len(ids), params.max_new_tokens, body.param_name("max_new_tokens"), p.param)
         update, routing_prefix = body.routing_update()
         routing = self.merge_routing(update, routing_prefix)
         spec, spec_param = body.constraint_spec()
@@ -327,21 +348,29 @@ class ModelManager:
                 params = replace(params, constraint=grammar)
             except ParameterError as exc:  # e.g. stop strings, which would cut the structured answer
                 raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
-        try:
-            # Off the event loop: stop strings are preprocessed against the whole vocabulary.
-            decoder = await asyncio.to_thread(RowDecoder, params, self.tokenizer, prompt_ids)
-        except ParameterError as exc:
-            raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
-        job = GenerationJob(
-            id=f"{id_prefix}-{uuid.uuid4().hex[:24]}",
-            decoder=decoder,
-            routing=routing,
-            deadline=time.monotonic() + self.settings.server.request_timeout_s,
-            loop=asyncio.get_running_loop(),
-            constraint_param=spec_param if spec is not None else None,
-        )
-        self.scheduler.submit(job)
-        return job
+        n = body.samples_per_prompt()
+        choices = [(ids, j) for ids in prompts for j in range(n)]
+        if len(choices) > self.settings.server.max_batch_size:  # the choices of a request share one batch
+            raise APIError(422, f"{len(choices)} choices (prompts x n); this server runs at most "
+                           f"{self.settings.server.max_batch_size} (server.max_batch_size)", param=body.param_name("n"),
+                           code="invalid_value")  # fmt: skip
+        group_id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
+        events: asyncio.Queue = asyncio.Queue()
+        deadline = time.monotonic() + self.settings.server.request_timeout_s
+        jobs = []
+        for choice, (ids, j) in enumerate(choices):
+            own = params if j == 0 or params.seed is None else replace(params, seed=(params.seed + j) % 2**63)
+            try:
+                # Off the event loop: stop strings are preprocessed against the whole vocabulary.
+                decoder = await asyncio.to_thread(RowDecoder, own, self.tokenizer, ids)
+            except ParameterError as exc:
+                raise APIError(422, str(exc), param=body.param_name(exc.parameter), code="invalid_value") from None
+            job_id = group_id if len(choices) == 1 else f"{group_id}-{choice}"  # each choice's /scalings entry
+            jobs.append(GenerationJob(id=job_id, decoder=decoder, routing=routing, deadline=deadline,
+                                      loop=asyncio.get_running_loop(), events=events, choice=choice,
+                                      constraint_param=spec_param if spec is not None else None))  # fmt: skip
+        self.scheduler.submit(*jobs)
+        return JobGroup(group_id, jobs, events)
 
     def readiness(self) -> dict:
         return {

@@ -68,17 +68,18 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: GenerationJob) -> None:
-        """Queue a job, or raise QueueFullError (429) at once; never waits on the model."""
+    def submit(self, *jobs: GenerationJob) -> None:
+        """Queue one request's jobs (one per choice), side by side so that they are admitted together and
+        share their prompt's prefill; or raise QueueFullError (429) at once. Never waits on the model."""
         with self._cond:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", code="shutting_down")
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(jobs) > self.max_queue:
                 raise QueueFullError(retry_after=1)
-            self._pending.append(job)
+            self._pending.extend(jobs)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
-        note_request(generation_id=job.id)
+        note_request(generation_id=jobs[0].id)
 
     @property
     def in_flight(self) -> int:
@@ -102,7 +103,7 @@ class Scheduler:
                 if admitted is None:
                     break
                 self._drop_gone(batch)
-                if admitted and (not batch or sum(len(j.prompt_ids) for j in admitted) > JOIN_IN_STEP_MAX_TOKENS):
+                if admitted and (not batch or _prefill_apart(admitted)):
                     batch.concatenate(self._prefill(admitted))
                     admitted = []
                 if batch:
@@ -233,8 +234,11 @@ class Scheduler:
                 self._refuse(job, g.error)
                 continue
             job.last_token_at = now
-            job.post(TokenEvent(len(job.decoder.completion_ids) - 1, g.token_id, g.text))
-            self.metrics.generated_tokens.inc()
+            if g.token_id is not None:  # None: a prompt only scored (max_new_tokens 0)
+                index = len(job.decoder.completion_ids) - 1
+                prompt_logprobs = job.decoder.prompt_logprobs if index == 0 else None
+                job.post(TokenEvent(index, g.token_id, g.text, g.logprob, prompt_logprobs))
+                self.metrics.generated_tokens.inc()
             if g.finish_reason is not None:
                 self._finish(g.row, g.finish_reason)
 
@@ -264,7 +268,12 @@ class Scheduler:
         self.metrics.generated_tokens_per_request.observe(n_out)
         if n_out > 1:
             self.metrics.time_per_output_token.observe((job.last_token_at - job.first_token_at) / (n_out - 1))
-        job.post(DoneEvent(finish_reason, dec.text, n_prompt, n_out, job.routing, scalings, frozen_from, constraint))
+        job.post(DoneEvent(
+            finish_reason, dec.text, n_prompt, n_out, job.routing, scalings, frozen_from, constraint,
+            prompt_ids=list(dec.prompt_ids), completion_ids=list(dec.completion_ids),
+            logprobs=list(dec.logprobs) if dec.params.logprobs is not None else None,
+            prompt_logprobs=dec.prompt_logprobs,
+        ))
 
     def _refuse(self, job: GenerationJob, exc: ConstraintError) -> None:
         """The request's constraint cannot go on (found while decoding; its row has left the batch): the
@@ -285,6 +294,17 @@ class Scheduler:
         )
         self.metrics.generations.labels(outcome="error").inc()
         job.post(ErrorEvent(500, f"the model failed on this request: {type(exc).__name__}: {exc}", "model_error"))
+
+
+def _prefill_apart(jobs: list[GenerationJob]) -> bool:
+    """Whether newcomers are prefilled on their own rather than in the running rows' step: long prompts,
+    prompts to score (only a prefill gives every position's logits) and prompts shared by several choices
+    (their prefill runs once, DecodeBatch.prefill)."""
+    return (
+        sum(len(j.prompt_ids) for j in jobs) > JOIN_IN_STEP_MAX_TOKENS
+        or any(j.decoder.params.prompt_logprobs is not None for j in jobs)
+        or len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)
+    )
 
 
 def _timeout(job: GenerationJob, generated: int) -> ErrorEvent:

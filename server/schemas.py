@@ -7,10 +7,12 @@ and are strict about types (`"5"` is not a number). Floats refuse NaN and infini
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.logprobs import TokenLogprobInfo
 from xlora_core import ConstraintSpec, SamplingParams
 
 FinishReason = Literal["stop", "length"]
@@ -116,11 +118,14 @@ class RoutingUpdate(_Request):
 
 
 class PromptInput(NamedTuple):
-    """Prompt text or chat messages (the other None), and the request field they came from."""
+    """Prompt text, chat messages or token ids (the others None), and the request field they came from;
+    `tools`: the function definitions the chat template shows the model."""
 
     prompt: str | None
     messages: list[dict] | None
     param: str
+    token_ids: list[int] | None = None
+    tools: list[dict] | None = None
 
 
 class GenerationRequest(Protocol):
@@ -128,7 +133,11 @@ class GenerationRequest(Protocol):
 
     stream: bool
 
-    def prompt_input(self) -> PromptInput: ...
+    def prompt_inputs(self) -> list[PromptInput]:
+        """The prompts: one choice each, times samples_per_prompt."""
+        ...
+
+    def samples_per_prompt(self) -> int: ...
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         """Raises ParameterError naming the SamplingParams field; `param_name` maps it to the request's."""
@@ -224,6 +233,13 @@ class GenerateRequest(_Request):
     return_scalings: bool = False
     routing: RoutingUpdate | None = Field(None, description="this request only; unset fields use the server's")
     constraint: Constraint | None = Field(None, description="structured output: the shape the answer must have")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="each generated token's log probability and this many top alternatives"
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="each prompt token's log probability (the first has none) and this many "
+        "top alternatives, under the model's own distribution",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -237,13 +253,17 @@ class GenerateRequest(_Request):
         return self
 
     # ---- GenerationRequest ----
-    def prompt_input(self) -> PromptInput:
+    def prompt_inputs(self) -> list[PromptInput]:
         if self.prompt is not None:
-            return PromptInput(self.prompt, None, "prompt")
-        return PromptInput(None, [m.model_dump() for m in self.messages or []], "messages")
+            return [PromptInput(self.prompt, None, "prompt")]
+        return [PromptInput(None, [m.model_dump() for m in self.messages or []], "messages")]
+
+    def samples_per_prompt(self) -> int:
+        return 1
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        return sampling_params(self, self.max_new_tokens or default_max_new_tokens)
+        params = sampling_params(self, self.max_new_tokens or default_max_new_tokens)
+        return replace(params, logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
 
     def param_name(self, sampling_field: str) -> str:
         return sampling_field
@@ -300,6 +320,10 @@ class GenerateResponse(BaseModel):
     routing: RoutingSettings = Field(description="the routing this request ran with")
     scalings: TokenScalings | None = None
     constraint: str | None = Field(None, description=_CONSTRAINT_DOC)
+    logprobs: list[TokenLogprobInfo] | None = Field(None, description="with `logprobs`: one per generated token")
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(
+        None, description="with `prompt_logprobs`: one per prompt token, null for the first"
+    )
 
 
 class StreamToken(BaseModel):
@@ -309,6 +333,10 @@ class StreamToken(BaseModel):
     index: int
     token_id: int
     text: str = Field(description="text added by this token (may be empty while a character is incomplete)")
+    logprob: TokenLogprobInfo | None = Field(None, description="with `logprobs`")
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(
+        None, description="with `prompt_logprobs`, on the first token: one per prompt token, null for the first"
+    )
 
 
 class StreamDone(BaseModel):

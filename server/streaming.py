@@ -16,7 +16,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.errors import APIError
-from server.jobs import DoneEvent, ErrorEvent, Event, GenerationJob, TokenEvent
+from server.jobs import DoneEvent, ErrorEvent, Event, JobGroup, TokenEvent
 from server.logs import note_generation, note_request
 
 _POLL_S = 0.25  # how often a plain (non-streamed) request checks whether its client is still there
@@ -30,7 +30,7 @@ class ClientGone(APIError):
         super().__init__(499, "client closed the request", code="client_closed")
 
 
-async def next_event(job: GenerationJob, request: Request | None) -> Event:
+async def next_event(job: JobGroup, request: Request | None) -> Event:
     """The job's next event; cancels the job and raises if the client left or time ran out.
     `request` None: do not poll for a disconnect (sse-starlette already listens for it)."""
     try:
@@ -50,17 +50,21 @@ async def next_event(job: GenerationJob, request: Request | None) -> Event:
         raise
 
 
-async def wait_done(job: GenerationJob, request: Request) -> DoneEvent:
-    """Wait for the whole answer; an ErrorEvent becomes the APIError it describes."""
-    while True:
+async def wait_done(job: JobGroup, request: Request) -> list[DoneEvent]:
+    """Wait for the whole answer: every choice's DoneEvent, in choice order. An ErrorEvent of any choice
+    cancels the others and becomes the APIError it describes."""
+    done: dict[int, DoneEvent] = {}
+    while len(done) < job.choices:
         event = await next_event(job, request)
         if isinstance(event, ErrorEvent):
+            job.cancel()
             raise event.to_api_error()
         if isinstance(event, DoneEvent):
-            return event
+            done[event.choice] = event
+    return [done[i] for i in range(job.choices)]
 
 
-async def first_event(job: GenerationJob, request: Request) -> Event:
+async def first_event(job: JobGroup, request: Request) -> Event:
     """Wait for the first event before committing to a 200 stream, so that an error that comes before
     any token (model failure, timeout in the queue) still gets its real status code."""
     event = await next_event(job, request)
@@ -69,14 +73,16 @@ async def first_event(job: GenerationJob, request: Request) -> Event:
     return event
 
 
-async def events_from(job: GenerationJob, first: Event) -> AsyncIterator[Event]:
-    """Yield `first`, then every event up to and including Done or Error. Cancels the job if the
-    consumer stops early (sse-starlette cancels the generator when the client disconnects)."""
+async def events_from(job: JobGroup, first: Event) -> AsyncIterator[Event]:
+    """Yield `first`, then every event up to and including the last choice's Done, or the first Error.
+    Cancels the job if the consumer stops early (sse-starlette cancels the generator when the client
+    disconnects)."""
     try:
-        event = first
+        event, done = first, 0
         while True:
             yield event
-            if isinstance(event, DoneEvent | ErrorEvent):
+            done += isinstance(event, DoneEvent)
+            if isinstance(event, ErrorEvent) or done == job.choices:
                 return
             try:
                 event = await next_event(job, None)
@@ -106,7 +112,7 @@ class StreamFormat(Protocol):
 
 
 async def stream_response(
-    job: GenerationJob, request: Request, fmt: StreamFormat, prompt: object, log_prompts: bool
+    job: JobGroup, request: Request, fmt: StreamFormat, prompt: object, log_prompts: bool
 ) -> EventSourceResponse:
     """The 200 stream of a job, once its first event shows it did not fail before any token.
     `prompt` is what the summary log line shows (only with log_prompts)."""

@@ -112,9 +112,9 @@ def test_frozen_scalings_through_extra_body(oai):
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 30}, "top_logprobs"),
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"temperature": 5}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),

@@ -15,6 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, Field
 
 from .test_server import metric
@@ -313,3 +314,131 @@ def test_a_schema_too_slow_to_compile_is_refused_and_the_worker_goes_on(tmp_path
         assert "constraint_compile_timeout_s" in error["message"]
         free = c.post("/generate", json={"prompt": "x", "max_new_tokens": 4})
         assert free.status_code == 200 and free.json()["usage"]["completion_tokens"] == 4
+
+
+# -----------------------------------------------------------------------------
+# function calling: the arguments under the grammar of the tool's schema (server/tools.py)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer",
+                       "minimum": 1, "maximum": 7}}, "required": ["unit", "days"], "additionalProperties": False},
+    },
+}  # fmt: skip
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
+        "additionalProperties": False}}}  # fmt: skip
+ASK = [{"role": "user", "content": "weather?"}]
+
+
+def check_weather(arguments: str) -> None:
+    args = json.loads(arguments)
+    assert args["unit"] in ("c", "f") and 1 <= args["days"] <= 7 and set(args) == {"unit", "days"}
+
+
+def test_a_named_tool_is_called_with_arguments_that_follow_its_schema(oai):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    out = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
+                                      max_tokens=60, temperature=0)  # fmt: skip
+    ChatCompletion.model_validate(out.to_dict())  # the client's own model, validating
+    (c,) = out.choices
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    (call,) = c.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    check_weather(call.function.arguments)
+    stream = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
+                                         max_tokens=60, temperature=0, stream=True)  # fmt: skip
+    chunks = [ChatCompletionChunk.model_validate(chunk.to_dict()).choices[0] for chunk in stream if chunk.choices]
+    assert "".join(ch.delta.content or "" for ch in chunks) == ""
+    (last,) = [ch for ch in chunks if ch.delta.tool_calls]
+    assert last.finish_reason == "tool_calls"
+    assert last.delta.tool_calls[0].function.arguments == call.function.arguments
+
+
+def test_required_makes_one_call_of_any_tool_and_history_with_calls_is_accepted(oai):
+    out = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                      parallel_tool_calls=False, max_tokens=200, temperature=0)  # fmt: skip
+    (c,) = out.choices
+    assert c.finish_reason == "tool_calls"
+    (call,) = c.message.tool_calls
+    if call.function.name == "get_weather":
+        check_weather(call.function.arguments)
+    else:
+        assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
+    history = [*ASK, c.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
+    answer = oai.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER, TIME], tool_choice="none",
+                                         max_tokens=5, temperature=0)  # fmt: skip
+    assert answer.choices[0].message.tool_calls is None and isinstance(answer.choices[0].message.content, str)
+
+
+def test_auto_answers_text_or_calls(oai):
+    out = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=30, temperature=1.0,
+                                      seed=2, n=3)  # fmt: skip
+    for c in out.choices:
+        if c.finish_reason == "tool_calls":
+            for call in c.message.tool_calls:
+                check_weather(call.function.arguments)
+        else:
+            assert not c.message.content.startswith("<tool_call>")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+          "tool_choice": "required"}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ],
+)
+def test_bad_tools_name_their_field(oai, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, **kwargs)
+    assert info.value.body["param"] == param or info.value.body["param"].startswith(param + "."), info.value.body
+
+
+def test_auto_lets_text_through_but_a_call_once_begun_follows_the_schema(tmp_path):
+    from server.tools import Tool, constraint_for
+    from xlora_core import GrammarCompiler
+
+    tok = make_tiny_tokenizer(tmp_path)
+    spec = constraint_for([Tool.model_validate(WEATHER)], "auto", parallel=True)
+    grammar = GrammarCompiler(tok, None, tok.eos_token_id).compile(spec)
+
+    def allowed_after(text: str) -> set[str]:
+        matcher = grammar.matcher()
+        for t in tok(text, add_special_tokens=False)["input_ids"]:
+            matcher.consume(t)
+        mask = matcher.allowed(len(tok))
+        return {tok.decode([i]) for i in range(len(tok)) if mask[i]}
+
+    assert {"<", "a", "{", tok.eos_token} <= allowed_after("")  # text, or a call
+    assert tok.eos_token in allowed_after("<tool_c")  # text that only looks like the start of a call
+    assert allowed_after("<tool_call>") == {"{"}  # a call: its JSON, nothing else
+    call = '<tool_call>{"name": "get_weather", "arguments": {"unit": "c", "days": 3}}</tool_call>'
+    assert allowed_after(call) >= {"\n", tok.eos_token}  # the end, or (parallel) another call
+    assert "9" not in allowed_after(call[: call.index("3")])  # days is 1..7
+
+
+class GetWeather(BaseModel):
+    """The weather in a city."""
+
+    unit: Literal["c", "f"]
+    days: Annotated[int, Field(ge=1, le=7)]
+
+
+def test_langchain_bind_tools_calls_a_named_tool(ascii_server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=ascii_server.url + "/v1", api_key="unused", temperature=0,
+                     max_tokens=120, max_retries=0)  # fmt: skip
+    reply = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke("weather in Oslo?")
+    (call,) = reply.tool_calls
+    assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+    GetWeather.model_validate(call["args"])
+    assert reply.response_metadata["finish_reason"] == "tool_calls"

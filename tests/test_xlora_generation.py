@@ -299,7 +299,7 @@ def test_rows_joining_in_the_decode_step_give_what_they_give_alone(model):
         (lambda: Routing(global_scaling_weight=float("nan")), "global_scaling_weight"),
         (lambda: Routing(top_k=0), "top_k"),
         (lambda: SamplingParams(top_p=0), "top_p"),
-        (lambda: SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        (lambda: SamplingParams(max_new_tokens=-1), "max_new_tokens"),
         (lambda: SamplingParams(temperature=float("nan")), "temperature"),
     ],
 )

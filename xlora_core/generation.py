@@ -120,6 +120,8 @@ def stream(
         raise ValueError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}")
     rows = _rows(model, input_ids, attention_mask, tokenizer, routing, generation_kwargs)
     for (out,) in run(model, rows):
+        if out.token_id is None:  # max_new_tokens 0: nothing generated
+            return
         yield StreamedToken(out.token_id, out.text, out.scalings, out.finish_reason)
 
 

@@ -337,9 +337,11 @@ class XLoraModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         routing: Routing | list[Routing] | None = None,
+        all_positions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, XLoraCache]:
         """Run a (left-padded) prompt batch. Returns (next-token logits [batch, vocab] in float32,
-        scalings [batch, seq, layers, experts], the new cache, every row granular)."""
+        scalings [batch, seq, layers, experts], the new cache, every row granular). With `all_positions`,
+        the logits are every position's [batch, seq, vocab] (to score the prompt itself)."""
         routing = self._resolve(routing)
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
@@ -350,7 +352,7 @@ class XLoraModel(nn.Module):
         spans = RowSpans.left_padded(mask, input_ids.shape[1]).table
         scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling, spans)
         hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real, spans)
-        logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
+        logits = self.base.get_output_embeddings()(hidden if all_positions else hidden[:, -1]).float()
         self.latest_scalings = scalings
         return logits, scalings, cache
 

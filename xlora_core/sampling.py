@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import (
     EosTokenCriteria,
+    LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
     MinNewTokensLengthLogitsProcessor,
@@ -35,6 +36,51 @@ if TYPE_CHECKING:
 
 # Below this a temperature samples as greedy, its limit: logits / 1e-40 overflow float32 to +-inf.
 MIN_TEMPERATURE = 1e-4
+MAX_LOGPROBS = 20  # top alternatives per token, at most (OpenAI's limit for top_logprobs)
+# What a token the distribution rules out (a grammar, top_p or top_k masked it) reports: JSON has no -inf,
+# and OpenAI reports -9999.0 for such tokens too.
+MASKED_LOGPROB = -9999.0
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log probability, and the `top` most likely tokens at its position (id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Per position: the log probability of `tokens[i]` in `logprobs[i]` ([positions, vocab]) and the `top`
+    most likely tokens there."""
+    chosen = logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+    if top > 0:
+        values, ids = logprobs.topk(top, dim=-1)
+        alternatives = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        alternatives = [[] for _ in chosen]
+    return [
+        TokenLogprob(t, _finite(c), [(i, _finite(v)) for i, v in alt])
+        for t, c, alt in zip(tokens.tolist(), chosen, alternatives, strict=True)
+    ]
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > MASKED_LOGPROB else MASKED_LOGPROB
+
+
+class LogitBiasProcessor(LogitsProcessor):
+    """OpenAI's logit_bias: adds a bias to chosen tokens' logits (-100 bans a token, 100 all but forces it)."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return scores
 
 
 @dataclass
@@ -52,13 +98,18 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     eos_token_id: int | list[int] | None = None
     constraint: CompiledGrammar | None = None  # the shape the answer must have (xlora_core.constraints)
+    # Log probabilities: None = off; k >= 0 = each token's own and its position's top k alternatives.
+    logprobs: int | None = None  # of the chosen tokens, under the distribution they were chosen from
+    prompt_logprobs: int | None = None  # of the prompt's tokens, under the model's own distribution
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ParameterError:
             return ParameterError(name, f"must be {rule}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "an integer >= 1")
+        # 0: the prompt is only scored (prompt_logprobs), nothing generated.
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", "an integer >= 0")
         if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise bad("min_new_tokens", "an integer in 0..max_new_tokens")
         if not (_is_number(self.temperature) and self.temperature >= 0):
@@ -73,6 +124,14 @@ class SamplingParams:
             raise bad("seed", "an integer or null")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"null or an integer in 0..{MAX_LOGPROBS}")
+        if not isinstance(self.logit_bias, dict) or any(
+            not _is_int(k) or k < 0 or not (_is_number(v) and -100 <= v <= 100) for k, v in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "a map of token ids to numbers in -100..100")
         if self.constraint is not None and self.stop:
             # A stop string would cut a structured answer mid-way; the grammar says where it ends.
             raise ParameterError("stop", "cannot be combined with a constraint (the grammar decides where it ends)")
@@ -106,6 +165,8 @@ class RowDecoder:
         self._ids[0, :n_prompt] = torch.tensor(self.prompt_ids, dtype=torch.long)
 
         self.processors = LogitsProcessorList()
+        if params.logit_bias:
+            self.processors.append(LogitBiasProcessor(params.logit_bias))
         if params.repetition_penalty != 1.0:
             self.processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.min_new_tokens > 0 and self.eos_ids:
@@ -136,13 +197,24 @@ class RowDecoder:
         self._read_offset = 0
         self._decoded = ""
         self._emitted = 0  # characters of `text` already handed out
+        self.logprobs: list[TokenLogprob] = []  # one per completion token, with params.logprobs
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the engine; the first is None
 
     # ---- one call per token ----------------------------------------------------------------
     def step(self, logits: torch.Tensor) -> tuple[int, str, str | None]:
         """Choose the next token from this row's logits [vocab] and record it: (token, new text, finish)."""
-        token = self._choose(logits)
+        token, scores = self._choose(logits)
+        if self.params.logprobs is not None:
+            logprobs = torch.log_softmax(scores.view(1, -1).float(), dim=-1)
+            chosen = torch.tensor([token], device=logprobs.device)
+            self.logprobs.extend(token_logprobs(logprobs, chosen, self.params.logprobs))
         text, finish = self.accept(token)
         return token, text, finish
+
+    def finish_unprompted(self) -> str:
+        """End a row that may generate nothing (max_new_tokens 0) before its first token: "length"."""
+        self.finish_reason = "length"
+        return self.finish_reason
 
     def accept(self, token_id: int) -> tuple[str, str | None]:
         """Record a token (chosen by `step`, or forced): (the text it adds, finish reason or None).
@@ -176,9 +248,10 @@ class RowDecoder:
         return text
 
     # ---- internals -------------------------------------------------------------------------
-    def _choose(self, logits: torch.Tensor) -> int:
+    def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The token, and the scores it was chosen from (after the grammar, processors and warpers)."""
         if not self.processors and self.generator is None and self.matcher is None:
-            return int(logits.argmax())  # plain greedy: nothing to process
+            return int(logits.argmax()), logits  # plain greedy: nothing to process
         scores = logits.view(1, -1).float()
         if self.matcher is not None:  # first, so every processor sees only the tokens the grammar allows
             allowed = self.matcher.allowed(scores.shape[-1]).to(scores.device)
@@ -189,14 +262,14 @@ class RowDecoder:
             token = int(scores.argmax(dim=-1))
             if self.matcher is not None and scores[0, token] == -torch.inf:
                 raise self._nothing_allowed()
-            return token
+            return token, scores
         # Valid but extreme settings (repetition_penalty 1e-50) overflow the scores to inf, and softmax over inf
         # is nan: +inf becomes the largest float, nan becomes -inf; -inf (masked tokens) stays.
         scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max, neginf=-torch.inf)
         if self.matcher is not None and bool(torch.isneginf(scores).all()):
             raise self._nothing_allowed()
         probs = torch.softmax(scores, dim=-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(probs, 1, generator=self.generator)), scores
 
     def _nothing_allowed(self) -> ConstraintError:
         """The grammar's tokens are all out of reach: past the model's logits, or barred by min_new_tokens."""

@@ -9,7 +9,8 @@ from sse_starlette import ServerSentEvent
 
 from server.deps import ready_manager
 from server.errors import error_body
-from server.jobs import DoneEvent, ErrorEvent, GenerationJob, TokenEvent
+from server.jobs import DoneEvent, ErrorEvent, JobGroup, TokenEvent
+from server.logprobs import TokenTexts, generate_logprob, generate_logprobs
 from server.logs import note_generation
 from server.manager import ModelManager
 from server.schemas import (
@@ -45,10 +46,11 @@ async def generate(
     job = await manager.start(body, id_prefix="gen")
     log_prompts = manager.settings.logging.log_prompts
     if body.stream:
-        fmt = _GenerateStream(job, body.return_scalings, manager.adapter_names)
+        fmt = _GenerateStream(job, body.return_scalings, manager)
         return await stream_response(job, request, fmt, body.logged_prompt(), log_prompts)
-    done = await wait_done(job, request)
+    (done,) = await wait_done(job, request)
     note_generation(done, body.logged_prompt(), log_prompts)
+    texts = TokenTexts(manager.tokenizer)
     return GenerateResponse(
         id=job.id,
         text=done.text,
@@ -57,20 +59,26 @@ async def generate(
         routing=done.routing.to_dict(),
         scalings=TokenScalings.of(done, manager.adapter_names) if body.return_scalings else None,
         constraint=done.constraint,
+        logprobs=generate_logprobs(done.logprobs, texts),
+        prompt_logprobs=generate_logprobs(done.prompt_logprobs, texts),
     )
 
 
 class _GenerateStream:
     """`event: token` per token, then `event: done` (or `event: error`)."""
 
-    def __init__(self, job: GenerationJob, return_scalings: bool, adapter_names: list[str]) -> None:
-        self.job, self.return_scalings, self.adapter_names = job, return_scalings, adapter_names
+    def __init__(self, job: JobGroup, return_scalings: bool, manager: ModelManager) -> None:
+        self.job, self.return_scalings, self.adapter_names = job, return_scalings, manager.adapter_names
+        self.texts = TokenTexts(manager.tokenizer)
 
     def opening(self) -> list[Chunk]:
         return []
 
     def token(self, event: TokenEvent) -> list[Chunk]:
-        token = StreamToken(id=self.job.id, index=event.index, token_id=event.token_id, text=event.text)
+        logprob = generate_logprob(event.logprob, self.texts) if event.logprob is not None else None
+        prompt_logprobs = generate_logprobs(event.prompt_logprobs, self.texts)
+        token = StreamToken(id=self.job.id, index=event.index, token_id=event.token_id, text=event.text,
+                            logprob=logprob, prompt_logprobs=prompt_logprobs)  # fmt: skip
         return [ServerSentEvent(data=token.model_dump_json(), event="token")]
 
     def done(self, event: DoneEvent) -> list[Chunk]:

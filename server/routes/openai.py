@@ -1,19 +1,22 @@
 """OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions (streaming included).
 
 Same way in (ModelManager.start), limits, metrics and auth as /generate. X-LoRA extensions: `xlora_routing` and
-`xlora_return_scalings` in the request; the `xlora` field in the response.
+`xlora_return_scalings` in the request; the `xlora` field in the response (with several choices, the first's;
+every choice's scalings are in /scalings/{id}-{index}).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 
 from server.deps import get_manager, ready_manager
 from server.errors import APIError, error_body
-from server.jobs import DoneEvent, ErrorEvent, GenerationJob, TokenEvent
+from server.jobs import DoneEvent, ErrorEvent, JobGroup, TokenEvent
+from server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from server.logs import note_generation
 from server.manager import ModelManager
 from server.openai_schemas import (
@@ -33,6 +36,7 @@ from server.openai_schemas import (
 )
 from server.schemas import TokenScalings, Usage, error_responses, sse_doc
 from server.streaming import Chunk, stream_response, wait_done
+from server.tools import ToolCallDelta, may_begin_a_call, parse_calls
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -57,15 +61,19 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
     if body.stream:
         fmt = _CompletionStream(job, body, manager, created)
         return await stream_response(job, request, fmt, body.logged_prompt(), log_prompts)
-    done = await wait_done(job, request)
-    note_generation(done, body.logged_prompt(), log_prompts)
+    dones = await wait_done(job, request)
+    note_generation(dones[0], body.logged_prompt(), log_prompts)
+    texts = TokenTexts(manager.tokenizer)
+    usage = _usage(dones, body.samples_per_prompt())  # every choice generated counts, best_of's included
+    if body.ranks_choices():
+        dones = _best(dones, body)
     return CompletionResponse(
         id=job.id,
         created=created,
         model=manager.model_name,
-        choices=[CompletionChoice(index=0, text=done.text, finish_reason=done.finish_reason)],
-        usage=Usage.of(done.prompt_tokens, done.completion_tokens),
-        xlora=_xlora(done, body.xlora_return_scalings, manager),
+        choices=[_completion_choice(done, body, texts) for done in dones],
+        usage=usage,
+        xlora=_xlora(dones[0], body.xlora_return_scalings, manager),
     )
 
 
@@ -80,15 +88,25 @@ async def chat_completions(
     if body.stream:
         fmt = _ChatStream(job, body, manager, created)
         return await stream_response(job, request, fmt, body.logged_prompt(), log_prompts)
-    done = await wait_done(job, request)
-    note_generation(done, body.logged_prompt(), log_prompts)
+    dones = await wait_done(job, request)
+    note_generation(dones[0], body.logged_prompt(), log_prompts)
+    texts = TokenTexts(manager.tokenizer)
+    choices = [
+        ChatChoice(
+            index=done.choice,
+            message=_message(done, body),
+            finish_reason=_chat_finish(done, body),
+            logprobs=chat_logprobs(done.logprobs, texts) if done.logprobs is not None else None,
+        )
+        for done in dones
+    ]
     return ChatCompletionResponse(
         id=job.id,
         created=created,
         model=manager.model_name,
-        choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)],
-        usage=Usage.of(done.prompt_tokens, done.completion_tokens),
-        xlora=_xlora(done, body.xlora_return_scalings, manager),
+        choices=choices,
+        usage=_usage(dones, body.n),
+        xlora=_xlora(dones[0], body.xlora_return_scalings, manager),
     )
 
 
@@ -101,40 +119,93 @@ def _check_model(name: str, manager: ModelManager) -> None:
                        param="model", code="model_not_found")
 
 
+def _message(done: DoneEvent, body: ChatCompletionRequest) -> AssistantMessage:
+    """The answer as text, or as the tool calls it makes (server/tools.py)."""
+    mode = body.tool_mode()
+    calls = parse_calls(done.text, mode) if mode is not None and done.finish_reason == "stop" else None
+    if calls:
+        return AssistantMessage(content=None, tool_calls=calls)
+    return AssistantMessage(content=done.text)
+
+
+def _chat_finish(done: DoneEvent, body: ChatCompletionRequest) -> str:
+    return "tool_calls" if _message(done, body).tool_calls else done.finish_reason
+
+
+def _best(dones: list[DoneEvent], body: CompletionRequest) -> list[DoneEvent]:
+    """best_of: of each prompt's choices, the n with the highest mean log probability per token, best first,
+    numbered as if only they had been asked for."""
+    kept = []
+    for start in range(0, len(dones), body.samples_per_prompt()):
+        group = dones[start : start + body.samples_per_prompt()]
+        ranked = sorted(group, key=lambda d: -sum(lp.logprob for lp in d.logprobs) / max(len(d.logprobs), 1))
+        kept += ranked[: body.n]
+    reported = body.logprobs is not None
+    return [replace(d, choice=i, logprobs=d.logprobs if reported else None) for i, d in enumerate(kept)]
+
+
+def _usage(dones: list[DoneEvent], n: int) -> Usage:
+    """Each prompt counted once (its n choices share it), every choice's completion."""
+    prompt = sum(d.prompt_tokens for d in dones if d.choice % n == 0)
+    return Usage.of(prompt, sum(d.completion_tokens for d in dones))
+
+
+def _echo(body: CompletionRequest, choice: int, texts: TokenTexts) -> str:
+    """The prompt of a choice as echoed: its text, or its token ids decoded."""
+    prompt = body.prompts()[choice // body.n]
+    return prompt if isinstance(prompt, str) else texts.tokenizer.decode(prompt)
+
+
+def _completion_choice(done: DoneEvent, body: CompletionRequest, texts: TokenTexts) -> CompletionChoice:
+    """A finished choice; with `echo`, the prompt (and its tokens' logprobs) first."""
+    echo = _echo(body, done.choice, texts) if body.echo else ""
+    logprobs = None
+    if done.logprobs is not None:
+        ids, items = done.completion_ids, done.logprobs
+        if body.echo:
+            ids, items = done.prompt_ids + ids, (done.prompt_logprobs or []) + items
+        logprobs = completion_logprobs(ids, items, texts)
+    return CompletionChoice(index=done.choice, text=echo + done.text, finish_reason=done.finish_reason,
+                            logprobs=logprobs)  # fmt: skip
+
+
 def _xlora(done: DoneEvent, with_scalings: bool, manager: ModelManager) -> XLoraInfo:
     scalings = TokenScalings.of(done, manager.adapter_names) if with_scalings else None
     return XLoraInfo(routing=done.routing.to_dict(), scalings=scalings, constraint=done.constraint)
 
 
 class _OpenAIStream:
-    """OpenAI chunks as `data:` lines, ending with `data: [DONE]`; a usage chunk if asked for."""
+    """OpenAI chunks as `data:` lines, ending with `data: [DONE]`; a usage chunk after the last choice's end if
+    asked for. Each chunk carries one choice (its index says which)."""
 
     response_class: type[CompletionResponse] | type[ChatCompletionChunk]
 
-    def __init__(self, job: GenerationJob, body: CompletionRequest | ChatCompletionRequest,
+    def __init__(self, job: JobGroup, body: CompletionRequest | ChatCompletionRequest,
                  manager: ModelManager, created: int) -> None:  # fmt: skip
         self.job, self.body, self.manager, self.created = job, body, manager, created
+        self.texts = TokenTexts(manager.tokenizer)
+        self.dones: list[DoneEvent] = []
 
     def chunk(self, choices: list, **extra) -> str:
         return self.response_class(
             id=self.job.id, created=self.created, model=self.manager.model_name, choices=choices, **extra
         ).model_dump_json()
 
-    def choice(self, text: str | None, finish: str | None = None) -> object:
-        raise NotImplementedError
-
     def opening(self) -> list[Chunk]:
         return []
 
     def token(self, event: TokenEvent) -> list[Chunk]:
-        return [self.chunk([self.choice(event.text)])] if event.text else []
+        raise NotImplementedError
+
+    def finish(self, event: DoneEvent) -> object:
+        raise NotImplementedError
 
     def done(self, event: DoneEvent) -> list[Chunk]:
-        out = [self.chunk([self.choice(None, event.finish_reason)],
-                          xlora=_xlora(event, self.body.xlora_return_scalings, self.manager))]  # fmt: skip
+        self.dones.append(event)
+        out = [self.chunk([self.finish(event)], xlora=_xlora(event, self.body.xlora_return_scalings, self.manager))]
         options = self.body.stream_options
-        if options is not None and options.include_usage:
-            out.append(self.chunk([], usage=Usage.of(event.prompt_tokens, event.completion_tokens)))
+        if len(self.dones) == self.job.choices and options is not None and options.include_usage:
+            out.append(self.chunk([], usage=_usage(self.dones, self.body.samples_per_prompt())))
         return out
 
     def error(self, event: ErrorEvent) -> list[Chunk]:
@@ -146,18 +217,86 @@ class _OpenAIStream:
 
 
 class _CompletionStream(_OpenAIStream):
-    response_class = CompletionResponse
+    """With `echo`, a choice's first chunk is its prompt (with logprobs, the prompt's)."""
 
-    def choice(self, text: str | None, finish: str | None = None) -> CompletionChoice:
-        return CompletionChoice(index=0, text=text or "", finish_reason=finish)
+    response_class = CompletionResponse
+    body: CompletionRequest
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.echoed: set[int] = set()
+
+    def token(self, event: TokenEvent) -> list[Chunk]:
+        out = self.echo(event.choice, event.prompt_logprobs)
+        if event.text or event.logprob is not None:
+            logprobs = None
+            if event.logprob is not None:
+                logprobs = completion_logprobs([event.token_id], [event.logprob], self.texts)
+            out.append(self.chunk([CompletionChoice(index=event.choice, text=event.text, finish_reason=None,
+                                                    logprobs=logprobs)]))  # fmt: skip
+        return out
+
+    def finish(self, event: DoneEvent) -> CompletionChoice:
+        return CompletionChoice(index=event.choice, text="", finish_reason=event.finish_reason)
+
+    def done(self, event: DoneEvent) -> list[Chunk]:
+        return self.echo(event.choice, event.prompt_logprobs) + super().done(event)
+
+    def echo(self, choice: int, prompt_logprobs: list | None) -> list[Chunk]:
+        if not self.body.echo or choice in self.echoed:
+            return []
+        self.echoed.add(choice)
+        logprobs = None
+        if self.body.logprobs is not None:
+            ids = self.job.jobs[choice].prompt_ids
+            logprobs = completion_logprobs(ids, prompt_logprobs or [None] * len(ids), self.texts)
+        text = _echo(self.body, choice, self.texts)
+        return [self.chunk([CompletionChoice(index=choice, text=text, finish_reason=None, logprobs=logprobs)])]
 
 
 class _ChatStream(_OpenAIStream):
-    response_class = ChatCompletionChunk
+    """With tools, text that is (or may still become) a call is held back: a call comes whole, in the choice's
+    last chunk, as `delta.tool_calls`."""
 
-    def choice(self, text: str | None, finish: str | None = None) -> ChatChunkChoice:
-        delta = ChatDelta() if text is None else ChatDelta(content=text)
-        return ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+    response_class = ChatCompletionChunk
+    body: ChatCompletionRequest
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.held: dict[int, str] = {}  # per choice: text not sent yet, while it may be a call
+        self.text_only: set[int] = set()  # choices whose text can no longer be a call
 
     def opening(self) -> list[Chunk]:
-        return [self.chunk([ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])]
+        role = ChatDelta(role="assistant", content="")
+        return [self.chunk([ChatChunkChoice(index=i, delta=role)]) for i in range(self.job.choices)]
+
+    def token(self, event: TokenEvent) -> list[Chunk]:
+        if not event.text and event.logprob is None:
+            return []
+        text = self.release(event.choice, event.text)
+        logprobs = chat_logprobs([event.logprob], self.texts) if event.logprob is not None else None
+        delta = ChatDelta(content=text)
+        return [self.chunk([ChatChunkChoice(index=event.choice, delta=delta, logprobs=logprobs)])]
+
+    def release(self, choice: int, text: str) -> str:
+        """What of a token's text may be sent now."""
+        mode = self.body.tool_mode()
+        if mode is None or mode == "none" or choice in self.text_only:
+            return text
+        held = self.held.get(choice, "") + text
+        if mode == "auto" and not may_begin_a_call(held):
+            self.text_only.add(choice)
+            self.held.pop(choice, None)
+            return held
+        self.held[choice] = held
+        return ""
+
+    def finish(self, event: DoneEvent) -> ChatChunkChoice:
+        held = self.held.pop(event.choice, None)
+        message = _message(event, self.body)
+        if message.tool_calls:
+            calls = [ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(message.tool_calls)]
+            delta = ChatDelta(tool_calls=calls)
+        else:
+            delta = ChatDelta(content=held) if held else ChatDelta()
+        return ChatChunkChoice(index=event.choice, delta=delta, finish_reason=_chat_finish(event, self.body))
