@@ -38,14 +38,13 @@ ROWS_PER_CALL = 16
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def prepacking_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """bfloat16 inference on a CPU whose oneDNN runs bf16 natively, outside torch.compile (inductor's
-    freezing prepacks the weights itself)."""
+def rows_fixed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` runs calls of exactly ROWS_PER_CALL rows: bfloat16 inference on a CPU whose oneDNN
+    runs bf16 natively."""
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.bfloat16
         and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-        and not torch.compiler.is_compiling()
         and _mkldnn_bf16()
     )
 
@@ -73,18 +72,23 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; for bf16 inference on CPU, calls of exactly ROWS_PER_CALL rows on a prepacked weight, so
-    each row's result is the same for any number of rows."""
-    if not prepacking_applies(x, weight):
+    """F.linear; for bf16 inference on CPU, calls of exactly ROWS_PER_CALL rows (the last one padded with
+    zero rows), so each row's result is the same for any number of rows. Eagerly on a prepacked weight;
+    inside torch.compile through F.linear, whose weight inductor's freezing packs for that shape."""
+    if not rows_fixed(x, weight):
         return F.linear(x, weight, bias)
-    packed = _packed(weight)
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
     if n % ROWS_PER_CALL:
         rows = torch.cat([rows, rows.new_zeros(ROWS_PER_CALL - n % ROWS_PER_CALL, rows.shape[1])])
-    parts = [
-        torch.ops.mkldnn._linear_pointwise(part, packed, bias, "none", [], "") for part in rows.split(ROWS_PER_CALL)
-    ]
+    if torch.compiler.is_compiling():
+        parts = [F.linear(part, weight, bias) for part in rows.split(ROWS_PER_CALL)]
+    else:
+        packed = _packed(weight)
+        parts = [
+            torch.ops.mkldnn._linear_pointwise(part, packed, bias, "none", [], "")
+            for part in rows.split(ROWS_PER_CALL)
+        ]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out[:n].view(*x.shape[:-1], weight.shape[0])
 
