@@ -149,9 +149,10 @@ class RowSpans:
         return cls(torch.tensor(spans, dtype=torch.long))
 
 
-@torch.compiler.disable  # data-dependent loop over rows: a graph break, run eagerly inside a compiled step
-def _attention_by_rows(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, scaling: float | None
+# A custom op: torch.compile sees one opaque call (no graph break in the compiled step) and runs this loop as is.
+@torch.library.custom_op("xlora::attention_by_rows", mutates_args=())
+def attention_by_rows(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """[batch, heads, queries, dim] -> [batch, queries, heads, dim], each span on its own keys (causal among
     its queries, which are its last keys)."""
@@ -170,6 +171,11 @@ def _attention_by_rows(
         )
         out[b, qs:qe] = o[0].transpose(0, 1)
     return out
+
+
+@attention_by_rows.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, scaling: float) -> torch.Tensor:
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
 
 
 def row_attention(
@@ -193,7 +199,8 @@ def row_attention(
             module, query.to(key.dtype), key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         return out.to(dtype), None
-    return _attention_by_rows(query.to(key.dtype), key, value, row_spans, scaling).to(dtype), None
+    scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    return attention_by_rows(query.to(key.dtype), key, value, row_spans, scaling).to(dtype), None
 
 
 # The attention implementation XLoraModel gives a base model that uses SDPA (same masks as "sdpa").
