@@ -12,7 +12,8 @@ to runs/load-<mode>-server.log.
 
 Reports per C and mode: aggregate generated tokens/s (sum of completion_tokens / wall time of the round),
 p50/p99 latency, p50/p99 time to first token (streamed requests), and every error (status + body). One
-markdown table at the end with both modes and the ratio batched / one-at-a-time.
+markdown table at the end with both modes, the ratio batched / one-at-a-time, and both modes' token
+counts: greedy requests get the same tokens in any batch (README "Batch invariance"), so they match.
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ def fmt(x: float, digits: int = 2) -> str:
 def table(batched: list[Round], single: list[Round], batch_size: int) -> str:
     head = (f"| C | requests | tok/s batched (max_batch_size {batch_size}) | tok/s one-at-a-time | ratio "
             "| latency p50/p99 batched (s) | latency p50/p99 one-at-a-time (s) "
-            "| TTFT p50/p99 batched (s) | TTFT p50/p99 one-at-a-time (s) | errors b/1 |")  # fmt: skip
+            "| TTFT p50/p99 batched (s) | TTFT p50/p99 one-at-a-time (s) | tokens b/1 | errors b/1 |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by_c = {r.concurrency: r for r in single}
 
@@ -314,7 +315,7 @@ def table(batched: list[Round], single: list[Round], batch_size: int) -> str:
         lines.append(
             f"| {b.concurrency} | {len(b.results)} | {fmt(b.tokens_per_s, 1)} | {fmt(s.tokens_per_s, 1) if s else '-'} "
             f"| {fmt(ratio)}x | {pair(b, 'latency')} | {pair(s, 'latency')} | {pair(b, 'ttft')} | {pair(s, 'ttft')} "
-            f"| {len(b.errors)} / {len(s.errors) if s else '-'} |"
+            f"| {b.tokens} / {s.tokens if s else '-'} | {len(b.errors)} / {len(s.errors) if s else '-'} |"
         )
     return "\n".join(lines)
 

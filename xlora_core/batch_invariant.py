@@ -34,6 +34,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 # The rows of every prepacked matmul call (AMX tiles are 16 rows high).
 ROWS_PER_CALL = 16
 
+# False: plain F.linear and transformers' batched SDPA, for A/B benchmarks (bench.batch_invariance) only.
+ENABLED = True
+
 # weight -> (its _version when packed, the packed copy); dropped with the weight
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -42,7 +45,8 @@ def rows_fixed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` runs calls of exactly ROWS_PER_CALL rows: bfloat16 inference on a CPU whose oneDNN
     runs bf16 natively."""
     return (
-        x.device.type == "cpu"
+        ENABLED
+        and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.bfloat16
         and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         and _mkldnn_bf16()
@@ -194,7 +198,7 @@ def row_attention(
     the model passes `row_spans` (XLoraModel's cached steps do). Sliding windows and soft-capping keep
     transformers' path."""
     dtype = query.dtype
-    if row_spans is None or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout:
+    if not ENABLED or row_spans is None or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout:
         out, _ = sdpa_attention_forward(
             module, query.to(key.dtype), key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

@@ -1,0 +1,84 @@
+"""What batch invariance costs and gives: the same greedy tokens alone, together and joining mid-step.
+
+    python -m bench.batch_invariance --threads 1        # README "Batch invariance"
+
+The embedded default in the default dtype (`--dtype auto`: bf16 on CPUs with native bf16), side by side in
+one process, with xlora_core/batch_invariant.py's kernels (16-row prepacked matmuls, attention row by row)
+and without them (plain F.linear, transformers' batched SDPA):
+- how many of 8 prompts (bench.load's, and 4 more) get other greedy tokens when prefilled together, or
+  when joining a running batch mid-step, than alone (--new-tokens each);
+- ms per granular decode step at batch 1 and 8 (bench.kv_dtype's step, after a 32-token prefill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from bench.kv_dtype import step_ms
+from bench.load import PROMPTS
+from xlora_core import BatchRow, DecodeBatch, Routing, RowDecoder, SamplingParams, XLoraModel, batch_invariant
+from xlora_core.base_model import load_base_model
+
+EXTRA_PROMPTS = ["Tell me about cats", "Tell me about the sea", "Tell me about Paris", "Tell me about rain"]
+
+
+def differing_rows(model: XLoraModel, prompts: list[list[int]], new_tokens: int) -> tuple[int, int]:
+    """(rows whose tokens differ from alone when prefilled together, ... when joining mid-step)."""
+
+    def rows() -> list[BatchRow]:
+        params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return [BatchRow(RowDecoder(params, None, p), Routing()) for p in prompts]
+
+    def finish(batch: DecodeBatch) -> None:
+        while batch:
+            batch.step()
+
+    alone = []
+    for row in rows():
+        finish(DecodeBatch.prefill(model, [row])[0])
+        alone.append(row.decoder.completion_ids)
+    together = rows()
+    finish(DecodeBatch.prefill(model, together)[0])
+    joining = rows()
+    batch, _ = DecodeBatch.prefill(model, joining[:1])
+    batch.step()
+    batch.step(joining=joining[1:4])
+    batch.step(joining=joining[4:])
+    finish(batch)
+    differ = [sum(r.decoder.completion_ids != a for r, a in zip(rs, alone, strict=True)) for rs in (together, joining)]
+    return differ[0], differ[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="default")
+    parser.add_argument("--checkpoint", default="checkpoints/default")
+    parser.add_argument("--dtype", default="auto", help="the model's dtype, as model.dtype in the YAML")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base, tokenizer = load_base_model(args.base, device="cpu", dtype=args.dtype)
+    model = XLoraModel.from_pretrained(base, args.checkpoint)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS + EXTRA_PROMPTS]
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {args.threads} thread(s), torch {torch.__version__}, {model.dtype}, "
+          f"{args.new_tokens} new tokens per prompt")  # fmt: skip
+    print("| kernels | rows differing together | rows differing joining | step ms, batch 1 | step ms, batch 8 |")
+    print("|---|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for enabled in (False, True):
+            batch_invariant.ENABLED = enabled
+            together, joining = differing_rows(model, prompts, args.new_tokens)
+            one, eight = (step_ms(model, b, 32, args.steps) for b in (1, 8))
+            name = "batch-invariant" if enabled else "plain"
+            print(f"| {name} | {together} of 8 | {joining} of 8 | {one:.1f} | {eight:.1f} |", flush=True)
+    batch_invariant.ENABLED = True
+
+
+if __name__ == "__main__":
+    main()
