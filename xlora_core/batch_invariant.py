@@ -195,10 +195,12 @@ def row_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, run in the dtype of the keys (a cache may hold a wider dtype than the
     model: on CPU bf16 models keep float32 keys and values, README "Long sequences"), and row by row when
-    the model passes `row_spans` (XLoraModel's cached steps do). Sliding windows and soft-capping keep
-    transformers' path."""
+    the model passes `row_spans` (XLoraModel's cached steps do) on a CPU. Sliding windows and soft-capping
+    keep transformers' path."""
     dtype = query.dtype
-    if not ENABLED or row_spans is None or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout:
+    # On CUDA the batched kernel stays: cuBLAS picks kernels by shape too, so rows alone would not buy bits.
+    by_rows = ENABLED and row_spans is not None and query.device.type == "cpu"
+    if not by_rows or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout:
         out, _ = sdpa_attention_forward(
             module, query.to(key.dtype), key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
