@@ -8,6 +8,8 @@ and without them (plain F.linear, transformers' batched SDPA):
 - how many of 8 prompts (bench.load's, and 4 more) get other greedy tokens when prefilled together, or
   when joining a running batch mid-step, than alone (--new-tokens each);
 - ms per granular decode step at batch 1 and 8 (bench.kv_dtype's step, after a 32-token prefill).
+A last row does the same for the model in float32 (where the kernels are torch's plain ones either way),
+for the choice `dtype: auto` makes.
 """
 
 from __future__ import annotations
@@ -70,12 +72,15 @@ def main() -> None:
           f"{args.new_tokens} new tokens per prompt")  # fmt: skip
     print("| kernels | rows differing together | rows differing joining | step ms, batch 1 | step ms, batch 8 |")
     print("|---|---:|---:|---:|---:|")
+    fp32 = XLoraModel.from_pretrained(load_base_model(args.base, device="cpu", dtype="float32")[0], args.checkpoint)
+    runs = [(f"{model.dtype}, plain", model, False), (f"{model.dtype}, batch-invariant", model, True)]
+    if model.dtype != torch.float32:
+        runs.append(("torch.float32", fp32, True))
     with torch.inference_mode():
-        for enabled in (False, True):
+        for name, m, enabled in runs:
             batch_invariant.ENABLED = enabled
-            together, joining = differing_rows(model, prompts, args.new_tokens)
-            one, eight = (step_ms(model, b, 32, args.steps) for b in (1, 8))
-            name = "batch-invariant" if enabled else "plain"
+            together, joining = differing_rows(m, prompts, args.new_tokens)
+            one, eight = (step_ms(m, b, 32, args.steps) for b in (1, 8))
             print(f"| {name} | {together} of 8 | {joining} of 8 | {one:.1f} | {eight:.1f} |", flush=True)
     batch_invariant.ENABLED = True
 
