@@ -22,6 +22,7 @@ last bit (about 1e-7), which has not changed a greedy token in our tests, but is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,17 +76,21 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return entry[1]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, inductor: bool = False
+) -> torch.Tensor:
     """F.linear; for bf16 inference on CPU, calls of exactly ROWS_PER_CALL rows (the last one padded with
     zero rows), so each row's result is the same for any number of rows. Eagerly on a prepacked weight;
-    inside torch.compile through F.linear, whose weight inductor's freezing packs for that shape."""
+    with `inductor` (the pass is being compiled) through F.linear, whose weight inductor's freezing packs
+    for that shape. (Not torch.compiler.is_compiling(): that flag is process-wide, and another thread may be
+    compiling while this one runs eagerly.)"""
     if not rows_fixed(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
     if n % ROWS_PER_CALL:
         rows = torch.cat([rows, rows.new_zeros(ROWS_PER_CALL - n % ROWS_PER_CALL, rows.shape[1])])
-    if torch.compiler.is_compiling():
+    if inductor:
         parts = [F.linear(part, weight, bias) for part in rows.split(ROWS_PER_CALL)]
     else:
         packed = _packed(weight)
@@ -98,22 +103,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class RowInvariantLinear(nn.Linear):
-    """An nn.Linear (same parameters, same state-dict keys) whose forward is `linear`."""
+    """An nn.Linear (same parameters, same state-dict keys) whose forward is `linear`. `slot` is its model's
+    `lora.ExpertWeightsSlot`, whose `inductor` says whether the pass running is being compiled."""
+
+    slot: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.slot.inductor)
 
 
-def use_row_invariant_linears(module: nn.Module) -> None:
+def use_row_invariant_linears(module: nn.Module, slot: Any) -> None:
     """Replace every plain nn.Linear under `module` by a RowInvariantLinear holding the same parameters
-    (tied weights stay tied: the Parameter objects are the same)."""
+    (tied weights stay tied: the Parameter objects are the same) and reading `slot`."""
     for name, child in list(module.named_modules()):
         if type(child) is not nn.Linear:
             continue
         new = RowInvariantLinear.__new__(RowInvariantLinear)
         nn.Module.__init__(new)
         new.in_features, new.out_features = child.in_features, child.out_features
-        new.weight, new.bias = child.weight, child.bias
+        new.weight, new.bias, new.slot = child.weight, child.bias, slot
         new.train(child.training)
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)

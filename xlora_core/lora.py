@@ -141,11 +141,14 @@ class ExpertWeightsSlot:
     For a one-token step (decoding) the model puts every layer's rank-column weights here instead, at
     once (`columns`, [batch, 1, all columns], layer after layer): one gather per pass instead of one
     per layer. Each layer then reads its own slice. Both None: the experts are off.
+
+    `inductor` is True while the compiled step runs: the matmuls then go to inductor (batch_invariant.linear).
     """
 
     def __init__(self) -> None:
         self.weights: torch.Tensor | None = None
         self.columns: torch.Tensor | None = None
+        self.inductor = False
 
 
 class FusedLoraLinear(nn.Module):
@@ -182,8 +185,8 @@ class FusedLoraLinear(nn.Module):
             column_weights = self.slot.weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
         else:  # the experts are off (a scaling pass at value 0)
             return result
-        hidden = linear(x, self.lora_A) * column_weights.to(x.dtype)
-        return result + linear(hidden, self.lora_B)
+        hidden = linear(x, self.lora_A, inductor=self.slot.inductor) * column_weights.to(x.dtype)
+        return result + linear(hidden, self.lora_B, inductor=self.slot.inductor)
 
     def expert_matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This module's (A, B) of one expert, as stored by PEFT (for saving and inspection)."""

@@ -52,8 +52,8 @@ class XLoraModel(nn.Module):
         ref = next(base.parameters())
         self.classifier = XLoraClassifier(config, len(self._lora_layers), len(experts)).to(ref.device, ref.dtype)
         # Every matmul computes each row alike for any number of rows (batch_invariant.py).
-        use_row_invariant_linears(self.base)
-        use_row_invariant_linears(self.classifier)
+        use_row_invariant_linears(self.base, self.slot)
+        use_row_invariant_linears(self.classifier, self.slot)
         self.scalings_log = ClassifierScalingsLog(scalings_log_size)
         # Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts].
         self.latest_scalings: torch.Tensor | None = None
@@ -185,8 +185,12 @@ class XLoraModel(nn.Module):
                 # Inductor's settings as a patch around the call (where compilation happens): torch 2.13
                 # ignores `freezing` given as torch.compile(options=...), and unfrozen weights get no
                 # C++ GEMM kernels.
-                with torch._inductor.config.patch(self._inductor_config):
-                    return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns, spans)
+                self.slot.inductor = True
+                try:
+                    with torch._inductor.config.patch(self._inductor_config):
+                        return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns, spans)
+                finally:
+                    self.slot.inductor = False
             return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns, spans)
         return self._per_token_pass(input_ids, attention_mask, position_ids, cache, weights, spans)
 
