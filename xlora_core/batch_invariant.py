@@ -9,8 +9,8 @@ which bfloat16 then rounds into different tokens:
   (bfloat16 on CPU) always calls oneDNN with exactly `ROWS_PER_CALL` rows, padding the last call with zero
   rows, on weights prepacked once: every call has the same shape, so every row gets the same arithmetic.
   On CPUs with AMX or AVX-512 BF16 a call of 16 rows costs about what one row costs (decoding reads
-  weights; it does not multiply much), and prepacking makes bf16 matmuls faster than torch's plain path,
-  which repacks the weight at every call (`python -m bench.batch_invariance`).
+  weights; it does not multiply much), and prepacking saves the repacking torch's plain bf16 path does at
+  every call: the whole decode step costs 5% more at batch 1 (`python -m bench.batch_invariance`).
 - attention over a padded batch: the padding shifts where a row's keys fall in the kernel's vector lanes.
   `row_attention` runs each row's queries over its own keys only (spans from `RowSpans`), the same call
   with the same shapes as when the row is alone.
