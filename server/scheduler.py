@@ -103,7 +103,7 @@ class Scheduler:
                 if admitted is None:
                     break
                 self._drop_gone(batch)
-                if admitted and (not batch or _prefill_apart(admitted)):
+                if admitted and (not batch or self.model.compiled or _prefill_apart(admitted)):
                     batch.concatenate(self._prefill(admitted))
                     admitted = []
                 if batch:
@@ -299,7 +299,8 @@ class Scheduler:
 def _prefill_apart(jobs: list[GenerationJob]) -> bool:
     """Whether newcomers are prefilled on their own rather than in the running rows' step: long prompts,
     prompts to score (only a prefill gives every position's logits) and prompts shared by several choices
-    (their prefill runs once, DecodeBatch.prefill)."""
+    (their prefill runs once, DecodeBatch.prefill). With a compiled model they always are: the joint step is
+    eager, and running rows would get their tokens from other kernels than alone (README "Batch invariance")."""
     return (
         sum(len(j.prompt_ids) for j in jobs) > JOIN_IN_STEP_MAX_TOKENS
         or any(j.decoder.params.prompt_logprobs is not None for j in jobs)

@@ -123,7 +123,9 @@ class DecodeBatch:
     def step(self, joining: list[BatchRow] | None = None) -> list[Generated]:
         """Feed every row its last token and choose the next one. Rows in `joining` (not prefilled) join the
         batch in the same forward and choose their first token (XLoraModel.decode_and_prefill); if the
-        forward fails, the batch is as it was. Rows that ask for prompt logprobs come in through `prefill`."""
+        forward fails, the batch is as it was. Rows that ask for prompt logprobs come in through `prefill`. The
+        joint forward is eager: with a compiled model, prefill newcomers apart and `concatenate` them, so that
+        running rows keep the compiled kernels (the server does)."""
         assert self.cache is not None, "step() on an empty batch"
         assert not any(row.decoder.params.prompt_logprobs is not None for row in joining or []), "prefill them"
         tokens = torch.tensor([row.next_token for row in self.rows], dtype=torch.long)

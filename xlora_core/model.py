@@ -126,6 +126,11 @@ class XLoraModel(nn.Module):
         self.config.scaling_pass_value = 1 / self.config.n_adapters if value is None else float(value)
         self.config.validate()
 
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run the compiled one-token pass (compile())."""
+        return self._compiled_step is not None
+
     def compile(self, enabled: bool = True) -> None:
         """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
 
