@@ -12,7 +12,7 @@ which bfloat16 then rounds into different tokens:
   weights; it does not multiply much), and prepacking saves the repacking torch's plain bf16 path does at
   every call: the whole decode step costs 5% more at batch 1 (`python -m bench.batch_invariance`).
 - attention over a padded batch: the padding shifts where a row's keys fall in the kernel's vector lanes.
-  `row_attention` runs each row's queries over its own keys only (spans from `RowSpans`), the same call
+  `row_attention` runs each row's queries over its own keys only (`left_padded_spans`, `ragged_spans`), the same call
   with the same shapes as when the row is alone.
 
 Elsewhere (float32, or a GPU) `linear` is plain `F.linear`: float32 kernels differ by batch size in the
@@ -21,7 +21,6 @@ last bit (about 1e-7), which has not changed a greedy token in our tests, but is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -131,34 +130,31 @@ def use_row_invariant_linears(module: nn.Module, slot: Any) -> None:
 # attention, row by row
 
 
-@dataclass
-class RowSpans:
-    """Where each row's queries and keys are in a forward's tensors: one int64 row per span,
-    (batch index, first query, end of queries, key ranges 1 and 2 as start, end). A row's keys are its
-    range 1 then its range 2 (the ragged layout keeps a row's cached keys apart from its new ones; elsewhere
-    range 2 is empty). A tensor, so that a compiled step sees a changing batch as a changing shape."""
+# Row spans: where each row's queries and keys are in a forward's tensors, one int64 row per span: (batch
+# index, first query, end of queries, key ranges 1 and 2 as start, end). A row's keys are its range 1 then
+# its range 2 (the ragged layout keeps a row's cached keys apart from its new ones; elsewhere range 2 is
+# empty). A tensor on the CPU, so that a compiled step sees a changing batch as a changing shape.
 
-    table: torch.Tensor  # [spans, 7] int64, on the CPU
 
-    @classmethod
-    def left_padded(cls, mask: torch.Tensor, new: int) -> RowSpans:
-        """Rows of a left-padded batch (`mask` [batch, keys], 1 on real tokens) whose last `new` columns
-        are this forward's queries."""
-        keys = mask.shape[1]
-        first = (mask.shape[1] - mask.long().sum(dim=1)).cpu()  # leading padding of each row
-        rows = torch.arange(mask.shape[0])
-        q_first = (first - (keys - new)).clamp(min=0)
-        table = torch.stack([rows, q_first, torch.full_like(rows, new), first, torch.full_like(rows, keys)], dim=1)
-        return cls(torch.cat([table, torch.full_like(table[:, :2], keys)], dim=1))
+def left_padded_spans(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """The spans [rows, 7] of a left-padded batch (`mask` [batch, keys], 1 on real tokens) whose last `new`
+    columns are this forward's queries."""
+    keys = mask.shape[1]
+    first = (keys - mask.long().sum(dim=1)).cpu()  # leading padding of each row
+    rows = torch.arange(mask.shape[0])
+    q_first = (first - (keys - new)).clamp(min=0)
+    end, all_keys = torch.full_like(rows, new), torch.full_like(rows, keys)
+    return torch.stack([rows, q_first, end, first, all_keys, all_keys, all_keys], dim=1)
 
-    @classmethod
-    def ragged(cls, cached: list[int], new: list[int]) -> RowSpans:
-        """The rows of a `cache.RaggedRows` forward: every row's cached keys, then every row's new tokens."""
-        old, spans, key_at, query_at = sum(cached), [], 0, 0
-        for c, n in zip(cached, new, strict=True):
-            spans.append([0, query_at, query_at + n, key_at, key_at + c, old + query_at, old + query_at + n])
-            key_at, query_at = key_at + c, query_at + n
-        return cls(torch.tensor(spans, dtype=torch.long))
+
+def ragged_spans(cached: list[int], new: list[int]) -> torch.Tensor:
+    """The spans [rows, 7] of a `cache.RaggedRows` forward: every row's cached keys, then every row's new
+    tokens."""
+    old, spans, key_at, query_at = sum(cached), [], 0, 0
+    for c, n in zip(cached, new, strict=True):
+        spans.append([0, query_at, query_at + n, key_at, key_at + c, old + query_at, old + query_at + n])
+        key_at, query_at = key_at + c, query_at + n
+    return torch.tensor(spans, dtype=torch.long)
 
 
 # A custom op: torch.compile sees one opaque call (no graph break in the compiled step) and runs this loop as is.

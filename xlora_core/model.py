@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .batch_invariant import ROW_SDPA, RowSpans, use_row_invariant_linears
+from .batch_invariant import ROW_SDPA, left_padded_spans, ragged_spans, use_row_invariant_linears
 from .cache import RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
 from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
@@ -179,7 +179,7 @@ class XLoraModel(nn.Module):
         spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, with the experts weighted by `weights` (None: off). `spans`
-        (a `RowSpans` table) has attention run row by row, as for each row alone (cached steps)."""
+        (batch_invariant's row spans) has attention run row by row, as for each row alone (cached steps)."""
         # A one-token step: every layer's rank-column weights in one gather (ExpertWeightsSlot.columns).
         # Longer passes gather per layer, so no [batch, seq, all columns] tensor is ever held.
         if input_ids.shape[1] == 1:
@@ -358,7 +358,7 @@ class XLoraModel(nn.Module):
         config = self.base.config
         kv = self.kv_dtype
         cache = XLoraCache(growing_cache(config, kv), growing_cache(config, kv), mask.long())
-        spans = RowSpans.left_padded(mask, input_ids.shape[1]).table
+        spans = left_padded_spans(mask, input_ids.shape[1])
         scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling, spans)
         hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real, spans)
         logits = self.base.get_output_embeddings()(hidden if all_positions else hidden[:, -1]).float()
@@ -379,8 +379,8 @@ class XLoraModel(nn.Module):
         ones = torch.ones_like(cache.attention_mask[:, :1])
         cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
         tokens = next_tokens.to(self.device).view(-1, 1)
-        scalings = self._step_scalings(tokens, positions, cache, routing)
-        spans = RowSpans.left_padded(cache.attention_mask, 1).table
+        spans = left_padded_spans(cache.attention_mask, 1)
+        scalings = self._step_scalings(tokens, positions, cache, routing, spans)
         hidden = self.real_pass(tokens, cache.attention_mask, positions, scalings, routing, cache.real, spans)
         logits = self.base.get_output_embeddings()(hidden[:, -1]).float()
         return logits, scalings
@@ -423,7 +423,7 @@ class XLoraModel(nn.Module):
                 dummy = self.classifier.dummy_scalings(1, int(take.sum()), device, self.dtype)
                 dummy = self._ragged_weights(dummy, sub, [routing[r] for r in granular])
             # Not _backbone: a ragged row of one token is no one-token step (its mask is 4D, its cache batch 1).
-            spans = RowSpans.ragged(sub.cached, sub.new).table
+            spans = ragged_spans(sub.cached, sub.new)
             hidden = self._per_token_pass(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy, spans)
             scalings[:, take] = self.classifier(hidden)
             self.scalings_log.record(scalings[:, take])
@@ -433,7 +433,7 @@ class XLoraModel(nn.Module):
         # Real pass: every row.
         flat = real.flatten(cache.real, cache.attention_mask, growing_cache(config, kv))
         weights = self._ragged_weights(scalings, real, routing)
-        spans = RowSpans.ragged(real.cached, real.new).table
+        spans = ragged_spans(real.cached, real.new)
         hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights, spans)
         last = torch.tensor(new, device=device).cumsum(0) - 1
         logits = self.base.get_output_embeddings()(hidden[0, last]).float()
@@ -449,13 +449,18 @@ class XLoraModel(nn.Module):
         return torch.cat([expert_weights(p, r, softmax) for p, r in zip(parts, routing, strict=True)], dim=1)
 
     def _step_scalings(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: XLoraCache, routing: Routing | list[Routing]
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: XLoraCache,
+        routing: Routing | list[Routing],
+        spans: torch.Tensor,
     ) -> torch.Tensor:
         """Scalings [batch, 1, layers, experts] of one decode step: the classifier's for the granular rows
-        (a scaling pass over their own scaling-cache rows), the frozen ones for the others."""
+        (a scaling pass over their own scaling-cache rows), the frozen ones for the others. `spans`: the
+        step's row spans, of every row."""
         granular = cache.granular_rows()
         if len(granular) == cache.batch_size:
-            spans = RowSpans.left_padded(cache.attention_mask, 1).table
             return self.predict_scalings(tokens, cache.attention_mask, positions, routing, cache.scaling, spans)
         shape = (self.n_lora_layers, self.config.n_adapters)
         none = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -464,8 +469,10 @@ class XLoraModel(nn.Module):
             index = torch.tensor(granular, device=self.device)
             subset = [routing[i] for i in granular] if isinstance(routing, list) else routing
             mask = cache.attention_mask[index]
-            spans = RowSpans.left_padded(mask, 1).table
-            scalings[index] = self.predict_scalings(tokens[index], mask, positions[index], subset, cache.scaling, spans)
+            sub_spans = left_padded_spans(mask, 1)
+            scalings[index] = self.predict_scalings(
+                tokens[index], mask, positions[index], subset, cache.scaling, sub_spans
+            )
         return scalings
 
     # ---- generation and checkpoints live in their own modules ----------------------------------
