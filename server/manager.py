@@ -39,6 +39,7 @@ from server.scheduler import Scheduler
 from server.schemas import GenerationRequest, PromptInput, RoutingUpdate
 from server.settings import Settings
 from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
+from xlora_core.hosted import HostedModel
 
 log = logging.getLogger("xlora.manager")
 
@@ -144,6 +145,8 @@ class ModelManager:
             log.info("decode step compiled in %.1f s (other batch sizes compile when first seen)",
                      time.monotonic() - warm_up_started)  # fmt: skip
 
+        model.name = self.model_name
+        self._add_models(model)
         routing = self.routing_state.last_seen().routing  # the config's, or the state file's, or the deployment's
         try:
             routing.validate(len(model.adapter_names))
@@ -169,6 +172,24 @@ class ModelManager:
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
         self.scheduler.start()
         log.info("loaded in %.1f s", time.monotonic() - started)
+
+    def _add_models(self, model) -> None:
+        """The config's `models:` list: more models over the base, each refused by its entry if it cannot load."""
+        from xlora_core.base_model import base_model_name
+
+        s = self.settings
+        for i, entry in enumerate(s.models):
+            name = entry.name or base_model_name(s.model.base)
+            try:
+                if entry.kind == "xlora":
+                    model.add_xlora(name, s.model_ref(entry.checkpoint))
+                elif entry.kind == "adapter":
+                    model.add_adapter(name, s.model_ref(entry.adapter))
+                else:
+                    model.add_base(name)
+            except (ValueError, OSError) as exc:  # ExpertError, CheckpointError, a taken name, a missing file
+                raise ValueError(f"{s.source}: models[{i}] ({name}): {exc}") from None
+            log.info("serving model %s (%s)", name, entry.kind)
 
     def _load_grammar_compiler(self, tokenizer, vocab_size: int | None) -> None:
         """Structured output's view of the tokenizer (once: about a second for a 49k vocabulary). A tokenizer
@@ -238,15 +259,44 @@ class ModelManager:
                 self.note_routing(stored)
                 return stored
 
-    def merge_routing(self, update: RoutingUpdate | None, param_prefix: str = "routing.") -> Routing:
-        """The routing in force with the fields the request set; 422 naming the field if invalid."""
+    def merge_routing(
+        self, update: RoutingUpdate | None, param_prefix: str = "routing.", model: HostedModel | None = None
+    ) -> Routing:
+        """The routing in force for `model` (None: the X-LoRA model of the xlora section, whose defaults PATCH
+        /routing sets; another model's come from its checkpoint) with the fields the request set; 422 naming
+        the field if invalid."""
+        primary = model is None or model is self.model.primary
+        default = self.routing if primary else self.model.routing_of(model.name)
         if update is None:
-            return self.routing
+            return default
         changes = {f.name: getattr(update, f.name) for f in fields(Routing) if f.name in update.model_fields_set}
+        if changes.get("weights") is not None:  # a fixed mixture: the defaults' top_k and freeze_after do not apply
+            default = replace(default, top_k=None, freeze_after=None)
         try:
-            return replace(self.routing, **changes).validate(len(self.model.adapter_names))
+            return self.model.check_routing(replace(default, **changes))
         except ParameterError as exc:
             raise APIError(422, str(exc), param=param_prefix + exc.parameter, code="invalid_value") from None
+
+    def resolve_model(self, name: str | None, param: str = "model") -> HostedModel:
+        """The model a request names (None: the xlora section's); 404 naming the field if none is served."""
+        try:
+            return self.model.hosted_model(name)
+        except KeyError:
+            served = ", ".join(m.name for m in self.model.models())
+            raise APIError(404, f"the model {name!r} does not exist; this server serves: {served}", param=param,
+                           code="model_not_found") from None  # fmt: skip
+
+    def expert_names(self, routing: Routing) -> list[str]:
+        """The experts a row's scalings are about (its model's)."""
+        return list(self.model.hosted_model(routing.model).expert_names)
+
+    def models(self) -> list[HostedModel]:
+        return self.model.models() if self.model is not None else []
+
+    def model_routing(self, model: HostedModel) -> dict:
+        """An X-LoRA model's routing defaults (the xlora section's: the routing in force, PATCH /routing's)."""
+        routing = self.routing if model is self.model.primary else self.model.routing_of(model.name)
+        return {k: v for k, v in routing.to_dict().items() if k != "model"}
 
     async def tokenize(
         self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None,
@@ -326,6 +376,7 @@ class ModelManager:
         the n choices of a prompt seeded seed, seed + 1, ...). Every refusal is a 4xx naming the request's
         field, before anything reaches the model worker."""
         self.require_ready()
+        hosted = self.resolve_model(*body.requested_model())
         inputs: list[PromptInput] = body.prompt_inputs()
         prompts = [await self.tokenize(p.prompt, p.messages, p.param, p.token_ids, p.tools) for p in inputs]
         try:
@@ -340,7 +391,7 @@ class ModelManager:
         for ids, p in zip(prompts, inputs, strict=True):
             self.check_lengths(len(ids), params.max_new_tokens, body.param_name("max_new_tokens"), p.param)
         update, routing_prefix = body.routing_update()
-        routing = self.merge_routing(update, routing_prefix)
+        routing = self.merge_routing(update, routing_prefix, hosted)
         spec, spec_param = body.constraint_spec()
         if spec is not None:
             grammar = await self.compile_constraint(spec, spec_param)

@@ -255,7 +255,7 @@ class Scheduler:
                 id=job.id,
                 prompt_tokens=n_prompt,
                 completion_tokens=n_out,
-                adapter_names=self.model.adapter_names,
+                adapter_names=self.model.hosted_model(job.routing.model).expert_names,
                 routing=job.routing.to_dict(),
                 scalings=scalings,
                 frozen_from=frozen_from,

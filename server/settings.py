@@ -156,6 +156,30 @@ class ServerSection(_Section):
         return self
 
 
+class ModelEntry(_Section):
+    """One more model served over the base (docs/models.md): an X-LoRA checkpoint, a plain PEFT LoRA adapter
+    folder, or the base itself (`base: true`). Requests choose it by `model`."""
+
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$",
+                             description="what requests name it by (default for the base: the base's name)")
+    checkpoint: str | None = Field(None, description="an X-LoRA checkpoint folder (any layout xlora.checkpoint reads)")
+    adapter: str | None = Field(None, description="a PEFT LoRA adapter folder (adapter_config.json + safetensors)")
+    base: bool = Field(False, description="the base model itself, no expert")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelEntry:
+        given = [k for k in ("checkpoint", "adapter") if getattr(self, k) is not None] + (["base"] if self.base else [])
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of checkpoint, adapter or base: true (got {given or 'none'})")
+        if self.name is None and not self.base:
+            raise ValueError("name is required (requests choose the model by it)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "xlora" if self.checkpoint is not None else "adapter" if self.adapter is not None else "base"
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -168,6 +192,9 @@ class Settings(_Section):
     routing: RoutingSection = Field(default_factory=RoutingSection)
     server: ServerSection = Field(default_factory=ServerSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="more models over the same base, after the xlora section's (docs/models.md)"
+    )
 
     # Where the file was; relative paths inside it are resolved against its folder.
     source: Path | None = Field(None, exclude=True)

@@ -52,7 +52,10 @@ def world(tmp_path_factory) -> dict:
         for i, (name, t) in enumerate(zip(EXPERTS, targets, strict=True))
     }
     checkpoint = save_checkpoint(base, experts, root / "checkpoint")
-    return {"root": root, "base": str(base), "experts": experts, "checkpoint": str(checkpoint)}
+    # A second X-LoRA model over the same base, sharing two experts (the shared server serves it: SERVED_MODELS)
+    second = save_checkpoint(base, {k: experts[k] for k in ("sorting", "json")}, root / "checkpoint-2")
+    return {"root": root, "base": str(base), "experts": experts, "checkpoint": str(checkpoint),
+            "checkpoint_2": str(second)}  # fmt: skip
 
 
 def server_config(world: dict, **sections) -> dict:
@@ -153,10 +156,19 @@ def start_server(tmp_path_factory, world):
         proc.stop()
 
 
+def served_models(world: dict) -> list[dict]:
+    """The shared server's `models:` besides the xlora section's tiny-xlora (docs/models.md)."""
+    return [
+        {"name": "tiny-xlora-2", "checkpoint": world["checkpoint_2"]},
+        {"name": "json", "adapter": world["experts"]["json"]},
+        {"name": "tiny-base", "base": True},
+    ]
+
+
 @pytest.fixture(scope="session")
 def server(start_server, world) -> ServerProcess:
-    """The shared server: batching on (4 rows), no auth."""
-    return start_server(server_config(world))
+    """The shared server: batching on (4 rows), no auth; it serves more models over its base (served_models)."""
+    return start_server({**server_config(world), "models": served_models(world)})
 
 
 API_KEY, ADMIN_TOKEN = "api-secret-3f9c", "admin-secret-7d21"

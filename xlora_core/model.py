@@ -488,15 +488,23 @@ class XLoraModel(nn.Module):
         """The request's routing (or the model's default), checked against the number of experts."""
         routing = self.routing if routing is None else routing
         for r in routing if isinstance(routing, list) else [routing]:
-            if not isinstance(r, Routing):
-                raise TypeError(f"routing must be a Routing or a list of them, got {type(r).__name__}")
-            try:
-                model = self.hosted_model(r.model)
-            except KeyError:
-                raise ParameterError("model", f"{r.model!r} is not served here (models: "
-                                     f"{', '.join(m.name for m in self.models())})") from None  # fmt: skip
-            r.validate(len(model.experts), model.expert_names)
+            self.check_routing(r)
         return routing
+
+    def check_routing(self, routing: Routing) -> Routing:
+        """Raise ParameterError naming the field if this routing does not fit its model; return it."""
+        if not isinstance(routing, Routing):
+            raise TypeError(f"routing must be a Routing or a list of them, got {type(routing).__name__}")
+        try:
+            model = self.hosted_model(routing.model)
+        except KeyError:
+            raise ParameterError("model", f"{routing.model!r} is not served here (models: "
+                                 f"{', '.join(m.name for m in self.models())})") from None  # fmt: skip
+        if model.kind != "xlora":
+            for field_name in ("top_k", "freeze_after"):
+                if getattr(routing, field_name) is not None:
+                    raise ParameterError(field_name, f"does not apply to {model.name!r}, a {model.kind} with no router")
+        return routing.validate(len(model.experts), model.expert_names)
 
     def predict_scalings(
         self,
