@@ -32,19 +32,24 @@ from server.routing_state import (
     StateFileError,
     config_routing,
     note_new_snapshot,
+    read_state_models,
     request_snapshot,
+    write_state_file,
 )
 from server.scalings_store import LocalScalingsStore
 from server.scheduler import Scheduler
 from server.schemas import GenerationRequest, PromptInput, RoutingUpdate
 from server.settings import Settings
 from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
-from xlora_core.hosted import HostedModel
+from xlora_core.hosted import ExpertLimitError, HostedModel, ModelNameTaken
 
 log = logging.getLogger("xlora.manager")
 
 
 State = Literal["loading", "ready", "failed", "draining"]
+
+# Weight files that unpickle (run code) when read: never loaded from a folder given at run time.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
 def process_replica_name() -> str:
@@ -85,6 +90,7 @@ class ModelManager:
         self.grammars_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
+        self.runtime_models: list[dict] = []  # loaded through POST /models: {name, kind, folder}
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -147,6 +153,7 @@ class ModelManager:
 
         model.name = self.model_name
         self._add_models(model)
+        self._add_saved_models(model)
         routing = self.routing_state.last_seen().routing  # the config's, or the state file's, or the deployment's
         try:
             routing.validate(len(model.adapter_names))
@@ -190,6 +197,104 @@ class ModelManager:
             except (ValueError, OSError) as exc:  # ExpertError, CheckpointError, a taken name, a missing file
                 raise ValueError(f"{s.source}: models[{i}] ({name}): {exc}") from None
             log.info("serving model %s (%s)", name, entry.kind)
+
+    def _add_saved_models(self, model) -> None:
+        """The models loaded at run time before a restart (server.state_file's `models`)."""
+        path = self.settings.state_file_path()
+        for entry in read_state_models(Path(path)) if path else []:
+            try:
+                pending = model.read_model(entry["name"], entry["kind"], entry.get("folder"))
+                model.attach(pending, self.settings.server.max_loaded_experts)
+            except (ValueError, OSError, KeyError, TypeError) as exc:
+                raise ValueError(f"server.state_file {path}: models: {entry!r}: {exc}") from None
+            self.runtime_models.append(entry)
+            log.info("serving model %s (%s), loaded before the restart", entry["name"], entry["kind"])
+
+    # ---- models loaded and unloaded at run time (POST and DELETE /models, admin) -------------------
+    async def load_model(self, name: str, kind: str, value: str, field: str) -> HostedModel:
+        """Read a model from a folder under server.model_root off the model thread, attach it between steps,
+        and keep it in server.state_file. Every refusal names the field (or the setting) at fault."""
+        folder = self._folder_under_root(value, field)
+        try:
+            pending = await asyncio.to_thread(self.model.read_model, name, kind, folder)
+        except ModelNameTaken as exc:
+            raise APIError(409, str(exc), param="name", code="model_exists") from None
+        except (ValueError, OSError) as exc:  # ExpertError, CheckpointError: the file or module at fault
+            raise APIError(422, str(exc), param=field, code="invalid_model") from None
+        limit = self.settings.server.max_loaded_experts
+        future = self.scheduler.between_steps(lambda batch: self.model.attach(pending, limit))
+        try:
+            model = await asyncio.wrap_future(future)
+        except ModelNameTaken as exc:
+            raise APIError(409, str(exc), param="name", code="model_exists") from None
+        except ExpertLimitError as exc:
+            raise APIError(409, f"{exc} (server.max_loaded_experts)", code="too_many_experts") from None
+        self.runtime_models.append({"name": name, "kind": kind, "folder": str(folder)})
+        self._save_models()
+        log.info("model %s (%s) loaded from %s", name, kind, folder)
+        return model
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving a model (one loaded at run time or from the config's models:), between steps. Refused
+        with 409 while requests of it run or wait: it does not drain them."""
+        if name == self.model.name:
+            raise APIError(409, "the xlora section's model is served for the server's life; it cannot be unloaded",
+                           code="model_required")  # fmt: skip
+        self.resolve_model(name, param="name")
+
+        def remove(batch) -> None:
+            using = self.scheduler.rows_of_model(batch, name)
+            if using:
+                raise APIError(409, f"{using} request(s) of {name!r} are running or waiting; unload it when they "
+                               "are done", code="model_in_use")  # fmt: skip
+            layers, experts = self.model.remove(name)
+            if batch.cache is not None:  # frozen rows of the other models hold scalings of every expert
+                batch.cache.frozen = [None if f is None else f[layers][:, experts] for f in batch.cache.frozen]
+
+        try:
+            await asyncio.wrap_future(self.scheduler.between_steps(remove))
+        except KeyError:
+            raise APIError(404, f"the model {name!r} does not exist", param="name", code="model_not_found") from None
+        self.runtime_models = [e for e in self.runtime_models if e["name"] != name]
+        self._save_models()
+        log.info("model %s unloaded", name)
+
+    def _folder_under_root(self, value: str, field: str) -> Path:
+        """The folder `value` (relative to server.model_root, or absolute) if it is really inside the root:
+        no symlink out of it, and no pickle weights in it (only safetensors are read at run time)."""
+        root = self.settings.model_root_path()
+        if root is None:
+            raise APIError(403, "loading models at run time is off: set server.model_root", param=field,
+                           code="model_root_unset")  # fmt: skip
+        root = root.resolve()
+        try:
+            folder = (root / value).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise APIError(422, f"{value!r} is not a folder under server.model_root", param=field,
+                           code="invalid_model") from None  # fmt: skip
+        if not folder.is_relative_to(root) or not folder.is_dir():
+            raise APIError(422, f"{value!r} is not a folder under server.model_root ({root})", param=field,
+                           code="invalid_model")  # fmt: skip
+        for path in sorted(folder.rglob("*")):
+            shown = path.relative_to(folder)
+            if not path.resolve().is_relative_to(root):
+                raise APIError(422, f"{shown} links outside server.model_root", param=field, code="invalid_model")
+            if path.suffix in PICKLE_SUFFIXES:
+                raise APIError(422, f"{shown}: only safetensors weights are loaded at run time, not pickles",
+                               param=field, code="invalid_model")  # fmt: skip
+        return folder
+
+    def _save_models(self) -> None:
+        """Keep the models loaded at run time in server.state_file, for the next start."""
+        path = self.settings.state_file_path()
+        if path is None:
+            return
+        snapshot = self.routing_state.last_seen()
+        try:
+            write_state_file(Path(path), snapshot.routing.to_dict(), snapshot.version, models=self.runtime_models)
+        except OSError as exc:
+            raise APIError(500, f"server.state_file {path}: cannot write it: {exc.strerror or exc}",
+                           code="state_file_error") from None  # fmt: skip
 
     def _load_grammar_compiler(self, tokenizer, vocab_size: int | None) -> None:
         """Structured output's view of the tokenizer (once: about a second for a 49k vocabulary). A tokenizer

@@ -131,6 +131,26 @@ class ModelsList(BaseModel):
     models: list[ModelInfo]
 
 
+class LoadModelRequest(_Request):
+    """POST /models: a name and exactly one of checkpoint (X-LoRA) or adapter (one PEFT LoRA), each a folder
+    under server.model_root (relative to it, or absolute)."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$")
+    checkpoint: str | None = Field(None, min_length=1, description="an X-LoRA checkpoint folder")
+    adapter: str | None = Field(None, min_length=1, description="a PEFT LoRA adapter folder")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LoadModelRequest:
+        if (self.checkpoint is None) == (self.adapter is None):
+            raise ValueError("give exactly one of checkpoint or adapter")
+        return self
+
+
+class UnloadedModel(BaseModel):
+    name: str
+    unloaded: bool = True
+
+
 class RequestRouting(RoutingUpdate):
     """A request's routing: a partial update of its model's defaults, and optionally a fixed mixture."""
 

@@ -143,6 +143,14 @@ class ServerSection(_Section):
         description="a JSON schema, regex or grammar that takes longer to compile is refused (422; 400 on /v1)",
     )
     constraint_cache_size: int = Field(64, ge=1, description="compiled constraints kept (by their text)")
+    model_root: str | None = Field(
+        None, description="POST /models (admin) loads models from folders under this one only; null = run-time "
+        "loading is off (docs/models.md)",
+    )
+    max_loaded_experts: int | None = Field(
+        None, ge=1, description="experts held at once, every model's together (shared ones once); a load that "
+        "would hold more is refused; null = no bound",
+    )
     allow_hub_downloads: bool = Field(
         False,
         description="models loaded at run time (admin) may be Hugging Face Hub ids, fetched by the server; the "
@@ -225,6 +233,9 @@ class Settings(_Section):
         return None if self.xlora.ordering is None else self.resolve_path(self.xlora.ordering)
     def state_file_path(self) -> str | None:
         return None if self.server.state_file is None else self.resolve_path(self.server.state_file)
+
+    def model_root_path(self) -> Path | None:
+        return None if self.server.model_root is None else Path(self.resolve_path(self.server.model_root))
 
     def adapter_dirs(self) -> dict[str, str] | None:
         if self.xlora.adapters is None:

@@ -167,8 +167,11 @@ def served_models(world: dict) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def server(start_server, world) -> ServerProcess:
-    """The shared server: batching on (4 rows), no auth; it serves more models over its base (served_models)."""
-    return start_server({**server_config(world), "models": served_models(world)})
+    """The shared server: batching on (4 rows), no auth; it serves more models over its base (served_models), and
+    loads more at run time from the world's folder (at most 4 experts: its models share 3)."""
+    runtime = {"model_root": str(world["root"]), "max_loaded_experts": 4,
+               "state_file": str(world["root"] / "state.json")}  # fmt: skip
+    return start_server({**server_config(world, server=runtime), "models": served_models(world)})
 
 
 API_KEY, ADMIN_TOKEN = "api-secret-3f9c", "admin-secret-7d21"
@@ -179,7 +182,7 @@ def secured_server(start_server, world) -> ServerProcess:
     """A server with both secrets set (XLORA_API_KEY, XLORA_ADMIN_TOKEN) and JSON logs; shared by the auth,
     access and dashboard tests. Tests that change its routing or clear its log put things back or don't rely
     on what others left."""
-    config = server_config(world, logging={"format": "json"})
+    config = server_config(world, logging={"format": "json"}, server={"model_root": str(world["root"])})
     return start_server(config, env={"XLORA_API_KEY": API_KEY, "XLORA_ADMIN_TOKEN": ADMIN_TOKEN})
 
 

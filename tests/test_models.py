@@ -148,3 +148,24 @@ def test_routing_refusals_name_the_field(host):
     with pytest.raises(ParameterError) as e:
         Routing(weights={"0": 1.0}, top_k=1)
     assert e.value.parameter == "top_k"
+
+
+def test_removing_a_model_frees_its_own_experts_and_layers_only(world):
+    host = XLoraModel.from_pretrained(load_base(world["base"]), world["a"])
+    prompt = torch.tensor([[5, 17, 33, 8, 61, 2, 40]])
+    want_a = host.generate(prompt, max_new_tokens=NEW_TOKENS)
+    host.add_xlora("B", world["b"])
+    host.add_adapter("solo", world["solo"])
+    want_b = host.generate(prompt, max_new_tokens=NEW_TOKENS, model="B")
+    want_solo = host.generate(prompt, max_new_tokens=NEW_TOKENS, model="solo")
+    layers = host.n_lora_layers
+    kept_layers, kept_experts = host.remove("B")  # expert 2 and its gate/down layers go; expert 1 is A's too
+    assert kept_experts == [0, 1, 3] and host.n_experts_loaded == 3
+    assert len(kept_layers) == host.n_lora_layers < layers
+    assert torch.equal(host.generate(prompt, max_new_tokens=NEW_TOKENS), want_a)
+    assert torch.equal(host.generate(prompt, max_new_tokens=NEW_TOKENS, model="solo"), want_solo)
+    host.remove("solo")
+    assert host.n_experts_loaded == 2 and host.n_lora_layers == len(host.primary.layers)
+    assert torch.equal(host.generate(prompt, max_new_tokens=NEW_TOKENS), want_a)
+    host.add_xlora("B", world["b"])  # loaded again, it answers as before
+    assert torch.equal(host.generate(prompt, max_new_tokens=NEW_TOKENS, model="B"), want_b)

@@ -4,16 +4,21 @@ tiny-base (conftest.served_models)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from server.settings import ConfigError, load_settings
 
-from .conftest import EXPERTS, server_config
+from .conftest import EXPERTS, save_lora_expert, server_config
 
 PROMPT = "sort: 3 1 2"
 
@@ -128,3 +133,106 @@ def test_a_models_entry_that_does_not_fit_stops_the_server_naming_it(start_serve
     proc = start_server({**server_config(world), "models": [{"name": "broken", "adapter": str(bad)}]}, ready=False)
     assert proc.wait_exit(120) != 0
     assert "models[0] (broken)" in proc.log() and "adapter_config.json" in proc.log()
+
+
+# -----------------------------------------------------------------------------
+# loading and unloading at run time (POST and DELETE /models)
+
+
+def fresh_adapter(world: dict, name: str, seed: int) -> str:
+    """A new PEFT adapter folder under the shared server's model_root (the world's folder)."""
+    save_lora_expert(Path(world["base"]), world["root"] / name, seed=seed, target_modules=["up_proj"])
+    return name
+
+
+def test_a_model_loaded_at_run_time_serves_among_the_others_then_unloads(client, world):
+    folder = fresh_adapter(world, "runtime-up", seed=40)
+    with ThreadPoolExecutor(4) as pool:  # requests in flight while it joins: none is dropped
+        running = [pool.submit(generate, client, model=m) for m in ("tiny-xlora", "tiny-xlora-2", "json", "tiny-xlora")]
+        r = client.post("/models", json={"name": "up", "adapter": folder})
+        assert r.status_code == 200, r.text
+        assert all(f.result().status_code == 200 for f in running)
+    assert r.json() == {"name": "up", "kind": "adapter", "experts": ["up"], "routing": None}
+    assert "up" in [m["name"] for m in client.get("/models").json()["models"]]
+    up = generate(client, model="up").json()
+    assert up["text"] != generate(client, model="tiny-base").json()["text"]
+    assert up["text"] == generate(client, model="up").json()["text"]
+    saved = json.loads((world["root"] / "state.json").read_text())
+    assert saved["models"] == [{"name": "up", "kind": "adapter", "folder": str(world["root"] / folder)}]
+
+    r = client.post("/models", json={"name": "up", "adapter": folder})
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name"
+    r = client.post("/models", json={"name": "one-too-many", "adapter": fresh_adapter(world, "runtime-5th", 41)})
+    assert r.status_code == 409 and "server.max_loaded_experts" in r.json()["error"]["message"], r.text
+
+    assert client.delete("/models/up").status_code == 200
+    assert generate(client, model="up").status_code == 404
+    assert "models" not in json.loads((world["root"] / "state.json").read_text())
+    r = client.delete("/models/tiny-xlora")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_required"
+    assert client.delete("/models/nope").status_code == 404
+    # the freed expert's room serves the next one
+    assert client.post("/models", json={"name": "fifth", "adapter": "runtime-5th"}).status_code == 200
+    assert client.delete("/models/fifth").status_code == 200
+
+
+def test_unloading_a_model_in_use_is_refused(client, world):
+    folder = fresh_adapter(world, "runtime-busy", seed=42)
+    assert client.post("/models", json={"name": "busy", "adapter": folder}).status_code == 200
+    body = {"prompt": "x", "model": "busy", "max_tokens": 200, "logit_bias": {"40": 100}, "temperature": 0,
+            "stream": True}  # logit_bias keeps it from stopping early
+    with client.stream("POST", "/v1/completions", json=body) as running:
+        lines = running.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # its first token: it runs
+        r = client.delete("/models/busy")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_in_use", r.text
+        assert "data: [DONE]" in list(lines)  # and it finishes
+    assert client.delete("/models/busy").status_code == 200
+
+
+def test_loading_refusals_name_what(client, world, tmp_path):
+    root = world["root"]
+    outside = tmp_path / "outside"
+    shutil.copytree(world["experts"]["json"], outside)
+    (root / "escape").unlink(missing_ok=True)
+    (root / "escape").symlink_to(outside)
+    pickled = root / "pickled"
+    shutil.copytree(world["experts"]["json"], pickled, dirs_exist_ok=True)
+    (pickled / "adapter_model.bin").write_bytes(b"not read")
+    misfit = root / "misfit"
+    shutil.copytree(world["experts"]["json"], misfit, dirs_exist_ok=True)
+    tensors = load_file(misfit / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], 7)
+    save_file(tensors, misfit / "adapter_model.safetensors")
+    cases = [
+        ({"adapter": str(outside)}, "adapter", "not a folder under server.model_root"),
+        ({"adapter": "../"}, "adapter", "not a folder under server.model_root"),
+        ({"adapter": "escape"}, "adapter", "not a folder under server.model_root"),
+        ({"adapter": "pickled"}, "adapter", "adapter_model.bin: only safetensors"),
+        ({"adapter": "misfit"}, "adapter", "in the base model but the expert has A"),
+        ({"checkpoint": "expert-json"}, "checkpoint", "peft_type"),
+        ({"adapter": "no-such-folder"}, "adapter", "not a folder under server.model_root"),
+    ]
+    for source, param, message in cases:
+        r = client.post("/models", json={"name": "refused", **source})
+        assert r.status_code == 422, (source, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and message in error["message"], (source, error)
+    r = client.post("/models", json={"name": "refused", "adapter": "a", "checkpoint": "b"})
+    assert r.status_code == 422
+    assert "refused" not in [m["name"] for m in client.get("/models").json()["models"]]
+
+
+def test_models_loaded_at_run_time_survive_a_restart(start_server, world, tmp_path):
+    state = tmp_path / "state.json"
+    folder = world["root"] / "runtime-kept"
+    if not folder.exists():
+        fresh_adapter(world, "runtime-kept", seed=43)
+    state.write_text(json.dumps({"version": 0, "routing": {"top_k": None, "global_scaling_weight": 1.0,
+                                                            "freeze_after": None},
+                                 "models": [{"name": "kept", "kind": "adapter", "folder": str(folder)}]}))  # fmt: skip
+    proc = start_server(server_config(world, server={"state_file": str(state)}))
+    models = httpx.get(proc.url + "/models", timeout=30).json()["models"]
+    assert [m["name"] for m in models] == ["tiny-xlora", "kept"]
+    proc.stop()

@@ -17,8 +17,28 @@ import torch
 
 from .classifier import Routing, XLoraClassifier
 from .config import XLoraConfig
+from .lora import LoraExpert
 
 Kind = Literal["xlora", "adapter", "base"]
+
+
+class ModelNameTaken(ValueError):
+    """A model of that name is served already."""
+
+
+class ExpertLimitError(ValueError):
+    """Loading the model would hold more experts than allowed (the message says how many)."""
+
+
+@dataclass
+class PendingModel:
+    """A model read from disk and checked against the base, not served yet (XLoraModel.read_model, attach)."""
+
+    name: str
+    kind: Kind
+    experts: list[LoraExpert]
+    classifier: XLoraClassifier | None = None
+    config: XLoraConfig | None = None
 
 
 @dataclass

@@ -114,13 +114,15 @@ def read_expert(name: str, folder: str | Path) -> LoraExpert:
     return LoraExpert(name=name, folder=folder, modules=modules, lora_config=lora_config)
 
 
-def expert_identity(folder: Path) -> str:
-    """What makes two expert folders the same expert: the bytes of its config and weights (a checkpoint
-    holds copies of its experts, so folders alone would load a shared expert twice)."""
+def expert_identity(expert: LoraExpert) -> str:
+    """What makes two experts the same: their modules, matrices and scales (a checkpoint holds copies of its
+    experts, written anew, so neither folders nor file bytes would find an expert shared by two models)."""
     digest = hashlib.sha256()
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        with open(folder / name, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+    for module in sorted(expert.modules):
+        a, b, scale = expert.modules[module]
+        digest.update(f"{module}:{tuple(a.shape)}:{tuple(b.shape)}:{a.dtype}:{scale!r}".encode())
+        for t in (a, b):
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -209,6 +211,17 @@ class FusedLoraLinear(nn.Module):
         self.ranks |= {e: a.shape[0] for e, a, _, _ in experts}
         self._runs = {}
 
+    def keep_experts(self, renumber: dict[int, int]) -> None:
+        """Keep only the columns of the experts in `renumber` (old index -> new index); the others are freed."""
+        keep = torch.tensor([int(e) in renumber for e in self.expert_of_column.tolist()], device=self.lora_A.device)
+        self.lora_A = nn.Parameter(self.lora_A.detach()[keep], requires_grad=False)
+        self.lora_B = nn.Parameter(self.lora_B.detach()[:, keep], requires_grad=False)
+        kept = [renumber[int(e)] for e in self.expert_of_column[keep].tolist()]
+        self.expert_of_column = torch.tensor(kept, dtype=self.expert_of_column.dtype, device=self.lora_A.device)
+        self.scale_of_column = self.scale_of_column[keep]
+        self.ranks = {renumber[e]: r for e, r in self.ranks.items() if e in renumber}
+        self._runs = {}
+
     def runs(self, experts: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
         """(A, B, first, end column) of each contiguous run of these experts' columns in this layer. All the
         columns: the stacked matrices themselves; a part: copies made once (a prepacked weight is kept per
@@ -274,9 +287,37 @@ def extend_experts(
     already gets their columns appended, a new one becomes a FusedLoraLinear numbered after the others (in
     module order among the new ones). Returns every fused layer, old then new. Nothing changes if an
     expert does not fit (ExpertError naming it)."""
+    targeted = check_experts_fit(base, [e for _, e in experts])
+    named = _linear_modules(base)
+    fused_names = {id(module): name for name, module in base.named_modules()}
+    by_name = {fused_names[id(layer)]: layer for layer in layers}
+    layers = list(layers)
+    for module_name in [n for n in named if n in targeted]:
+        parts = [(i, *e.modules[module_name]) for i, e in experts if module_name in e.modules]
+        if module_name in by_name:
+            by_name[module_name].add_experts(parts)
+            continue
+        parent_name, _, attr = module_name.rpartition(".")
+        fused = FusedLoraLinear(named[module_name], len(layers), parts, slot)
+        setattr(base.get_submodule(parent_name) if parent_name else base, attr, fused)
+        layers.append(fused)
+    number_columns(layers)
+    return layers
+
+
+def number_columns(layers: list[FusedLoraLinear]) -> None:
+    """Where each layer's columns start in ExpertWeightsSlot.columns: layer after layer."""
+    first = 0
+    for layer in layers:
+        layer.first_column, first = first, first + layer.lora_A.shape[0]
+
+
+def check_experts_fit(base: nn.Module, experts: list[LoraExpert]) -> set[str]:
+    """The modules these experts target; ExpertError naming the expert and module if one does not fit the base
+    (no such module, not a Linear, other shapes, a targeted module without weights). Changes nothing."""
     named = _linear_modules(base)
     targeted: set[str] = set()
-    for _, expert in experts:
+    for expert in experts:
         for module, (a, b, _) in expert.modules.items():
             target = named.get(module)
             if target is None:
@@ -293,22 +334,7 @@ def extend_experts(
                 )
             targeted.add(module)
         _check_every_target_has_weights(expert, named)
-    fused_names = {id(module): name for name, module in base.named_modules()}
-    by_name = {fused_names[id(layer)]: layer for layer in layers}
-    layers = list(layers)
-    for module_name in [n for n in named if n in targeted]:
-        parts = [(i, *e.modules[module_name]) for i, e in experts if module_name in e.modules]
-        if module_name in by_name:
-            by_name[module_name].add_experts(parts)
-            continue
-        parent_name, _, attr = module_name.rpartition(".")
-        fused = FusedLoraLinear(named[module_name], len(layers), parts, slot)
-        setattr(base.get_submodule(parent_name) if parent_name else base, attr, fused)
-        layers.append(fused)
-    first = 0
-    for layer in layers:  # where each layer's columns start in ExpertWeightsSlot.columns
-        layer.first_column, first = first, first + layer.lora_A.shape[0]
-    return layers
+    return targeted
 
 
 def _linear_modules(base: nn.Module) -> dict[str, nn.Module]:

@@ -22,8 +22,17 @@ from .batch_invariant import ROW_SDPA, left_padded_spans, ragged_spans, use_row_
 from .cache import RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
 from .config import ParameterError, XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
-from .hosted import HostedModel
-from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, expert_identity, extend_experts, read_expert
+from .hosted import ExpertLimitError, HostedModel, Kind, ModelNameTaken, PendingModel
+from .lora import (
+    ExpertWeightsSlot,
+    FusedLoraLinear,
+    attach_experts,
+    check_experts_fit,
+    expert_identity,
+    extend_experts,
+    number_columns,
+    read_expert,
+)
 from .scalings_log import ClassifierScalingsLog
 
 
@@ -48,7 +57,7 @@ class XLoraModel(nn.Module):
         self.classifier = XLoraClassifier(config, len(self._lora_layers), len(experts)).to(ref.device, ref.dtype)
         # The models served over this base (hosted.py): this X-LoRA model, named `name`, and any added.
         self.name = "default"
-        self._expert_files = [expert_identity(e.folder) for e in experts]  # every expert loaded, by global index
+        self._expert_files = [expert_identity(e) for e in experts]  # every expert loaded, by global index
         n_layers = len(self._lora_layers)
         self.primary = HostedModel(self.name, "xlora", list(config.adapters), list(range(len(experts))),
                                    list(range(n_layers)), self.classifier, config)  # fmt: skip
@@ -97,67 +106,115 @@ class XLoraModel(nn.Module):
     def n_experts_loaded(self) -> int:
         return len(self._expert_files)
 
-    def add_xlora(self, name: str, folder: str | Path, adapters: dict[str, str] | None = None) -> HostedModel:
+    def add_xlora(
+        self, name: str, folder: str | Path, adapters: dict[str, str] | None = None, max_experts: int | None = None
+    ) -> HostedModel:
         """Serve another X-LoRA checkpoint over this base, as `name`; an expert it shares with a model loaded
         already (the same files) is not loaded again."""
+        return self.attach(self.read_model(name, "xlora", folder, adapters), max_experts)
+
+    def add_adapter(self, name: str, folder: str | Path, max_experts: int | None = None) -> HostedModel:
+        """Serve a plain PEFT LoRA adapter over this base, as `name` (the mixture {name: 1})."""
+        return self.attach(self.read_model(name, "adapter", folder), max_experts)
+
+    def add_base(self, name: str) -> HostedModel:
+        """Serve the base model itself, no expert, as `name`."""
+        return self.attach(self.read_model(name, "base"))
+
+    def read_model(
+        self, name: str, kind: Kind, folder: str | Path | None = None, adapters: dict[str, str] | None = None
+    ) -> PendingModel:
+        """Read a model's files and check them against the base, changing nothing (a server does this off its
+        model thread, then `attach`es between steps). Raises ExpertError, CheckpointError or ValueError."""
         from .checkpoint import read_checkpoint
         from .stored import check_classifier
 
         self._check_new_name(name)
+        if kind == "base":
+            return PendingModel(name, kind, [])
+        if kind == "adapter":
+            experts = [read_expert(name, folder)]
+            check_experts_fit(self.base, experts)
+            return PendingModel(name, kind, experts)
         stored = read_checkpoint(folder, adapters=adapters)
         if stored.config.hidden_size != self.config.hidden_size:
             raise ValueError(f"{stored.config_path}: hidden_size is {stored.config.hidden_size}, the base's "
                              f"{self.config.hidden_size}")  # fmt: skip
-        indices = self._load_experts(stored.config.adapters)
-        layers = self._layers_of(indices)
-        classifier = XLoraClassifier(stored.config, len(layers), len(indices))
-        check_classifier(stored, classifier.state_dict(), len(layers))
+        experts = [read_expert(n, f) for n, f in stored.config.adapters.items()]
+        n_layers = len(check_experts_fit(self.base, experts))  # as peft: one LoRA layer per targeted module
+        classifier = XLoraClassifier(stored.config, n_layers, len(experts))
+        check_classifier(stored, classifier.state_dict(), n_layers)
         classifier.load_state_dict(stored.classifier)
-        classifier.to(self.device, self.dtype).eval()
-        use_row_invariant_linears(classifier, self.slot)
-        self._routers[name] = classifier
-        model = HostedModel(name, "xlora", list(stored.config.adapters), indices, layers, classifier, stored.config)
-        self.hosted[name] = model
-        return model
+        return PendingModel(name, kind, experts, classifier.eval(), stored.config)
 
-    def add_adapter(self, name: str, folder: str | Path) -> HostedModel:
-        """Serve a plain PEFT LoRA adapter over this base, as `name` (the mixture {name: 1})."""
-        self._check_new_name(name)
-        indices = self._load_experts({name: folder})
-        model = HostedModel(name, "adapter", [name], indices, self._layers_of(indices))
-        self.hosted[name] = model
-        return model
-
-    def add_base(self, name: str) -> HostedModel:
-        """Serve the base model itself, no expert, as `name`."""
-        self._check_new_name(name)
-        model = HostedModel(name, "base", [], [])
-        self.hosted[name] = model
-        return model
-
-    def _check_new_name(self, name: str) -> None:
-        if not name or name == self.name or name in self.hosted:
-            raise ValueError(f"model name {name!r} is empty or taken")
-
-    def _load_experts(self, adapters: dict[str, str | Path]) -> list[int]:
-        """Global indices of these experts, reading and attaching those not loaded yet (by folder)."""
+    def attach(self, pending: PendingModel, max_experts: int | None = None) -> HostedModel:
+        """Serve a model read by `read_model` (between steps: the fused layers change). Its experts already
+        loaded (the same files) are shared; ExpertLimitError if more than `max_experts` would be loaded."""
+        self._check_new_name(pending.name)
         indices, new = [], []
-        for expert_name, folder in adapters.items():
-            expert = read_expert(expert_name, folder)
-            identity = expert_identity(expert.folder)
+        for expert in pending.experts:
+            identity = expert_identity(expert)
             known = [i for i, f in enumerate(self._expert_files) if f == identity]
-            if known:
-                indices.append(known[0])
-                continue
-            indices.append(self.n_experts_loaded + len(new))
-            new.append(expert)
+            indices.append(known[0] if known else self.n_experts_loaded + len(new))
+            if not known:
+                new.append(expert)
+        if max_experts is not None and self.n_experts_loaded + len(new) > max_experts:
+            raise ExpertLimitError(f"{pending.name!r} would load {len(new)} more expert(s) onto "
+                                   f"{self.n_experts_loaded}; at most {max_experts} may be loaded")  # fmt: skip
         if new:
             first = self.n_experts_loaded
             self._lora_layers = extend_experts(self.base, self._lora_layers, list(enumerate(new, first)), self.slot)
-            self._expert_files += [expert_identity(e.folder) for e in new]
+            self._expert_files += [expert_identity(e) for e in new]
             self._index_columns()
             self.freeze_experts()
-        return indices
+        classifier = pending.classifier
+        if classifier is not None:
+            classifier.to(self.device, self.dtype)
+            use_row_invariant_linears(classifier, self.slot)
+            self._routers[pending.name] = classifier
+        names = [e.name for e in pending.experts]
+        model = HostedModel(pending.name, pending.kind, names, indices, self._layers_of(indices), classifier,
+                            pending.config)  # fmt: skip
+        self.hosted[pending.name] = model
+        return model
+
+    def remove(self, name: str) -> tuple[list[int], list[int]]:
+        """Stop serving a model added to this one (between steps, no row of it running) and free its experts
+        that no other model uses, and fused layers left without columns. Returns the (layers, experts) kept, by
+        their old global index, for scalings held elsewhere (XLoraCache.frozen) to follow."""
+        if name not in self.hosted:
+            raise KeyError(name)
+        del self.hosted[name]
+        if name in self._routers:
+            del self._routers[name]
+        used = set(self.primary.experts).union(*(m.experts for m in self.hosted.values()))
+        experts = [e for e in range(self.n_experts_loaded) if e in used]
+        renumber = {old: new for new, old in enumerate(experts)}
+        for layer in self._lora_layers:
+            layer.keep_experts(renumber)
+        layers = [i for i, la in enumerate(self._lora_layers) if la.lora_A.shape[0] > 0]
+        for i, layer in enumerate(self._lora_layers):
+            if i not in layers:  # no expert left here: the plain Linear again
+                parent_name, _, attr = self._module_name(layer).rpartition(".")
+                setattr(self.base.get_submodule(parent_name) if parent_name else self.base, attr, layer.base_layer)
+        self._lora_layers = [self._lora_layers[i] for i in layers]
+        for new_index, layer in enumerate(self._lora_layers):
+            layer.layer_index = new_index
+        number_columns(self._lora_layers)
+        self._expert_files = [self._expert_files[e] for e in experts]
+        self._index_columns()
+        layer_number = {old: new for new, old in enumerate(layers)}
+        for model in [self.primary, *self.hosted.values()]:
+            model.experts = [renumber[e] for e in model.experts]
+            model.layers = [layer_number[i] for i in model.layers]
+        return layers, experts
+
+    def _module_name(self, module: nn.Module) -> str:
+        return next(name for name, m in self.base.named_modules() if m is module)
+
+    def _check_new_name(self, name: str) -> None:
+        if not name or name == self.name or name in self.hosted:
+            raise ModelNameTaken(f"the model name {name!r} is taken")
 
     def _layers_of(self, experts: list[int]) -> list[int]:
         """The global LoRA layers that these experts target, in the base's module order (peft's numbering)."""
