@@ -164,7 +164,8 @@ class ModelManager:
         self.context_length = getattr(base.config, "max_position_embeddings", None)
         self.vocab_size = base.get_output_embeddings().weight.shape[0]
         self.metrics.set_routing(routing)
-        self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
+        # the xlora section's model's experts (requests of other models have other experts)
+        self.metrics.watch_mean_scaling(model.adapter_names, lambda i: self.scalings_log.mean_of(i, self.model_name))
         eos = getattr(base.generation_config, "eos_token_id", None) if base.generation_config else None
         self.eos_token_id = eos if eos is not None else tokenizer.eos_token_id
         self._load_grammar_compiler(tokenizer, getattr(base.config, "vocab_size", None))
@@ -351,6 +352,8 @@ class ModelManager:
         """Apply a PATCH: merge it into the newest snapshot, validate, and store it if no other change came
         in between (else merge again into that one); the new snapshot is returned and in force for every
         request that starts after this returns, on every replica."""
+        if "model" in update.model_fields_set:  # the xlora section's model, named: the update without the name
+            update = RoutingUpdate(**update.model_dump(include=update.model_fields_set - {"model"}))
         while True:
             current = await self.routing_state.current()
             note_new_snapshot(current)  # merge_routing reads the request's snapshot
@@ -381,6 +384,22 @@ class ModelManager:
             return self.model.check_routing(replace(default, **changes))
         except ParameterError as exc:
             raise APIError(422, str(exc), param=param_prefix + exc.parameter, code="invalid_value") from None
+
+    def set_model_routing(self, update: RoutingUpdate) -> Routing:
+        """PATCH /routing with `model`: another X-LoRA model's defaults, in this process (its config's fields)."""
+        model = self.resolve_model(update.model)
+        if model.kind != "xlora":
+            raise APIError(422, f"{model.name!r} is a {model.kind}: it has no routing defaults", param="model",
+                           code="invalid_value")  # fmt: skip
+        changes = {f.name: getattr(update, f.name) for f in fields(Routing) if f.name in update.model_fields_set
+                   and f.name != "model"}  # fmt: skip
+        try:
+            routing = self.model.check_routing(replace(self.model.routing_of(model.name), **changes))
+        except ParameterError as exc:
+            raise APIError(422, str(exc), param=exc.parameter, code="invalid_value") from None
+        model.config.top_k_lora, model.config.global_scaling_weight = routing.top_k, routing.global_scaling_weight
+        model.freeze_after = routing.freeze_after
+        return routing
 
     def resolve_model(self, name: str | None, param: str = "model") -> HostedModel:
         """The model a request names (None: the xlora section's); 404 naming the field if none is served."""

@@ -297,8 +297,10 @@ class Scheduler:
                 frozen_from=frozen_from,
                 token_ids=list(job.prompt_ids) + list(dec.completion_ids),
                 constraint=constraint,
+                model=job.routing.model or self.model.name,
             )
         )
+        self.metrics.model_generations.labels(model=job.routing.model or self.model.name, outcome=finish_reason).inc()
         self.metrics.generations.labels(outcome=finish_reason).inc()
         self.metrics.prompt_tokens_per_request.observe(n_prompt)
         self.metrics.generated_tokens_per_request.observe(n_out)

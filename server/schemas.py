@@ -86,8 +86,11 @@ class RoutingSettings(BaseModel):
     top_k: int | None = Field(None, description="experts kept per token; null = all (dense)")
     global_scaling_weight: float
     freeze_after: int | None = Field(None, description=_FREEZE_AFTER_DOC)
-    model: str | None = Field(None, description="the model that served the request, if not the xlora section's")
-    weights: dict[str, float] | None = Field(None, description="the fixed mixture it ran with, if any")
+    # Only when set (exclude_if): the answers of a one-model server stay as they were.
+    model: str | None = Field(None, exclude_if=lambda v: v is None,
+                              description="the model that served the request, if not the xlora section's")
+    weights: dict[str, float] | None = Field(None, exclude_if=lambda v: v is None,
+                                             description="the fixed mixture it ran with, if any")
 
 
 class RoutingState(RoutingSettings):
@@ -149,6 +152,14 @@ class LoadModelRequest(_Request):
 class UnloadedModel(BaseModel):
     name: str
     unloaded: bool = True
+
+
+class RoutingPatch(RoutingUpdate):
+    """PATCH /routing: a partial update of the defaults of the xlora section's model, or of another X-LoRA
+    model's (`model`)."""
+
+    model: str | None = Field(None, description="another X-LoRA model (GET /models) whose defaults change; "
+                              "default: the xlora section's")
 
 
 class RequestRouting(RoutingUpdate):
@@ -427,6 +438,7 @@ class ScalingsSummary(BaseModel):
         None, description="first position whose scalings are frozen (routing.freeze_after); null if none were"
     )
     replica: str | None = Field(None, description="the replica that served the request (x-xlora-replica)")
+    model: str | None = Field(None, description="the model that served it (GET /models); adapter_names are its experts")
     constraint: str | None = Field(None, description=_CONSTRAINT_DOC)
 
 

@@ -70,6 +70,28 @@ def test_a_plain_adapter_is_the_mixture_of_its_one_expert(client):
     adapter = generate(client, model="json").json()
     mixture = generate(client, routing={"weights": {"json": 1.0}}).json()
     assert adapter["text"] == mixture["text"]
+    logged = client.get(f"/scalings/{adapter['id']}").json()  # the log and the metrics say which model
+    assert logged["model"] == "json" and logged["adapter_names"] == ["json"]
+    assert client.get(f"/scalings/{mixture['id']}").json()["model"] == "tiny-xlora"
+    metrics = client.get("/metrics").text
+    assert 'xlora_model_generations_total{model="json",outcome="length"}' in metrics
+
+
+def test_patch_routing_of_another_xlora_model(client):
+    r = client.patch("/routing", json={"model": "tiny-xlora-2", "top_k": 1})
+    assert r.status_code == 200, r.text
+    try:
+        assert r.json()["top_k"] == 1 and r.json()["model"] == "tiny-xlora-2"
+        assert client.get("/routing", params={"model": "tiny-xlora-2"}).json()["top_k"] == 1
+        assert client.get("/routing").json()["top_k"] is None  # the xlora section's model keeps its own
+        assert generate(client, model="tiny-xlora-2").json()["routing"]["top_k"] == 1
+        assert generate(client).json()["routing"]["top_k"] is None
+        for body, status, param in (({"model": "json", "top_k": 1}, 422, "model"), ({"model": "nope"}, 404, "model"),
+                                    ({"model": "tiny-xlora-2", "top_k": 3}, 422, "top_k")):  # fmt: skip
+            r = client.patch("/routing", json=body)
+            assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    finally:
+        assert client.patch("/routing", json={"model": "tiny-xlora-2", "top_k": None}).status_code == 200
 
 
 @pytest.mark.parametrize(

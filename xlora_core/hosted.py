@@ -50,11 +50,13 @@ class HostedModel:
     layers: list[int] = field(default_factory=list)  # the global LoRA layer of each of its layers
     classifier: XLoraClassifier | None = None  # X-LoRA models only
     config: XLoraConfig | None = None  # X-LoRA models only: routing defaults, softmax, scaling_pass_value
+    freeze_after: int | None = None  # X-LoRA models only: the default Routing.freeze_after
 
     def routing(self) -> Routing:
         """The default routing of its requests (a plain adapter is the mixture {name: 1}, the base none)."""
         if self.kind == "xlora":
-            return Routing(self.config.top_k_lora, self.config.global_scaling_weight, model=self.name)
+            return Routing(self.config.top_k_lora, self.config.global_scaling_weight, self.freeze_after,
+                           model=self.name)  # fmt: skip
         return Routing(model=self.name)
 
     def fixed(self, routing: Routing) -> dict[int, float] | None:
