@@ -61,6 +61,10 @@ def decode_tok_s(model: XLoraModel, tokenizer, routings: list[Routing], new_toke
     return steps * len(rows) / (time.perf_counter() - start)
 
 
+def lora_mib(model: XLoraModel) -> float:
+    return sum(t.numel() * t.element_size() for la in model.lora_layers for t in (la.lora_A, la.lora_B)) / 2**20
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -106,10 +110,10 @@ def main() -> None:
 
             path = copy / name / "adapter_model.safetensors"
             save_file({k: v * 1.01 for k, v in load_file(path).items()}, path)
-        before, start = rss_mib(), time.perf_counter()
+        before, lora_before, start = rss_mib(), lora_mib(host), time.perf_counter()
         host.attach(host.read_model("second", "xlora", copy))
         print(f"adding an X-LoRA model of {len(EXPERTS)} new experts: {time.perf_counter() - start:.2f} s, "
-              f"RSS +{rss_mib() - before:.0f} MiB")
+              f"LoRA weights +{lora_mib(host) - lora_before:.1f} MiB, RSS +{rss_mib() - before:.0f} MiB")
 
 
 if __name__ == "__main__":
