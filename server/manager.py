@@ -91,6 +91,7 @@ class ModelManager:
         self.on_fatal: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
         self.runtime_models: list[dict] = []  # loaded through POST /models: {name, kind, folder}
+        self.replicated = routing_state is not None  # a Ray Serve replica: the state is the deployment's
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -215,6 +216,7 @@ class ModelManager:
     async def load_model(self, name: str, kind: str, value: str, field: str) -> HostedModel:
         """Read a model from a folder under server.model_root off the model thread, attach it between steps,
         and keep it in server.state_file. Every refusal names the field (or the setting) at fault."""
+        self._refuse_on_replicas()
         folder = self._folder_under_root(value, field)
         try:
             pending = await asyncio.to_thread(self.model.read_model, name, kind, folder)
@@ -238,6 +240,7 @@ class ModelManager:
     async def unload_model(self, name: str) -> None:
         """Stop serving a model (one loaded at run time or from the config's models:), between steps. Refused
         with 409 while requests of it run or wait: it does not drain them."""
+        self._refuse_on_replicas()
         if name == self.model.name:
             raise APIError(409, "the xlora section's model is served for the server's life; it cannot be unloaded",
                            code="model_required")  # fmt: skip
@@ -259,6 +262,11 @@ class ModelManager:
         self.runtime_models = [e for e in self.runtime_models if e["name"] != name]
         self._save_models()
         log.info("model %s unloaded", name)
+
+    def _refuse_on_replicas(self) -> None:
+        if self.replicated:  # one replica would serve a model the others do not know (docs/models.md "Limits")
+            raise APIError(501, "loading and unloading models at run time is not supported with Ray Serve replicas; "
+                           "list the models in the config's models:", code="not_supported")  # fmt: skip
 
     def _folder_under_root(self, value: str, field: str) -> Path:
         """The folder `value` (relative to server.model_root, or absolute) if it is really inside the root:
