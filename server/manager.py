@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from server.errors import APIError
 from server.jobs import GenerationJob, JobGroup
@@ -225,7 +226,17 @@ class ModelManager:
         except (ValueError, OSError) as exc:  # ExpertError, CheckpointError: the file or module at fault
             raise APIError(422, str(exc), param=field, code="invalid_model") from None
         limit = self.settings.server.max_loaded_experts
-        future = self.scheduler.between_steps(lambda batch: self.model.attach(pending, limit))
+        def attach(batch) -> HostedModel:
+            model = self.model.attach(pending, limit)
+            if batch.cache is not None:  # frozen rows hold scalings of every layer and expert: room for the new
+                layers, experts = self.model.n_lora_layers, self.model.n_experts_loaded
+                batch.cache.frozen = [
+                    None if f is None else F.pad(f, (0, experts - f.shape[1], 0, layers - f.shape[0]))
+                    for f in batch.cache.frozen
+                ]
+            return model
+
+        future = self.scheduler.between_steps(attach)
         try:
             model = await asyncio.wrap_future(future)
         except ModelNameTaken as exc:

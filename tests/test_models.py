@@ -2,7 +2,7 @@
 base and fixed mixtures, chosen per row and decoded in one batch, each row as it is alone (float32).
 
 The world: the tiny base and experts of tests/tiny_world.py. Model A routes experts 0 and 1; model B shares
-expert 1 (the same files: loaded once) and adds expert 2 (modules A does not have); the adapter "solo"
+expert 1 (the same matrices: loaded once) and adds expert 2 (modules A does not have); the adapter "solo"
 targets up_proj, which no other expert does.
 """
 

@@ -1,9 +1,9 @@
 """The models one XLoraModel serves over its base: X-LoRA models, plain LoRA adapters and the base itself.
 
 Every expert of every model lives once in the base's fused layers (lora.FusedLoraLinear), numbered in the
-order it was loaded; an expert that two models share (the same files, expert_identity) is loaded once. Inside a forward,
-scalings and expert weights are "global" tensors [batch, seq, every LoRA layer, every expert loaded]; a
-model sees its own part of them: its layers (those its experts target, in module order, as peft numbers
+order it was loaded; an expert that two models share (the same matrices, expert_identity) is loaded once.
+Inside a forward, scalings and expert weights are "global" tensors [batch, seq, every LoRA layer, every
+expert loaded]; a model sees its own part of them: its layers (those its experts target, in module order, as peft numbers
 them) and its experts (in its own order). Rows that a model's classifier does not route (a plain adapter,
 the base, a fixed mixture) have fixed scalings, like frozen rows.
 """

@@ -10,6 +10,7 @@ For generation each pass keeps its own KV cache (`XLoraCache`), so a new token c
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ class XLoraModel(nn.Module):
                                    list(range(n_layers)), self.classifier, config)  # fmt: skip
         self.hosted: dict[str, HostedModel] = {}
         self._routers = nn.ModuleDict()  # the added X-LoRA models' classifiers (moved with .to())
+        # Held while the module tree changes (attach, remove) or is read off the model thread (read_model).
+        self._structure = threading.Lock()
         # Every matmul computes each row alike for any number of rows (batch_invariant.py).
         use_row_invariant_linears(self.base, self.slot)
         use_row_invariant_linears(self.classifier, self.slot)
@@ -110,7 +113,7 @@ class XLoraModel(nn.Module):
         self, name: str, folder: str | Path, adapters: dict[str, str] | None = None, max_experts: int | None = None
     ) -> HostedModel:
         """Serve another X-LoRA checkpoint over this base, as `name`; an expert it shares with a model loaded
-        already (the same files) is not loaded again."""
+        already (the same matrices, expert_identity) is not loaded again."""
         return self.attach(self.read_model(name, "xlora", folder, adapters), max_experts)
 
     def add_adapter(self, name: str, folder: str | Path, max_experts: int | None = None) -> HostedModel:
@@ -134,14 +137,16 @@ class XLoraModel(nn.Module):
             return PendingModel(name, kind, [])
         if kind == "adapter":
             experts = [read_expert(name, folder)]
-            check_experts_fit(self.base, experts)
+            with self._structure:
+                check_experts_fit(self.base, experts)
             return PendingModel(name, kind, experts)
         stored = read_checkpoint(folder, adapters=adapters)
         if stored.config.hidden_size != self.config.hidden_size:
             raise ValueError(f"{stored.config_path}: hidden_size is {stored.config.hidden_size}, the base's "
                              f"{self.config.hidden_size}")  # fmt: skip
         experts = [read_expert(n, f) for n, f in stored.config.adapters.items()]
-        n_layers = len(check_experts_fit(self.base, experts))  # as peft: one LoRA layer per targeted module
+        with self._structure:
+            n_layers = len(check_experts_fit(self.base, experts))  # as peft: one LoRA layer per targeted module
         classifier = XLoraClassifier(stored.config, n_layers, len(experts))
         check_classifier(stored, classifier.state_dict(), n_layers)
         classifier.load_state_dict(stored.classifier)
@@ -149,7 +154,11 @@ class XLoraModel(nn.Module):
 
     def attach(self, pending: PendingModel, max_experts: int | None = None) -> HostedModel:
         """Serve a model read by `read_model` (between steps: the fused layers change). Its experts already
-        loaded (the same files) are shared; ExpertLimitError if more than `max_experts` would be loaded."""
+        loaded (the same matrices) are shared; ExpertLimitError if more than `max_experts` would be loaded."""
+        with self._structure:
+            return self._attach(pending, max_experts)
+
+    def _attach(self, pending: PendingModel, max_experts: int | None) -> HostedModel:
         self._check_new_name(pending.name)
         indices, new = [], []
         for expert in pending.experts:
@@ -182,6 +191,10 @@ class XLoraModel(nn.Module):
         """Stop serving a model added to this one (between steps, no row of it running) and free its experts
         that no other model uses, and fused layers left without columns. Returns the (layers, experts) kept, by
         their old global index, for scalings held elsewhere (XLoraCache.frozen) to follow."""
+        with self._structure:
+            return self._remove(name)
+
+    def _remove(self, name: str) -> tuple[list[int], list[int]]:
         if name not in self.hosted:
             raise KeyError(name)
         del self.hosted[name]
