@@ -3,9 +3,9 @@
 Every expert of every model lives once in the base's fused layers (lora.FusedLoraLinear), numbered in the
 order it was loaded; an expert that two models share (the same matrices, expert_identity) is loaded once.
 Inside a forward, scalings and expert weights are "global" tensors [batch, seq, every LoRA layer, every
-expert loaded]; a model sees its own part of them: its layers (those its experts target, in module order, as peft numbers
-them) and its experts (in its own order). Rows that a model's classifier does not route (a plain adapter,
-the base, a fixed mixture) have fixed scalings, like frozen rows.
+expert loaded]; a model sees its own part of them: its layers (those its experts target, in module order,
+as peft numbers them) and its experts (in its own order). Rows that a model's classifier does not route (a
+plain adapter, the base, a fixed mixture) have fixed scalings, like frozen rows.
 """
 
 from __future__ import annotations
