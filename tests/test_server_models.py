@@ -169,11 +169,18 @@ def fresh_adapter(world: dict, name: str, seed: int) -> str:
 
 def test_a_model_loaded_at_run_time_serves_among_the_others_then_unloads(client, world):
     folder = fresh_adapter(world, "runtime-up", seed=40)
-    with ThreadPoolExecutor(4) as pool:  # requests in flight while it joins: none is dropped
-        running = [pool.submit(generate, client, model=m) for m in ("tiny-xlora", "tiny-xlora-2", "json", "tiny-xlora")]
+    # Requests in flight while it joins (a frozen-from-the-start adapter row among them) go on to the end.
+    body = {"prompt": "x", "model": "json", "max_tokens": 60, "logit_bias": {"40": 100}, "temperature": 0,
+            "stream": True}  # fmt: skip
+    with ThreadPoolExecutor(3) as pool, client.stream("POST", "/v1/completions", json=body) as running:
+        lines = running.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        others = [pool.submit(generate, client, model=m) for m in ("tiny-xlora", "tiny-xlora-2", "tiny-xlora")]
         r = client.post("/models", json={"name": "up", "adapter": folder})
         assert r.status_code == 200, r.text
-        assert all(f.result().status_code == 200 for f in running)
+        rest = list(lines)
+        assert "data: [DONE]" in rest and not any('"error"' in line for line in rest), rest[-3:]
+        assert all(f.result().status_code == 200 for f in others)
     assert r.json() == {"name": "up", "kind": "adapter", "experts": ["up"], "routing": None}
     assert "up" in [m["name"] for m in client.get("/models").json()["models"]]
     up = generate(client, model="up").json()
