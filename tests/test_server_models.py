@@ -194,7 +194,12 @@ def test_a_model_loaded_at_run_time_serves_among_the_others_then_unloads(client,
     r = client.post("/models", json={"name": "one-too-many", "adapter": fresh_adapter(world, "runtime-5th", 41)})
     assert r.status_code == 409 and "server.max_loaded_experts" in r.json()["error"]["message"], r.text
 
-    assert client.delete("/models/up").status_code == 200
+    with client.stream("POST", "/v1/completions", json=body) as running:  # unloaded while another row runs
+        lines = running.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert client.delete("/models/up").status_code == 200
+        rest = list(lines)
+        assert "data: [DONE]" in rest and not any('"error"' in line for line in rest), rest[-3:]
     assert generate(client, model="up").status_code == 404
     assert "models" not in json.loads((world["root"] / "state.json").read_text())
     r = client.delete("/models/tiny-xlora")
