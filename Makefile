@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-peers bench-load bench-soak bench-scale experts router eval fetch-paper-model clean
+.PHONY: install serve test lint bench bench-peers bench-load bench-soak bench-scale bench-models experts router eval fetch-paper-model clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/constraints.txt
 	EDITABLE=1 scripts/install.sh $(VENV) dev
@@ -38,6 +38,11 @@ bench-load: $(STAMP)
 # The plain server against Ray Serve with 1 and 2 replicas (1 torch thread each), 8 clients (README: "Scaling out").
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale --config $(CONFIG) --clients 8 --requests 4 --max-new-tokens 32
+
+# Rows of different models (the X-LoRA model, its experts alone, a mixture, the base) in one batch against the
+# X-LoRA model's rows alone, in-process (docs/models.md).
+bench-models: $(STAMP)
+	$(PY) -m bench.models --threads 1 --rows 8 --new-tokens 32
 
 bench-soak: $(STAMP)
 	$(PY) -m bench.soak --config $(CONFIG) --requests 1000 --clients 8 --max-new-tokens 8 --torch-threads 1

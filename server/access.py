@@ -48,6 +48,9 @@ def route_levels(server: ServerSection) -> dict[tuple[str, str], Level]:
         ("GET", "/access"): PUBLIC,  # which secrets are set, so the dashboard knows what to ask for
         ("POST", "/generate"): CLIENT,
         ("GET", "/v1/models"): CLIENT,
+        ("GET", "/models"): CLIENT,
+        ("POST", "/models"): ADMIN,  # reads folders under server.model_root
+        ("DELETE", "/models/{name}"): ADMIN,
         ("POST", "/v1/completions"): CLIENT,
         ("POST", "/v1/chat/completions"): CLIENT,
         ("GET", "/routing"): CLIENT,

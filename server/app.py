@@ -17,7 +17,7 @@ from server.errors import error_body, install_error_handlers
 from server.logs import RequestIdMiddleware
 from server.manager import ModelManager
 from server.metrics import Metrics
-from server.routes import dashboard, docs, generate, health, openai, routing, scalings
+from server.routes import dashboard, docs, generate, health, models, openai, routing, scalings
 from server.routing_state import RoutingSnapshotMiddleware
 from server.settings import AuthSettings, Settings
 
@@ -69,7 +69,7 @@ def create_app(
     app.state.route_levels = route_levels(settings.server)
 
     install_error_handlers(app)
-    for module in (health, generate, routing, scalings, openai, dashboard, docs):
+    for module in (health, generate, models, routing, scalings, openai, dashboard, docs):
         app.include_router(module.router)
     app.state.route_access = check_routes(app, app.state.route_levels)
     install_openapi(app, app.state.route_levels)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from server.errors import APIError
 from server.jobs import GenerationJob, JobGroup
@@ -32,18 +33,24 @@ from server.routing_state import (
     StateFileError,
     config_routing,
     note_new_snapshot,
+    read_state_models,
     request_snapshot,
+    write_state_file,
 )
 from server.scalings_store import LocalScalingsStore
 from server.scheduler import Scheduler
 from server.schemas import GenerationRequest, PromptInput, RoutingUpdate
 from server.settings import Settings
 from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
+from xlora_core.hosted import ExpertLimitError, HostedModel, ModelNameTaken
 
 log = logging.getLogger("xlora.manager")
 
 
 State = Literal["loading", "ready", "failed", "draining"]
+
+# Weight files that unpickle (run code) when read: never loaded from a folder given at run time.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
 def process_replica_name() -> str:
@@ -84,6 +91,8 @@ class ModelManager:
         self.grammars_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
+        self.runtime_models: list[dict] = []  # loaded through POST /models: {name, kind, folder}
+        self.replicated = routing_state is not None  # a Ray Serve replica: the state is the deployment's
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -144,6 +153,9 @@ class ModelManager:
             log.info("decode step compiled in %.1f s (other batch sizes compile when first seen)",
                      time.monotonic() - warm_up_started)  # fmt: skip
 
+        model.name = self.model_name
+        self._add_models(model)
+        self._add_saved_models(model)
         routing = self.routing_state.last_seen().routing  # the config's, or the state file's, or the deployment's
         try:
             routing.validate(len(model.adapter_names))
@@ -154,7 +166,8 @@ class ModelManager:
         self.context_length = getattr(base.config, "max_position_embeddings", None)
         self.vocab_size = base.get_output_embeddings().weight.shape[0]
         self.metrics.set_routing(routing)
-        self.metrics.watch_mean_scaling(model.adapter_names, self.scalings_log.mean_of)
+        # the xlora section's model's experts (requests of other models have other experts)
+        self.metrics.watch_mean_scaling(model.adapter_names, lambda i: self.scalings_log.mean_of(i, self.model_name))
         eos = getattr(base.generation_config, "eos_token_id", None) if base.generation_config else None
         self.eos_token_id = eos if eos is not None else tokenizer.eos_token_id
         self._load_grammar_compiler(tokenizer, getattr(base.config, "vocab_size", None))
@@ -169,6 +182,139 @@ class ModelManager:
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
         self.scheduler.start()
         log.info("loaded in %.1f s", time.monotonic() - started)
+
+    def _add_models(self, model) -> None:
+        """The config's `models:` list: more models over the base, each refused by its entry if it cannot load."""
+        from xlora_core.base_model import base_model_name
+
+        s = self.settings
+        for i, entry in enumerate(s.models):
+            name = entry.name or base_model_name(s.model.base)
+            try:
+                if entry.kind == "xlora":
+                    model.add_xlora(name, s.model_ref(entry.checkpoint))
+                elif entry.kind == "adapter":
+                    model.add_adapter(name, s.model_ref(entry.adapter))
+                else:
+                    model.add_base(name)
+            except (ValueError, OSError) as exc:  # ExpertError, CheckpointError, a taken name, a missing file
+                raise ValueError(f"{s.source}: models[{i}] ({name}): {exc}") from None
+            log.info("serving model %s (%s)", name, entry.kind)
+
+    def _add_saved_models(self, model) -> None:
+        """The models loaded at run time before a restart (server.state_file's `models`)."""
+        path = self.settings.state_file_path()
+        for entry in read_state_models(Path(path)) if path else []:
+            try:
+                pending = model.read_model(entry["name"], entry["kind"], entry.get("folder"))
+                model.attach(pending, self.settings.server.max_loaded_experts)
+            except (ValueError, OSError, KeyError, TypeError) as exc:
+                raise ValueError(f"server.state_file {path}: models: {entry!r}: {exc}") from None
+            self.runtime_models.append(entry)
+            log.info("serving model %s (%s), loaded before the restart", entry["name"], entry["kind"])
+
+    # ---- models loaded and unloaded at run time (POST and DELETE /models, admin) -------------------
+    async def load_model(self, name: str, kind: str, value: str, field: str) -> HostedModel:
+        """Read a model from a folder under server.model_root off the model thread, attach it between steps,
+        and keep it in server.state_file. Every refusal names the field (or the setting) at fault."""
+        self._refuse_on_replicas()
+        folder = self._folder_under_root(value, field)
+        try:
+            pending = await asyncio.to_thread(self.model.read_model, name, kind, folder)
+        except ModelNameTaken as exc:
+            raise APIError(409, str(exc), param="name", code="model_exists") from None
+        except (ValueError, OSError) as exc:  # ExpertError, CheckpointError: the file or module at fault
+            raise APIError(422, str(exc), param=field, code="invalid_model") from None
+        limit = self.settings.server.max_loaded_experts
+        def attach(batch) -> HostedModel:
+            model = self.model.attach(pending, limit)
+            if batch.cache is not None:  # frozen rows hold scalings of every layer and expert: room for the new
+                layers, experts = self.model.n_lora_layers, self.model.n_experts_loaded
+                batch.cache.frozen = [
+                    None if f is None else F.pad(f, (0, experts - f.shape[1], 0, layers - f.shape[0]))
+                    for f in batch.cache.frozen
+                ]
+            return model
+
+        future = self.scheduler.between_steps(attach)
+        try:
+            model = await asyncio.wrap_future(future)
+        except ModelNameTaken as exc:
+            raise APIError(409, str(exc), param="name", code="model_exists") from None
+        except ExpertLimitError as exc:
+            raise APIError(409, f"{exc} (server.max_loaded_experts)", code="too_many_experts") from None
+        self.runtime_models.append({"name": name, "kind": kind, "folder": str(folder)})
+        self._save_models()
+        log.info("model %s (%s) loaded from %s", name, kind, folder)
+        return model
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving a model (one loaded at run time or from the config's models:), between steps. Refused
+        with 409 while requests of it run or wait: it does not drain them."""
+        self._refuse_on_replicas()
+        if name == self.model.name:
+            raise APIError(409, "the xlora section's model is served for the server's life; it cannot be unloaded",
+                           code="model_required")  # fmt: skip
+        self.resolve_model(name, param="name")
+
+        def remove(batch) -> None:
+            using = self.scheduler.rows_of_model(batch, name)
+            if using:
+                raise APIError(409, f"{using} request(s) of {name!r} are running or waiting; unload it when they "
+                               "are done", code="model_in_use")  # fmt: skip
+            layers, experts = self.model.remove(name)
+            if batch.cache is not None:  # frozen rows of the other models hold scalings of every expert
+                batch.cache.frozen = [None if f is None else f[layers][:, experts] for f in batch.cache.frozen]
+
+        try:
+            await asyncio.wrap_future(self.scheduler.between_steps(remove))
+        except KeyError:
+            raise APIError(404, f"the model {name!r} does not exist", param="name", code="model_not_found") from None
+        self.runtime_models = [e for e in self.runtime_models if e["name"] != name]
+        self._save_models()
+        log.info("model %s unloaded", name)
+
+    def _refuse_on_replicas(self) -> None:
+        if self.replicated:  # one replica would serve a model the others do not know (docs/models.md "Limits")
+            raise APIError(501, "loading and unloading models at run time is not supported with Ray Serve replicas; "
+                           "list the models in the config's models:", code="not_supported")  # fmt: skip
+
+    def _folder_under_root(self, value: str, field: str) -> Path:
+        """The folder `value` (relative to server.model_root, or absolute) if it is really inside the root:
+        no symlink out of it, and no pickle weights in it (only safetensors are read at run time)."""
+        root = self.settings.model_root_path()
+        if root is None:
+            raise APIError(403, "loading models at run time is off: set server.model_root", param=field,
+                           code="model_root_unset")  # fmt: skip
+        root = root.resolve()
+        try:
+            folder = (root / value).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise APIError(422, f"{value!r} is not a folder under server.model_root", param=field,
+                           code="invalid_model") from None  # fmt: skip
+        if not folder.is_relative_to(root) or not folder.is_dir():
+            raise APIError(422, f"{value!r} is not a folder under server.model_root ({root})", param=field,
+                           code="invalid_model")  # fmt: skip
+        for path in sorted(folder.rglob("*")):
+            shown = path.relative_to(folder)
+            if not path.resolve().is_relative_to(root):
+                raise APIError(422, f"{shown} links outside server.model_root", param=field, code="invalid_model")
+            if path.suffix in PICKLE_SUFFIXES:
+                raise APIError(422, f"{shown}: only safetensors weights are loaded at run time, not pickles",
+                               param=field, code="invalid_model")  # fmt: skip
+        return folder
+
+    def _save_models(self) -> None:
+        """Keep the models loaded at run time in server.state_file, for the next start."""
+        path = self.settings.state_file_path()
+        if path is None:
+            return
+        snapshot = self.routing_state.last_seen()
+        try:
+            write_state_file(Path(path), snapshot.routing.to_dict(), snapshot.version, models=self.runtime_models)
+        except OSError as exc:
+            raise APIError(500, f"server.state_file {path}: cannot write it: {exc.strerror or exc}",
+                           code="state_file_error") from None  # fmt: skip
 
     def _load_grammar_compiler(self, tokenizer, vocab_size: int | None) -> None:
         """Structured output's view of the tokenizer (once: about a second for a 49k vocabulary). A tokenizer
@@ -225,6 +371,8 @@ class ModelManager:
         """Apply a PATCH: merge it into the newest snapshot, validate, and store it if no other change came
         in between (else merge again into that one); the new snapshot is returned and in force for every
         request that starts after this returns, on every replica."""
+        if "model" in update.model_fields_set:  # the xlora section's model, named: the update without the name
+            update = RoutingUpdate(**update.model_dump(include=update.model_fields_set - {"model"}))
         while True:
             current = await self.routing_state.current()
             note_new_snapshot(current)  # merge_routing reads the request's snapshot
@@ -238,15 +386,60 @@ class ModelManager:
                 self.note_routing(stored)
                 return stored
 
-    def merge_routing(self, update: RoutingUpdate | None, param_prefix: str = "routing.") -> Routing:
-        """The routing in force with the fields the request set; 422 naming the field if invalid."""
+    def merge_routing(
+        self, update: RoutingUpdate | None, param_prefix: str = "routing.", model: HostedModel | None = None
+    ) -> Routing:
+        """The routing in force for `model` (None: the X-LoRA model of the xlora section, whose defaults PATCH
+        /routing sets; another model's come from its checkpoint) with the fields the request set; 422 naming
+        the field if invalid."""
+        primary = model is None or model is self.model.primary
+        default = self.routing if primary else self.model.routing_of(model.name)
         if update is None:
-            return self.routing
+            return default
         changes = {f.name: getattr(update, f.name) for f in fields(Routing) if f.name in update.model_fields_set}
+        if changes.get("weights") is not None:  # a fixed mixture: the defaults' top_k and freeze_after do not apply
+            default = replace(default, top_k=None, freeze_after=None)
         try:
-            return replace(self.routing, **changes).validate(len(self.model.adapter_names))
+            return self.model.check_routing(replace(default, **changes))
         except ParameterError as exc:
             raise APIError(422, str(exc), param=param_prefix + exc.parameter, code="invalid_value") from None
+
+    def set_model_routing(self, update: RoutingUpdate) -> Routing:
+        """PATCH /routing with `model`: another X-LoRA model's defaults, in this process (its config's fields)."""
+        model = self.resolve_model(update.model)
+        if model.kind != "xlora":
+            raise APIError(422, f"{model.name!r} is a {model.kind}: it has no routing defaults", param="model",
+                           code="invalid_value")  # fmt: skip
+        changes = {f.name: getattr(update, f.name) for f in fields(Routing) if f.name in update.model_fields_set
+                   and f.name != "model"}  # fmt: skip
+        try:
+            routing = self.model.check_routing(replace(self.model.routing_of(model.name), **changes))
+        except ParameterError as exc:
+            raise APIError(422, str(exc), param=exc.parameter, code="invalid_value") from None
+        model.config.top_k_lora, model.config.global_scaling_weight = routing.top_k, routing.global_scaling_weight
+        model.freeze_after = routing.freeze_after
+        return routing
+
+    def resolve_model(self, name: str | None, param: str = "model") -> HostedModel:
+        """The model a request names (None: the xlora section's); 404 naming the field if none is served."""
+        try:
+            return self.model.hosted_model(name)
+        except KeyError:
+            served = ", ".join(m.name for m in self.model.models())
+            raise APIError(404, f"the model {name!r} does not exist; this server serves: {served}", param=param,
+                           code="model_not_found") from None  # fmt: skip
+
+    def expert_names(self, routing: Routing) -> list[str]:
+        """The experts a row's scalings are about (its model's)."""
+        return list(self.model.hosted_model(routing.model).expert_names)
+
+    def models(self) -> list[HostedModel]:
+        return self.model.models() if self.model is not None else []
+
+    def model_routing(self, model: HostedModel) -> dict:
+        """An X-LoRA model's routing defaults (the xlora section's: the routing in force, PATCH /routing's)."""
+        routing = self.routing if model is self.model.primary else self.model.routing_of(model.name)
+        return {k: v for k, v in routing.to_dict().items() if k != "model"}
 
     async def tokenize(
         self, prompt: str | None, messages: list[dict] | None, param: str, token_ids: list[int] | None = None,
@@ -326,6 +519,7 @@ class ModelManager:
         the n choices of a prompt seeded seed, seed + 1, ...). Every refusal is a 4xx naming the request's
         field, before anything reaches the model worker."""
         self.require_ready()
+        hosted = self.resolve_model(*body.requested_model())
         inputs: list[PromptInput] = body.prompt_inputs()
         prompts = [await self.tokenize(p.prompt, p.messages, p.param, p.token_ids, p.tools) for p in inputs]
         try:
@@ -340,7 +534,7 @@ class ModelManager:
         for ids, p in zip(prompts, inputs, strict=True):
             self.check_lengths(len(ids), params.max_new_tokens, body.param_name("max_new_tokens"), p.param)
         update, routing_prefix = body.routing_update()
-        routing = self.merge_routing(update, routing_prefix)
+        routing = self.merge_routing(update, routing_prefix, hosted)
         spec, spec_param = body.constraint_spec()
         if spec is not None:
             grammar = await self.compile_constraint(spec, spec_param)

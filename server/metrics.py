@@ -50,6 +50,9 @@ class Metrics:
         self.generations = Counter(
             "xlora_generations", "Finished generations by outcome", ["outcome"], registry=r
         )
+        self.model_generations = Counter(  # docs/models.md
+            "xlora_model_generations", "Finished generations by model and outcome", ["model", "outcome"], registry=r
+        )
         self.queue_depth = Gauge("xlora_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("xlora_running_requests", "Requests in the running batch", registry=r)
         self.kv_cache_bytes = Gauge("xlora_kv_cache_bytes", "Memory held by the running batch's KV caches", registry=r)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from server.logprobs import ChatLogprobs, CompletionLogprobs
 from server.schemas import (
     PromptInput,
+    RequestRouting,
     RoutingSettings,
     RoutingUpdate,
     TokenScalings,
@@ -88,7 +89,7 @@ class _Common(_Request):
     frequency_penalty: float | None = None
     response_format: ResponseFormat | None = Field(None, description="structured output (json_object, json_schema)")
     # X-LoRA extensions.
-    xlora_routing: RoutingUpdate | None = None
+    xlora_routing: RequestRouting | None = None
     xlora_return_scalings: bool = False
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -125,6 +126,9 @@ class _Common(_Request):
 
     def samples_per_prompt(self) -> int:
         return self.n
+
+    def requested_model(self) -> tuple[str | None, str]:
+        return self.model, "model"
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         limit = self.token_limit()
@@ -437,6 +441,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "xlora-server"
     xlora_adapters: list[str] = []
+    xlora_kind: str = Field("xlora", description="xlora (experts and a router), adapter (one LoRA) or base")
+    xlora_routing: dict | None = Field(None, description="an X-LoRA model's routing defaults")
 
 
 class ModelList(BaseModel):

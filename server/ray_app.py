@@ -162,18 +162,18 @@ class SharedScalingsStore:
         self.capacity = capacity
         self.replica = replica
         # This replica's own recent means, for its xlora_mean_scaling gauge (the tensors stay in the shared log).
-        self._means: deque[list[float]] = deque(maxlen=capacity)
+        self._means: deque[tuple[str | None, list[float]]] = deque(maxlen=capacity)  # (model, mean)
 
     def add(self, entry: ScalingsEntry) -> None:
         entry.replica = self.replica
-        self._means.append(entry.mean)
+        self._means.append((entry.model, entry.mean))
         try:  # before the answer goes out, so /scalings/{id} finds it through any replica
             self.actor.call_sync("add", entry)
         except Exception as exc:  # the log is for looking, not for serving: never fail a request over it
             log.warning("scalings of %s not logged: %s: %s", entry.id, type(exc).__name__, exc)
 
-    def mean_of(self, adapter: int) -> float:
-        means = list(self._means)
+    def mean_of(self, adapter: int, model: str | None = None) -> float:
+        means = [m for name, m in self._means if model is None or name == model]
         return sum(m[adapter] for m in means) / len(means) if means else 0.0
 
     async def summaries(self) -> list[dict[str, Any]]:

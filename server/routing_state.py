@@ -99,9 +99,25 @@ def read_state_file(path: Path) -> tuple[dict[str, Any], int] | None:
     return data["routing"], data["version"]
 
 
-def write_state_file(path: Path, routing: dict[str, Any], version: int) -> None:
-    """Replace `path` atomically: a reader (or a crash) sees the old file or the new one, never half of one."""
-    payload = json.dumps({"version": version, "routing": routing}, indent=2) + "\n"
+def read_state_models(path: Path) -> list[dict[str, Any]]:
+    """The models loaded at run time that `path` keeps (server/manager.py), [] if none or no file."""
+    if read_state_file(path) is None:
+        return []
+    models = json.loads(path.read_text(encoding="utf-8")).get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise StateFileError(f"server.state_file {path}: models must be a list of objects")
+    return models
+
+
+def write_state_file(path: Path, routing: dict[str, Any], version: int, models: list | None = None) -> None:
+    """Replace `path` atomically: a reader (or a crash) sees the old file or the new one, never half of one.
+    `models` (None: the file's, kept as they are): the models loaded at run time."""
+    if models is None:
+        models = read_state_models(path) if path.exists() else []
+    data: dict[str, Any] = {"version": version, "routing": routing}
+    if models:
+        data["models"] = models
+    payload = json.dumps(data, indent=2) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

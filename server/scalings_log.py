@@ -28,6 +28,7 @@ class ScalingsEntry:
     constraint: str | None = None  # the kind of structured-output constraint (json_schema, regex, ...), if any
     created: float = field(default_factory=time.time)
     replica: str | None = None  # the replica (process) that served the request; set by the scalings store
+    model: str | None = None  # the model that served it (docs/models.md); its experts are adapter_names
     # Per adapter, over layers and tokens (all, the prompt's, the completion's); computed once.
     mean: list[float] = field(init=False)
     prompt_mean: list[float] = field(init=False)
@@ -60,6 +61,7 @@ class ScalingsEntry:
             "frozen_from": self.frozen_from,
             "replica": self.replica,
             "constraint": self.constraint,
+            "model": self.model,
         }
 
     def detail(self) -> dict:
@@ -117,9 +119,10 @@ class RequestScalingsLog:
             bucket["mean_scalings"].append(entry.mean)
         return [buckets[k] for k in sorted(buckets)]
 
-    def mean_of(self, adapter: int) -> float:
-        """Mean scaling of one adapter over the logged requests (0 when empty); for the metrics gauge."""
-        entries = self.entries()
+    def mean_of(self, adapter: int, model: str | None = None) -> float:
+        """Mean scaling of one adapter over the logged requests (of `model` if given; 0 when none); for the
+        metrics gauge."""
+        entries = [e for e in self.entries() if model is None or e.model == model]
         if not entries:
             return 0.0
         return sum(e.mean[adapter] for e in entries) / len(entries)

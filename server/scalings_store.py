@@ -39,8 +39,8 @@ class LocalScalingsStore:
         entry.replica = self.replica
         self.log.add(entry)
 
-    def mean_of(self, adapter: int) -> float:
-        return self.log.mean_of(adapter)
+    def mean_of(self, adapter: int, model: str | None = None) -> float:
+        return self.log.mean_of(adapter, model)
 
     # ---- read by the routes -------------------------------------------------------------------
     async def summaries(self) -> list[dict[str, Any]]:

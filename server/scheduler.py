@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from transformers import PreTrainedTokenizerBase
 
@@ -58,6 +59,7 @@ class Scheduler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         self._pending: deque[GenerationJob] = deque()
+        self._tasks: deque[tuple[Callable[[DecodeBatch], object], Future]] = deque()  # between_steps
         self._cond = threading.Condition()
         self._stopping = False
         self._running = 0  # rows in the batch; read by the event loop for draining
@@ -76,10 +78,32 @@ class Scheduler:
                 raise APIError(503, "the server is shutting down", code="shutting_down")
             if len(self._pending) + len(jobs) > self.max_queue:
                 raise QueueFullError(retry_after=1)
+            try:  # unloaded since the request resolved it (DELETE /models checks under this lock too)
+                self.model.hosted_model(jobs[0].routing.model)
+            except KeyError:
+                raise APIError(404, f"the model {jobs[0].routing.model!r} was unloaded", param="model",
+                               code="model_not_found") from None  # fmt: skip
             self._pending.extend(jobs)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
         note_request(generation_id=jobs[0].id)
+
+    def between_steps(self, task: Callable[[DecodeBatch], object]) -> Future:
+        """Run `task(batch)` on the worker between two steps, holding the queue's lock (so no job is admitted
+        meanwhile): how models are attached and removed while others decode. Its result or exception comes
+        back through the returned future."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            self._tasks.append((task, future))
+            self._cond.notify()
+        return future
+
+    def rows_of_model(self, batch: DecodeBatch, name: str) -> int:
+        """Requests of this model running or waiting (call with the lock held: from a between_steps task)."""
+        waiting = sum(1 for job in self._pending if not job.cancelled and job.routing.model == name)
+        return waiting + sum(1 for row in batch.rows if row.routing.model == name)
 
     @property
     def in_flight(self) -> int:
@@ -99,7 +123,7 @@ class Scheduler:
         batch = DecodeBatch(self.model, [], None)
         try:
             while True:
-                admitted = self._wait_for_work(len(batch))
+                admitted = self._wait_for_work(batch)
                 if admitted is None:
                     break
                 self._drop_gone(batch)
@@ -120,19 +144,31 @@ class Scheduler:
                 self.on_fatal(exc)
         finally:
             self._fail_pending(503, "the server is shutting down", "shutting_down")
+            with self._cond:
+                while self._tasks:
+                    self._tasks.popleft()[1].set_exception(APIError(503, "the server is shutting down",
+                                                                    code="shutting_down"))  # fmt: skip
             gone = ErrorEvent(503, "the server shut down before this request finished", "shutting_down")
             for row in batch.rows:
                 if not row.owner.finished:
                     row.owner.post(gone)
             self._running = 0
 
-    def _wait_for_work(self, running: int) -> list[GenerationJob] | None:
-        """Take waiting jobs that fit in the batch; block while there is nothing to do. None = stop."""
+    def _wait_for_work(self, batch: DecodeBatch) -> list[GenerationJob] | None:
+        """Run the between_steps tasks, then take waiting jobs that fit in the batch; block while there is
+        nothing to do. None = stop."""
+        running = len(batch)
         with self._cond:
-            while not running and not self._pending and not self._stopping:
+            while not running and not self._pending and not self._tasks and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
+            while self._tasks:
+                task, future = self._tasks.popleft()
+                try:
+                    future.set_result(task(batch))
+                except Exception as exc:  # the task's caller answers for it; the worker goes on
+                    future.set_exception(exc)
             admitted = []
             now = time.monotonic()
             while self._pending and running + len(admitted) < self.max_batch_size:
@@ -255,14 +291,16 @@ class Scheduler:
                 id=job.id,
                 prompt_tokens=n_prompt,
                 completion_tokens=n_out,
-                adapter_names=self.model.adapter_names,
+                adapter_names=self.model.hosted_model(job.routing.model).expert_names,
                 routing=job.routing.to_dict(),
                 scalings=scalings,
                 frozen_from=frozen_from,
                 token_ids=list(job.prompt_ids) + list(dec.completion_ids),
                 constraint=constraint,
+                model=job.routing.model or self.model.name,
             )
         )
+        self.metrics.model_generations.labels(model=job.routing.model or self.model.name, outcome=finish_reason).inc()
         self.metrics.generations.labels(outcome=finish_reason).inc()
         self.metrics.prompt_tokens_per_request.observe(n_prompt)
         self.metrics.generated_tokens_per_request.observe(n_out)

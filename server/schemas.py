@@ -86,6 +86,11 @@ class RoutingSettings(BaseModel):
     top_k: int | None = Field(None, description="experts kept per token; null = all (dense)")
     global_scaling_weight: float
     freeze_after: int | None = Field(None, description=_FREEZE_AFTER_DOC)
+    # Only when set (exclude_if): the answers of a one-model server stay as they were.
+    model: str | None = Field(None, exclude_if=lambda v: v is None,
+                              description="the model that served the request, if not the xlora section's")
+    weights: dict[str, float] | None = Field(None, exclude_if=lambda v: v is None,
+                                             description="the fixed mixture it ran with, if any")
 
 
 class RoutingState(RoutingSettings):
@@ -113,6 +118,60 @@ class RoutingUpdate(_Request):
         return value
 
 
+class ModelInfo(BaseModel):
+    """One model served over the base."""
+
+    name: str = Field(description="what a request's `model` names")
+    kind: Literal["xlora", "adapter", "base"] = Field(
+        description="xlora: experts and a router; adapter: one LoRA; base: no expert"
+    )
+    experts: list[str] = Field(description="its experts, in the order of its scalings (what `routing.weights` names)")
+    routing: RoutingSettings | None = Field(None, description="an X-LoRA model's routing defaults")
+
+
+class ModelsList(BaseModel):
+    default: str = Field(description="the model of requests that name none")
+    models: list[ModelInfo]
+
+
+class LoadModelRequest(_Request):
+    """POST /models: a name and exactly one of checkpoint (X-LoRA) or adapter (one PEFT LoRA), each a folder
+    under server.model_root (relative to it, or absolute)."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$")
+    checkpoint: str | None = Field(None, min_length=1, description="an X-LoRA checkpoint folder")
+    adapter: str | None = Field(None, min_length=1, description="a PEFT LoRA adapter folder")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LoadModelRequest:
+        if (self.checkpoint is None) == (self.adapter is None):
+            raise ValueError("give exactly one of checkpoint or adapter")
+        return self
+
+
+class UnloadedModel(BaseModel):
+    name: str
+    unloaded: bool = True
+
+
+class RoutingPatch(RoutingUpdate):
+    """PATCH /routing: a partial update of the defaults of the xlora section's model, or of another X-LoRA
+    model's (`model`)."""
+
+    model: str | None = Field(None, description="another X-LoRA model (GET /models) whose defaults change; "
+                              "default: the xlora section's")
+
+
+class RequestRouting(RoutingUpdate):
+    """A request's routing: a partial update of its model's defaults, and optionally a fixed mixture."""
+
+    weights: dict[str, float] | None = Field(
+        None,
+        description="a fixed mixture, expert name -> weight (each finite, -100..100), on every layer and position: "
+        "no classifier, no scaling pass. Names are the chosen model's experts; top_k and freeze_after do not apply",
+    )
+
+
 # -----------------------------------------------------------------------------
 # the one way from a request body to a generation (every generation endpoint's body implements it)
 
@@ -138,6 +197,10 @@ class GenerationRequest(Protocol):
         ...
 
     def samples_per_prompt(self) -> int: ...
+    def requested_model(self) -> tuple[str | None, str]:
+        """The model the request names (None: the xlora section's) and the field it came from."""
+        ...
+
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         """Raises ParameterError naming the SamplingParams field; `param_name` maps it to the request's."""
@@ -231,7 +294,9 @@ class GenerateRequest(_Request):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     return_scalings: bool = False
-    routing: RoutingUpdate | None = Field(None, description="this request only; unset fields use the server's")
+    routing: RequestRouting | None = Field(None, description="this request only; unset fields use the model's")
+    model: str | None = Field(None, description="which served model answers (GET /models); default: the "
+                              "xlora section's")
     constraint: Constraint | None = Field(None, description="structured output: the shape the answer must have")
     logprobs: int | None = Field(
         None, ge=0, le=20, description="each generated token's log probability and this many top alternatives"
@@ -260,6 +325,9 @@ class GenerateRequest(_Request):
 
     def samples_per_prompt(self) -> int:
         return 1
+
+    def requested_model(self) -> tuple[str | None, str]:
+        return self.model, "model"
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         params = sampling_params(self, self.max_new_tokens or default_max_new_tokens)
@@ -370,6 +438,7 @@ class ScalingsSummary(BaseModel):
         None, description="first position whose scalings are frozen (routing.freeze_after); null if none were"
     )
     replica: str | None = Field(None, description="the replica that served the request (x-xlora-replica)")
+    model: str | None = Field(None, description="the model that served it (GET /models); adapter_names are its experts")
     constraint: str | None = Field(None, description=_CONSTRAINT_DOC)
 
 

@@ -143,6 +143,14 @@ class ServerSection(_Section):
         description="a JSON schema, regex or grammar that takes longer to compile is refused (422; 400 on /v1)",
     )
     constraint_cache_size: int = Field(64, ge=1, description="compiled constraints kept (by their text)")
+    model_root: str | None = Field(
+        None, description="POST /models (admin) loads models from folders under this one only; null = run-time "
+        "loading is off (docs/models.md)",
+    )
+    max_loaded_experts: int | None = Field(
+        None, ge=1, description="experts held at once, every model's together (shared ones once); a load that "
+        "would hold more is refused; null = no bound",
+    )
     allow_hub_downloads: bool = Field(
         False,
         description="models loaded at run time (admin) may be Hugging Face Hub ids, fetched by the server; the "
@@ -154,6 +162,30 @@ class ServerSection(_Section):
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         return self
+
+
+class ModelEntry(_Section):
+    """One more model served over the base (docs/models.md): an X-LoRA checkpoint, a plain PEFT LoRA adapter
+    folder, or the base itself (`base: true`). Requests choose it by `model`."""
+
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$",
+                             description="what requests name it by (default for the base: the base's name)")
+    checkpoint: str | None = Field(None, description="an X-LoRA checkpoint folder (any layout xlora.checkpoint reads)")
+    adapter: str | None = Field(None, description="a PEFT LoRA adapter folder (adapter_config.json + safetensors)")
+    base: bool = Field(False, description="the base model itself, no expert")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelEntry:
+        given = [k for k in ("checkpoint", "adapter") if getattr(self, k) is not None] + (["base"] if self.base else [])
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of checkpoint, adapter or base: true (got {given or 'none'})")
+        if self.name is None and not self.base:
+            raise ValueError("name is required (requests choose the model by it)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "xlora" if self.checkpoint is not None else "adapter" if self.adapter is not None else "base"
 
 
 class LoggingSection(_Section):
@@ -168,6 +200,9 @@ class Settings(_Section):
     routing: RoutingSection = Field(default_factory=RoutingSection)
     server: ServerSection = Field(default_factory=ServerSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="more models over the same base, after the xlora section's (docs/models.md)"
+    )
 
     # Where the file was; relative paths inside it are resolved against its folder.
     source: Path | None = Field(None, exclude=True)
@@ -198,6 +233,9 @@ class Settings(_Section):
         return None if self.xlora.ordering is None else self.resolve_path(self.xlora.ordering)
     def state_file_path(self) -> str | None:
         return None if self.server.state_file is None else self.resolve_path(self.server.state_file)
+
+    def model_root_path(self) -> Path | None:
+        return None if self.server.model_root is None else Path(self.resolve_path(self.server.model_root))
 
     def adapter_dirs(self) -> dict[str, str] | None:
         if self.xlora.adapters is None:

@@ -52,7 +52,10 @@ def world(tmp_path_factory) -> dict:
         for i, (name, t) in enumerate(zip(EXPERTS, targets, strict=True))
     }
     checkpoint = save_checkpoint(base, experts, root / "checkpoint")
-    return {"root": root, "base": str(base), "experts": experts, "checkpoint": str(checkpoint)}
+    # A second X-LoRA model over the same base, sharing two experts (the shared server serves it: SERVED_MODELS)
+    second = save_checkpoint(base, {k: experts[k] for k in ("sorting", "json")}, root / "checkpoint-2")
+    return {"root": root, "base": str(base), "experts": experts, "checkpoint": str(checkpoint),
+            "checkpoint_2": str(second)}  # fmt: skip
 
 
 def server_config(world: dict, **sections) -> dict:
@@ -153,10 +156,22 @@ def start_server(tmp_path_factory, world):
         proc.stop()
 
 
+def served_models(world: dict) -> list[dict]:
+    """The shared server's `models:` besides the xlora section's tiny-xlora (docs/models.md)."""
+    return [
+        {"name": "tiny-xlora-2", "checkpoint": world["checkpoint_2"]},
+        {"name": "json", "adapter": world["experts"]["json"]},
+        {"name": "tiny-base", "base": True},
+    ]
+
+
 @pytest.fixture(scope="session")
 def server(start_server, world) -> ServerProcess:
-    """The shared server: batching on (4 rows), no auth."""
-    return start_server(server_config(world))
+    """The shared server: batching on (4 rows), no auth; it serves more models over its base (served_models), and
+    loads more at run time from the world's folder (at most 4 experts: its models share 3)."""
+    runtime = {"model_root": str(world["root"]), "max_loaded_experts": 4,
+               "state_file": str(world["root"] / "state.json")}  # fmt: skip
+    return start_server({**server_config(world, server=runtime), "models": served_models(world)})
 
 
 API_KEY, ADMIN_TOKEN = "api-secret-3f9c", "admin-secret-7d21"
@@ -167,7 +182,7 @@ def secured_server(start_server, world) -> ServerProcess:
     """A server with both secrets set (XLORA_API_KEY, XLORA_ADMIN_TOKEN) and JSON logs; shared by the auth,
     access and dashboard tests. Tests that change its routing or clear its log put things back or don't rely
     on what others left."""
-    config = server_config(world, logging={"format": "json"})
+    config = server_config(world, logging={"format": "json"}, server={"model_root": str(world["root"])})
     return start_server(config, env={"XLORA_API_KEY": API_KEY, "XLORA_ADMIN_TOKEN": ADMIN_TOKEN})
 
 

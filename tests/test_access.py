@@ -33,8 +33,10 @@ CALLS = {
         "json": {"model": "tiny-xlora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     },
     ("PATCH", "/routing"): {"json": {}},  # changes nothing
+    ("POST", "/models"): {"json": {"name": "access-json", "adapter": "expert-json"}},  # then DELETEd
 }
-PATH_PARAMS = {"name": {"/docs/assets/{name}": "swagger-ui.css", "/dashboard/assets/{name}": "dashboard.js"}}
+PATH_PARAMS = {"name": {"/docs/assets/{name}": "swagger-ui.css", "/dashboard/assets/{name}": "dashboard.js",
+                        "/models/{name}": "access-json"}}  # fmt: skip
 
 
 def app_routes(config_path) -> list[tuple[str, str]]:

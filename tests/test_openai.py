@@ -16,10 +16,11 @@ def oai(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def test_models_lists_the_served_model(oai):
+def test_models_lists_the_served_models(oai):
     models = oai.models.list().data
-    assert [m.id for m in models] == [MODEL]
+    assert [m.id for m in models] == [MODEL, "tiny-xlora-2", "json", "tiny-base"]  # conftest.served_models
     assert sorted(models[0].model_extra["xlora_adapters"]) == sorted(EXPERTS)
+    assert [m.model_extra["xlora_kind"] for m in models] == ["xlora", "xlora", "adapter", "base"]
 
 
 def test_completion(oai):

@@ -7,6 +7,7 @@ from .config import ConstraintError, ParameterError, XLoraConfig
 from .constraints import CompiledGrammar, ConstraintSpec, GrammarCompiler
 from .engine import BatchRow, DecodeBatch, Generated
 from .generation import StreamedToken
+from .hosted import HostedModel
 from .model import XLoraModel
 from .sampling import RowDecoder, SamplingParams
 
@@ -18,6 +19,7 @@ __all__ = [
     "DecodeBatch",
     "Generated",
     "GrammarCompiler",
+    "HostedModel",
     "ParameterError",
     "Routing",
     "RowDecoder",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
+from .config import ParameterError, XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 
 
 @dataclass(frozen=True)
@@ -28,34 +28,84 @@ class Routing:
         tokens the scalings are frozen: positions up to P-1+k (P prompt tokens; position P-1+j
         produces generated token j) are routed as usual, every later position reuses the scalings of
         position P-1+k and skips the scaling pass (mistral.rs's non-granular index).
+    model: which of the models hosted over the base (XLoraModel.models()) serves the row; None = the
+        X-LoRA model the XLoraModel was built as.
+    weights: a fixed mixture, expert name -> weight (a dict is taken), on every layer and position: no
+        classifier and no scaling pass (times global_scaling_weight). Names are the model's experts.
 
     Construction checks what needs no model (types, finiteness, signs), raising ParameterError;
-    `validate(n_adapters)` checks top_k against the number of experts.
+    `validate(n_adapters)` checks top_k against the number of experts (and the mixture's names).
     """
 
     top_k: int | None = None
     global_scaling_weight: float = 1.0
     freeze_after: int | None = None
+    model: str | None = None
+    weights: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self) -> None:
         check_top_k(self.top_k, None, "top_k")
         check_global_scaling_weight(self.global_scaling_weight)
         check_freeze_after(self.freeze_after)
+        if self.weights is not None:
+            object.__setattr__(self, "weights", check_mixture(self.weights))
+            for field_name in ("top_k", "freeze_after"):  # a fixed mixture has no classifier to keep or freeze
+                if getattr(self, field_name) is not None:
+                    raise ParameterError(field_name, "cannot be combined with weights (a fixed mixture)")
 
-    def validate(self, n_adapters: int) -> Routing:
-        """Raise ParameterError naming the field; return self so it can be chained."""
+    def validate(self, n_adapters: int, expert_names: list[str] | None = None) -> Routing:
+        """Raise ParameterError naming the field; return self so it can be chained. `expert_names`: the
+        model's experts, that a mixture may name."""
         check_top_k(self.top_k, n_adapters, "top_k")
+        if self.weights is not None and expert_names is not None:
+            for name, _ in self.weights:
+                if name not in expert_names:
+                    known = ", ".join(expert_names) or "none: this model has no experts"
+                    raise ParameterError(f"weights.{name}", f"is not an expert of this model (its experts: {known})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["global_scaling_weight"] = float(self.global_scaling_weight)
+        for key in ("model", "weights"):  # only when set: routing state files and answers stay as they were
+            if data[key] is None:
+                del data[key]
+        if self.weights is not None:
+            data["weights"] = dict(self.weights)
         return data
+
+    @property
+    def mixture(self) -> dict[str, float] | None:
+        return None if self.weights is None else dict(self.weights)
 
     def freezes_at(self, generated: int) -> bool:
         """True when the step that produced generated token number `generated` (0-based) is the last
         routed one: its scalings become the row's for good."""
         return self.freeze_after is not None and generated == self.freeze_after
+
+
+# A mixture's weights: finite and within +-MAX_MIXTURE_WEIGHT (a typo like 7e9 is refused, not run).
+MAX_MIXTURE_WEIGHT = 100.0
+
+
+def check_mixture(weights: Any, parameter: str = "weights") -> tuple[tuple[str, float], ...]:
+    """{name: weight} (or pairs) -> sorted (name, weight) pairs; ParameterError naming the entry at fault."""
+    if isinstance(weights, dict):
+        weights = tuple(weights.items())
+    if not isinstance(weights, tuple | list) or not weights:
+        raise ParameterError(parameter, f"must be a non-empty object of expert name -> weight, got {weights!r}")
+    pairs = {}
+    for item in weights:
+        name, value = item
+        if not isinstance(name, str) or not name:
+            raise ParameterError(parameter, f"expert names must be non-empty strings, got {name!r}")
+        where = f"{parameter}.{name}"
+        check_global_scaling_weight(value, where)
+        if abs(value) > MAX_MIXTURE_WEIGHT:
+            bound = f"{MAX_MIXTURE_WEIGHT:g}"
+            raise ParameterError(where, f"must be between -{bound} and {bound}, got {value!r}")
+        pairs[name] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 class XLoraClassifier(nn.Module):

@@ -116,7 +116,7 @@ class DecodeBatch:
             logits, scalings = logits[source], scalings[source]
         on_cpu = scalings.float().cpu()
         for i, row in enumerate(rows):
-            row.scalings.append(on_cpu[i, width - len(row.prompt_ids) :])
+            row.scalings.append(model.own_scalings(row.routing, on_cpu[i, width - len(row.prompt_ids) :]))
         batch = cls(model, rows, cache)
         return batch, batch._advance(logits, scalings[:, -1])
 
@@ -136,12 +136,12 @@ class DecodeBatch:
             )
             self.rows, self.cache = rows, cache
             for row, s in zip(rows, scalings, strict=True):
-                row.scalings.append(s.float().cpu())
+                row.scalings.append(self.model.own_scalings(row.routing, s.float().cpu()))
             return self._advance(logits, torch.stack([s[-1] for s in scalings]))
         logits, scalings = self.model.decode(tokens, self.cache, [row.routing for row in self.rows])
         on_cpu = scalings.float().cpu()
         for i, row in enumerate(self.rows):
-            row.scalings.append(on_cpu[i])
+            row.scalings.append(self.model.own_scalings(row.routing, on_cpu[i]))
         return self._advance(logits, scalings[:, -1])
 
     def filter(self, keep: list[int]) -> None:

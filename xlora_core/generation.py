@@ -125,9 +125,11 @@ def stream(
         yield StreamedToken(out.token_id, out.text, out.scalings, out.finish_reason)
 
 
-def _padded_scalings(rows: list[BatchRow], width: int, longest: int) -> torch.Tensor:
+def _padded_scalings(rows: list[BatchRow], width: int, longest: int) -> torch.Tensor | None:
     """Each row's scalings placed as its tokens are in the output: prompts right-aligned at `width`."""
     first = rows[0].scalings[0]
+    if any(row.scalings[0].shape[1:] != first.shape[1:] for row in rows):
+        return None  # rows of models with different layers or experts (XLoraModel.hosted): no one tensor
     out = torch.zeros((len(rows), width + longest - 1, *first.shape[1:]), dtype=first.dtype)
     for i, row in enumerate(rows):
         scalings = row.all_scalings()

@@ -8,6 +8,7 @@ knows its expert, so the per-token expert weights scale the columns between the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -113,6 +114,18 @@ def read_expert(name: str, folder: str | Path) -> LoraExpert:
     return LoraExpert(name=name, folder=folder, modules=modules, lora_config=lora_config)
 
 
+def expert_identity(expert: LoraExpert) -> str:
+    """What makes two experts the same: their modules, matrices and scales (a checkpoint holds copies of its
+    experts, written anew, so neither folders nor file bytes would find an expert shared by two models)."""
+    digest = hashlib.sha256()
+    for module in sorted(expert.modules):
+        a, b, scale = expert.modules[module]
+        digest.update(f"{module}:{tuple(a.shape)}:{tuple(b.shape)}:{a.dtype}:{scale!r}".encode())
+        for t in (a, b):
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _split_key(key: str) -> tuple[str, str]:
     """'base_model.model.model.layers.0.q_proj.lora_A.weight' -> ('model.layers.0.q_proj', 'lora_A').
 
@@ -143,11 +156,18 @@ class ExpertWeightsSlot:
     per layer. Each layer then reads its own slice. Both None: the experts are off.
 
     `inductor` is True while the compiled step runs: the matmuls then go to inductor (batch_invariant.linear).
+
+    `groups` (several models in one batch, XLoraModel.hosted): None runs every rank column for every row, as
+    one model does. Otherwise one (mask, experts) per distinct set of experts the rows use: each set's columns
+    run apart, for its rows only (`mask` [batch, seq, 1] of 0/1, None: every row), punica's gather per row.
+    A row then gets the same arithmetic as alone, and a step costs the columns its rows use, not every
+    expert loaded.
     """
 
     def __init__(self) -> None:
         self.weights: torch.Tensor | None = None
         self.columns: torch.Tensor | None = None
+        self.groups: list[tuple[torch.Tensor | None, tuple[int, ...]]] | None = None
         self.inductor = False
 
 
@@ -176,6 +196,53 @@ class FusedLoraLinear(nn.Module):
         )
         self.ranks = {e: a.shape[0] for e, a, _, _ in experts}
         self.first_column = 0  # where this layer's columns start in slot.columns (set by attach_experts)
+        self._runs: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
+
+    def add_experts(self, experts: list[tuple[int, torch.Tensor, torch.Tensor, float]]) -> None:
+        """Append more experts' columns (a model loaded next to the others); the stacked weights are rebuilt."""
+        ref = self.lora_A
+        a = torch.cat([self.lora_A.detach(), *(a.to(ref.device, ref.dtype) for _, a, _, _ in experts)])
+        b = torch.cat([self.lora_B.detach(), *(b.to(ref.device, ref.dtype) for _, _, b, _ in experts)], dim=1)
+        self.lora_A, self.lora_B = nn.Parameter(a, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        new_experts = torch.tensor([e for e, a, _, _ in experts for _ in range(a.shape[0])], device=ref.device)
+        new_scales = torch.tensor([s for _, a, _, s in experts for _ in range(a.shape[0])], device=ref.device)
+        self.expert_of_column = torch.cat([self.expert_of_column, new_experts])
+        self.scale_of_column = torch.cat([self.scale_of_column, new_scales.to(ref.dtype)])
+        self.ranks |= {e: a.shape[0] for e, a, _, _ in experts}
+        self._runs = {}
+
+    def keep_experts(self, renumber: dict[int, int]) -> None:
+        """Keep only the columns of the experts in `renumber` (old index -> new index); the others are freed."""
+        keep = torch.tensor([int(e) in renumber for e in self.expert_of_column.tolist()], device=self.lora_A.device)
+        self.lora_A = nn.Parameter(self.lora_A.detach()[keep], requires_grad=False)
+        self.lora_B = nn.Parameter(self.lora_B.detach()[:, keep], requires_grad=False)
+        kept = [renumber[int(e)] for e in self.expert_of_column[keep].tolist()]
+        self.expert_of_column = torch.tensor(kept, dtype=self.expert_of_column.dtype, device=self.lora_A.device)
+        self.scale_of_column = self.scale_of_column[keep]
+        self.ranks = {renumber[e]: r for e, r in self.ranks.items() if e in renumber}
+        self._runs = {}
+
+    def runs(self, experts: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+        """(A, B, first, end column) of each contiguous run of these experts' columns in this layer. All the
+        columns: the stacked matrices themselves; a part: copies made once (a prepacked weight is kept per
+        tensor), so a group's matmuls cost its own columns."""
+        if experts not in self._runs:
+            used = torch.isin(self.expert_of_column, torch.tensor(experts, device=self.expert_of_column.device))
+            runs, n = [], len(used)
+            columns = used.nonzero().flatten().tolist()
+            for c in columns:
+                if runs and runs[-1][1] == c:
+                    runs[-1][1] = c + 1
+                else:
+                    runs.append([c, c + 1])
+            if runs == [[0, n]]:
+                self._runs[experts] = [(self.lora_A, self.lora_B, 0, n)]
+            else:
+                self._runs[experts] = [
+                    (self.lora_A[lo:hi].detach().clone(), self.lora_B[:, lo:hi].detach().contiguous(), lo, hi)
+                    for lo, hi in runs
+                ]
+        return self._runs[experts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -184,6 +251,13 @@ class FusedLoraLinear(nn.Module):
         elif self.slot.weights is not None:  # [batch, seq, n_experts] -> one weight per rank column
             column_weights = self.slot.weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
         else:  # the experts are off (a scaling pass at value 0)
+            return result
+        if self.slot.groups is not None:  # several models in the batch: each set of experts for its own rows
+            for mask, experts in self.slot.groups:
+                for a, b, lo, hi in self.runs(experts):
+                    weights = column_weights[:, :, lo:hi] if mask is None else column_weights[:, :, lo:hi] * mask
+                    hidden = linear(x, a, inductor=self.slot.inductor) * weights.to(x.dtype)
+                    result = result + linear(hidden, b, inductor=self.slot.inductor)
             return result
         hidden = linear(x, self.lora_A, inductor=self.slot.inductor) * column_weights.to(x.dtype)
         return result + linear(hidden, self.lora_B, inductor=self.slot.inductor)
@@ -203,7 +277,45 @@ def attach_experts(base: nn.Module, experts: list[LoraExpert], slot: ExpertWeigh
     LoRA layers are numbered in module order, as peft numbers them, so scalings tensors of both
     implementations index the same modules.
     """
-    named = dict(base.named_modules())
+    return extend_experts(base, [], list(enumerate(experts)), slot)
+
+
+def extend_experts(
+    base: nn.Module, layers: list[FusedLoraLinear], experts: list[tuple[int, LoraExpert]], slot: ExpertWeightsSlot
+) -> list[FusedLoraLinear]:
+    """Add experts (numbered by the caller) to a base whose `layers` are fused already: a module fused
+    already gets their columns appended, a new one becomes a FusedLoraLinear numbered after the others (in
+    module order among the new ones). Returns every fused layer, old then new. Nothing changes if an
+    expert does not fit (ExpertError naming it)."""
+    targeted = check_experts_fit(base, [e for _, e in experts])
+    named = _linear_modules(base)
+    fused_names = {id(module): name for name, module in base.named_modules()}
+    by_name = {fused_names[id(layer)]: layer for layer in layers}
+    layers = list(layers)
+    for module_name in [n for n in named if n in targeted]:
+        parts = [(i, *e.modules[module_name]) for i, e in experts if module_name in e.modules]
+        if module_name in by_name:
+            by_name[module_name].add_experts(parts)
+            continue
+        parent_name, _, attr = module_name.rpartition(".")
+        fused = FusedLoraLinear(named[module_name], len(layers), parts, slot)
+        setattr(base.get_submodule(parent_name) if parent_name else base, attr, fused)
+        layers.append(fused)
+    number_columns(layers)
+    return layers
+
+
+def number_columns(layers: list[FusedLoraLinear]) -> None:
+    """Where each layer's columns start in ExpertWeightsSlot.columns: layer after layer."""
+    first = 0
+    for layer in layers:
+        layer.first_column, first = first, first + layer.lora_A.shape[0]
+
+
+def check_experts_fit(base: nn.Module, experts: list[LoraExpert]) -> set[str]:
+    """The modules these experts target; ExpertError naming the expert and module if one does not fit the base
+    (no such module, not a Linear, other shapes, a targeted module without weights). Changes nothing."""
+    named = _linear_modules(base)
     targeted: set[str] = set()
     for expert in experts:
         for module, (a, b, _) in expert.modules.items():
@@ -222,15 +334,17 @@ def attach_experts(base: nn.Module, experts: list[LoraExpert], slot: ExpertWeigh
                 )
             targeted.add(module)
         _check_every_target_has_weights(expert, named)
-    layers = []
-    for module_name in [n for n in named if n in targeted]:
-        parent_name, _, attr = module_name.rpartition(".")
-        parts = [(i, *expert.modules[module_name]) for i, expert in enumerate(experts) if module_name in expert.modules]
-        fused = FusedLoraLinear(named[module_name], len(layers), parts, slot)
-        fused.first_column = sum(layer.lora_A.shape[0] for layer in layers)
-        setattr(base.get_submodule(parent_name) if parent_name else base, attr, fused)
-        layers.append(fused)
-    return layers
+    return targeted
+
+
+def _linear_modules(base: nn.Module) -> dict[str, nn.Module]:
+    """The base model's modules by name, a fused layer standing for the nn.Linear it wraps."""
+    named = {}
+    for name, module in base.named_modules():
+        if name.endswith(".base_layer") and isinstance(base.get_submodule(name.rpartition(".")[0]), FusedLoraLinear):
+            continue
+        named[name] = module.base_layer if isinstance(module, FusedLoraLinear) else module
+    return named
 
 
 def _check_every_target_has_weights(expert: LoraExpert, named: dict[str, nn.Module]) -> None:

@@ -9,6 +9,8 @@ For generation each pass keeps its own KV cache (`XLoraCache`), so a new token c
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,18 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .batch_invariant import ROW_SDPA, left_padded_spans, ragged_spans, use_row_invariant_linears
 from .cache import RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
-from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
-from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, read_expert
+from .config import ParameterError, XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
+from .hosted import ExpertLimitError, HostedModel, Kind, ModelNameTaken, PendingModel
+from .lora import (
+    ExpertWeightsSlot,
+    FusedLoraLinear,
+    attach_experts,
+    check_experts_fit,
+    expert_identity,
+    extend_experts,
+    number_columns,
+    read_expert,
+)
 from .scalings_log import ClassifierScalingsLog
 
 
@@ -41,16 +53,19 @@ class XLoraModel(nn.Module):
         experts = [read_expert(name, folder) for name, folder in config.adapters.items()]
         # A plain list: the fused layers are already registered as submodules of `base`.
         self._lora_layers: list[FusedLoraLinear] = attach_experts(base, experts, self.slot)
-        # The rank columns of every fused layer, layer after layer: which layer, expert and scale each is.
-        layers = self._lora_layers
-        for name, parts in (
-            ("layer_of_column", [torch.full_like(la.expert_of_column, la.layer_index) for la in layers]),
-            ("expert_of_column", [la.expert_of_column for la in layers]),
-            ("scale_of_column", [la.scale_of_column for la in layers]),
-        ):
-            self.register_buffer(name, torch.cat(parts), persistent=False)
+        self._index_columns()
         ref = next(base.parameters())
         self.classifier = XLoraClassifier(config, len(self._lora_layers), len(experts)).to(ref.device, ref.dtype)
+        # The models served over this base (hosted.py): this X-LoRA model, named `name`, and any added.
+        self.name = "default"
+        self._expert_files = [expert_identity(e) for e in experts]  # every expert loaded, by global index
+        n_layers = len(self._lora_layers)
+        self.primary = HostedModel(self.name, "xlora", list(config.adapters), list(range(len(experts))),
+                                   list(range(n_layers)), self.classifier, config)  # fmt: skip
+        self.hosted: dict[str, HostedModel] = {}
+        self._routers = nn.ModuleDict()  # the added X-LoRA models' classifiers (moved with .to())
+        # Held while the module tree changes (attach, remove) or is read off the model thread (read_model).
+        self._structure = threading.Lock()
         # Every matmul computes each row alike for any number of rows (batch_invariant.py).
         use_row_invariant_linears(self.base, self.slot)
         use_row_invariant_linears(self.classifier, self.slot)
@@ -62,6 +77,257 @@ class XLoraModel(nn.Module):
         self._inductor_config: dict[str, Any] = {}
         self.freeze_experts()
         self.eval()
+
+    def _index_columns(self) -> None:
+        """The rank columns of every fused layer, layer after layer: which layer, expert and scale each is."""
+        layers = self._lora_layers
+        for name, parts in (
+            ("layer_of_column", [torch.full_like(la.expert_of_column, la.layer_index) for la in layers]),
+            ("expert_of_column", [la.expert_of_column for la in layers]),
+            ("scale_of_column", [la.scale_of_column for la in layers]),
+        ):
+            self.register_buffer(name, torch.cat(parts), persistent=False)
+
+    # ---- the models served over this base (hosted.py) ----------------------------------------
+    def models(self) -> list[HostedModel]:
+        """Every model requests may name: this X-LoRA model first, then the added ones in order."""
+        self.primary.name = self.name
+        return [self.primary, *self.hosted.values()]
+
+    def hosted_model(self, name: str | None) -> HostedModel:
+        """The model of this name (None: this X-LoRA model); KeyError if none."""
+        if name is None or name == self.name:
+            return self.primary
+        return self.hosted[name]
+
+    def routing_of(self, name: str | None) -> Routing:
+        """The default routing of a model's requests."""
+        model = self.hosted_model(name)
+        return self.routing if model is self.primary else model.routing()
+
+    @property
+    def n_experts_loaded(self) -> int:
+        return len(self._expert_files)
+
+    def add_xlora(
+        self, name: str, folder: str | Path, adapters: dict[str, str] | None = None, max_experts: int | None = None
+    ) -> HostedModel:
+        """Serve another X-LoRA checkpoint over this base, as `name`; an expert it shares with a model loaded
+        already (the same matrices, expert_identity) is not loaded again."""
+        return self.attach(self.read_model(name, "xlora", folder, adapters), max_experts)
+
+    def add_adapter(self, name: str, folder: str | Path, max_experts: int | None = None) -> HostedModel:
+        """Serve a plain PEFT LoRA adapter over this base, as `name` (the mixture {name: 1})."""
+        return self.attach(self.read_model(name, "adapter", folder), max_experts)
+
+    def add_base(self, name: str) -> HostedModel:
+        """Serve the base model itself, no expert, as `name`."""
+        return self.attach(self.read_model(name, "base"))
+
+    def read_model(
+        self, name: str, kind: Kind, folder: str | Path | None = None, adapters: dict[str, str] | None = None
+    ) -> PendingModel:
+        """Read a model's files and check them against the base, changing nothing (a server does this off its
+        model thread, then `attach`es between steps). Raises ExpertError, CheckpointError or ValueError."""
+        from .checkpoint import read_checkpoint
+        from .stored import check_classifier
+
+        self._check_new_name(name)
+        if kind == "base":
+            return PendingModel(name, kind, [])
+        if kind == "adapter":
+            experts = [read_expert(name, folder)]
+            with self._structure:
+                check_experts_fit(self.base, experts)
+            return PendingModel(name, kind, experts)
+        stored = read_checkpoint(folder, adapters=adapters)
+        if stored.config.hidden_size != self.config.hidden_size:
+            raise ValueError(f"{stored.config_path}: hidden_size is {stored.config.hidden_size}, the base's "
+                             f"{self.config.hidden_size}")  # fmt: skip
+        experts = [read_expert(n, f) for n, f in stored.config.adapters.items()]
+        with self._structure:
+            n_layers = len(check_experts_fit(self.base, experts))  # as peft: one LoRA layer per targeted module
+        classifier = XLoraClassifier(stored.config, n_layers, len(experts))
+        check_classifier(stored, classifier.state_dict(), n_layers)
+        classifier.load_state_dict(stored.classifier)
+        return PendingModel(name, kind, experts, classifier.eval(), stored.config)
+
+    def attach(self, pending: PendingModel, max_experts: int | None = None) -> HostedModel:
+        """Serve a model read by `read_model` (between steps: the fused layers change). Its experts already
+        loaded (the same matrices) are shared; ExpertLimitError if more than `max_experts` would be loaded."""
+        with self._structure:
+            return self._attach(pending, max_experts)
+
+    def _attach(self, pending: PendingModel, max_experts: int | None) -> HostedModel:
+        self._check_new_name(pending.name)
+        indices, new = [], []
+        for expert in pending.experts:
+            identity = expert_identity(expert)
+            known = [i for i, f in enumerate(self._expert_files) if f == identity]
+            indices.append(known[0] if known else self.n_experts_loaded + len(new))
+            if not known:
+                new.append(expert)
+        if max_experts is not None and self.n_experts_loaded + len(new) > max_experts:
+            raise ExpertLimitError(f"{pending.name!r} would load {len(new)} more expert(s) onto "
+                                   f"{self.n_experts_loaded}; at most {max_experts} may be loaded")  # fmt: skip
+        if new:
+            first = self.n_experts_loaded
+            self._lora_layers = extend_experts(self.base, self._lora_layers, list(enumerate(new, first)), self.slot)
+            self._expert_files += [expert_identity(e) for e in new]
+            self._index_columns()
+            self.freeze_experts()
+        classifier = pending.classifier
+        if classifier is not None:
+            classifier.to(self.device, self.dtype)
+            use_row_invariant_linears(classifier, self.slot)
+            self._routers[pending.name] = classifier
+        names = [e.name for e in pending.experts]
+        model = HostedModel(pending.name, pending.kind, names, indices, self._layers_of(indices), classifier,
+                            pending.config)  # fmt: skip
+        self.hosted[pending.name] = model
+        return model
+
+    def remove(self, name: str) -> tuple[list[int], list[int]]:
+        """Stop serving a model added to this one (between steps, no row of it running) and free its experts
+        that no other model uses, and fused layers left without columns. Returns the (layers, experts) kept, by
+        their old global index, for scalings held elsewhere (XLoraCache.frozen) to follow."""
+        with self._structure:
+            return self._remove(name)
+
+    def _remove(self, name: str) -> tuple[list[int], list[int]]:
+        if name not in self.hosted:
+            raise KeyError(name)
+        del self.hosted[name]
+        if name in self._routers:
+            del self._routers[name]
+        used = set(self.primary.experts).union(*(m.experts for m in self.hosted.values()))
+        experts = [e for e in range(self.n_experts_loaded) if e in used]
+        renumber = {old: new for new, old in enumerate(experts)}
+        for layer in self._lora_layers:
+            layer.keep_experts(renumber)
+        layers = [i for i, la in enumerate(self._lora_layers) if la.lora_A.shape[0] > 0]
+        for i, layer in enumerate(self._lora_layers):
+            if i not in layers:  # no expert left here: the plain Linear again
+                parent_name, _, attr = self._module_name(layer).rpartition(".")
+                setattr(self.base.get_submodule(parent_name) if parent_name else self.base, attr, layer.base_layer)
+        self._lora_layers = [self._lora_layers[i] for i in layers]
+        for new_index, layer in enumerate(self._lora_layers):
+            layer.layer_index = new_index
+        number_columns(self._lora_layers)
+        self._expert_files = [self._expert_files[e] for e in experts]
+        self._index_columns()
+        layer_number = {old: new for new, old in enumerate(layers)}
+        for model in [self.primary, *self.hosted.values()]:
+            model.experts = [renumber[e] for e in model.experts]
+            model.layers = [layer_number[i] for i in model.layers]
+        return layers, experts
+
+    def _module_name(self, module: nn.Module) -> str:
+        return next(name for name, m in self.base.named_modules() if m is module)
+
+    def _check_new_name(self, name: str) -> None:
+        if not name or name == self.name or name in self.hosted:
+            raise ModelNameTaken(f"the model name {name!r} is taken")
+
+    def _layers_of(self, experts: list[int]) -> list[int]:
+        """The global LoRA layers that these experts target, in the base's module order (peft's numbering)."""
+        order = {id(m): i for i, m in enumerate(self.base.modules())}
+        layers = [la for la in self._lora_layers if any(e in la.ranks for e in experts)]
+        return [la.layer_index for la in sorted(layers, key=lambda la: order[id(la)])]
+
+    def _plain(self, rows: list[Routing]) -> bool:
+        """Whether these rows are this X-LoRA model's alone, with nothing else loaded: the single-model path."""
+        return (
+            not self.hosted or self.n_experts_loaded == self.config.n_adapters
+            and len(self._lora_layers) == len(self.primary.layers)
+        ) and all(r.weights is None and (r.model is None or r.model == self.name) for r in rows)
+
+    def _fixed_scalings(self, routing: Routing) -> torch.Tensor | None:
+        """The scalings [layers, experts] of a row that no classifier routes (its fixed weights), else None."""
+        weights = self.hosted_model(routing.model).fixed(routing)
+        if weights is None:
+            return None
+        out = torch.zeros(len(self._lora_layers), self.n_experts_loaded, device=self.device, dtype=self.dtype)
+        for expert, w in weights.items():
+            out[:, expert] = w
+        return out
+
+    def own_scalings(self, routing: Routing, scalings: torch.Tensor) -> torch.Tensor:
+        """A row's scalings [..., layers, experts] as its model sees them (its layers and experts)."""
+        if self._plain([routing]):
+            return scalings
+        return self.hosted_model(routing.model).own(scalings)
+
+    def _by_model(self, rows: list[Routing]) -> dict[int, tuple[HostedModel, bool, list[int]]]:
+        """Rows grouped by model and by whether a classifier routes them: id -> (model, fixed, row indices)."""
+        groups: dict = {}
+        for i, r in enumerate(rows):
+            model = self.hosted_model(r.model)
+            fixed = model.fixed(r) is not None
+            groups.setdefault((id(model), fixed), (model, fixed, []))[2].append(i)
+        return groups
+
+    def _groups(
+        self, rows: list[Routing], token_rows: torch.Tensor | None = None, scaling_pass: bool = False
+    ) -> list[tuple[torch.Tensor | None, tuple[int, ...]]] | None:
+        """ExpertWeightsSlot.groups for these rows: None on the single-model path. `token_rows`: the row of
+        each token of a ragged pass (batch 1)."""
+        if self._plain(rows):
+            return None
+        sets = [self.hosted_model(r.model).expert_set(r, scaling_pass) for r in rows]
+        groups = []
+        for experts in sorted(set(sets) - {()}):
+            member = torch.tensor([s == experts for s in sets], device=self.device)
+            if bool(member.all()):
+                groups.append((None, experts))
+                continue
+            mask = member[token_rows].view(1, -1, 1) if token_rows is not None else member.view(-1, 1, 1)
+            groups.append((mask.to(self.dtype), experts))
+        return groups
+
+    def _weights(self, scalings: torch.Tensor, routing: Routing | list[Routing], scaling_pass: bool = False):
+        """expert_weights for rows of any models, on global scalings [batch, seq, layers, experts]: each
+        model's rows with its own top-k and softmax over its own experts; fixed rows as they are (times the
+        global weight)."""
+        rows = routing if isinstance(routing, list) else [routing] * scalings.shape[0]
+        if self._plain(rows):
+            return expert_weights(scalings, routing, self.config.enable_softmax_topk)
+        weights = torch.zeros_like(scalings)
+        for model, fixed, idx in self._by_model(rows).values():
+            subset = [rows[i] for i in idx]
+            if fixed:
+                weights[idx] = expert_weights(scalings[idx], subset, False)
+            elif model.layers:
+                own = expert_weights(model.own(scalings[idx]), subset, model.config.enable_softmax_topk)
+                weights[idx] = model.to_global(own, *scalings.shape[2:])
+        return weights
+
+    def _classify(self, hidden: torch.Tensor, rows: list[Routing], token_rows: torch.Tensor | None = None):
+        """Global scalings [batch, seq, layers, experts] from the scaling pass's hidden states: each row by
+        its model's classifier, fixed rows their fixed scalings. `token_rows` as in `_groups`."""
+        if self._plain(rows):
+            scalings = self.classifier(hidden)
+            self.scalings_log.record(scalings)
+            return scalings
+        batch, seq = hidden.shape[:2]
+        shape = (len(self._lora_layers), self.n_experts_loaded)
+        scalings = hidden.new_zeros(batch, seq, *shape)
+        for model, fixed, idx in self._by_model(rows).values():
+            member = torch.zeros(len(rows), dtype=torch.bool, device=hidden.device)
+            member[idx] = True
+            where = member[token_rows].view(1, -1) if token_rows is not None else member.view(-1, 1).expand(batch, seq)
+            if fixed:
+                for i in idx:
+                    if token_rows is None:
+                        scalings[i] = self._fixed_scalings(rows[i])
+                    else:
+                        scalings[0, token_rows == i] = self._fixed_scalings(rows[i])
+                continue
+            own = model.classifier(hidden[where].unsqueeze(0))
+            if model is self.primary:
+                self.scalings_log.record(own)
+            scalings[where] = model.to_global(own, *shape)[0]
+        return scalings
 
     # ---- what the model is -------------------------------------------------------------------
     @property
@@ -177,16 +443,33 @@ class XLoraModel(nn.Module):
         cache: DynamicCache | None,
         weights: torch.Tensor | None,
         spans: torch.Tensor | None = None,
+        groups: list | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, with the experts weighted by `weights` (None: off). `spans`
-        (batch_invariant's row spans) has attention run row by row, as for each row alone (cached steps)."""
+        (batch_invariant's row spans) has attention run row by row, as for each row alone (cached steps).
+        `groups`: ExpertWeightsSlot.groups (rows of several models; such a step runs eagerly)."""
+        self.slot.groups = groups
+        try:
+            return self._backbone_pass(input_ids, attention_mask, position_ids, cache, weights, spans)
+        finally:
+            self.slot.groups = None
+
+    def _backbone_pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: DynamicCache | None,
+        weights: torch.Tensor | None,
+        spans: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # A one-token step: every layer's rank-column weights in one gather (ExpertWeightsSlot.columns).
         # Longer passes gather per layer, so no [batch, seq, all columns] tensor is ever held.
         if input_ids.shape[1] == 1:
             columns = None
             if weights is not None:
                 columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
-            if self._compiled_step is not None and not torch.is_grad_enabled():
+            if self._compiled_step is not None and not torch.is_grad_enabled() and self.slot.groups is None:
                 # Inductor's settings as a patch around the call (where compilation happens): torch 2.13
                 # ignores `freezing` given as torch.compile(options=...), and unfrozen weights get no
                 # C++ GEMM kernels.
@@ -254,19 +537,44 @@ class XLoraModel(nn.Module):
         return out.last_hidden_state
 
     def _scaling_pass_weights(self, batch: int, seq: int, routing: Routing | list[Routing]) -> torch.Tensor | None:
-        if self.config.scaling_pass_value == 0:
-            return None  # every expert at 0 contributes exactly nothing: skip the LoRA matmuls
-        dummy = self.classifier.dummy_scalings(batch, seq, self.device, self.dtype)
-        return expert_weights(dummy, routing, self.config.enable_softmax_topk)
+        rows = routing if isinstance(routing, list) else [routing] * batch
+        if self._plain(rows):
+            if self.config.scaling_pass_value == 0:
+                return None  # every expert at 0 contributes exactly nothing: skip the LoRA matmuls
+            dummy = self.classifier.dummy_scalings(batch, seq, self.device, self.dtype)
+            return expert_weights(dummy, routing, self.config.enable_softmax_topk)
+        models = [self.hosted_model(r.model) for r in rows]
+        if all(m.kind != "xlora" or m.config.scaling_pass_value == 0 for m in models):
+            return None
+        dummy = torch.zeros(batch, seq, len(self._lora_layers), self.n_experts_loaded, device=self.device,
+                            dtype=self.dtype)  # fmt: skip
+        for i, (m, r) in enumerate(zip(models, rows, strict=True)):
+            if m.kind == "xlora" and m.config.scaling_pass_value != 0:
+                own = m.classifier.dummy_scalings(1, seq, self.device, self.dtype)
+                dummy[i] = m.to_global(expert_weights(own, r, m.config.enable_softmax_topk), *dummy.shape[2:])[0]
+        return dummy
 
     def _resolve(self, routing: Routing | list[Routing] | None) -> Routing | list[Routing]:
         """The request's routing (or the model's default), checked against the number of experts."""
         routing = self.routing if routing is None else routing
         for r in routing if isinstance(routing, list) else [routing]:
-            if not isinstance(r, Routing):
-                raise TypeError(f"routing must be a Routing or a list of them, got {type(r).__name__}")
-            r.validate(self.config.n_adapters)
+            self.check_routing(r)
         return routing
+
+    def check_routing(self, routing: Routing) -> Routing:
+        """Raise ParameterError naming the field if this routing does not fit its model; return it."""
+        if not isinstance(routing, Routing):
+            raise TypeError(f"routing must be a Routing or a list of them, got {type(routing).__name__}")
+        try:
+            model = self.hosted_model(routing.model)
+        except KeyError:
+            raise ParameterError("model", f"{routing.model!r} is not served here (models: "
+                                 f"{', '.join(m.name for m in self.models())})") from None  # fmt: skip
+        if model.kind != "xlora":
+            for field_name in ("top_k", "freeze_after"):
+                if getattr(routing, field_name) is not None:
+                    raise ParameterError(field_name, f"does not apply to {model.name!r}, a {model.kind} with no router")
+        return routing.validate(len(model.experts), model.expert_names)
 
     def predict_scalings(
         self,
@@ -281,12 +589,13 @@ class XLoraModel(nn.Module):
         The routing matters only when scaling_pass_value is not 0 (top-k and the global weight apply
         to the scaling pass's experts too, as in peft)."""
         batch, seq = input_ids.shape
+        routing = self.routing if routing is None else routing
+        rows = routing if isinstance(routing, list) else [routing] * batch
         with torch.no_grad():  # as peft: the classifier learns through the real pass only
-            dummy = self._scaling_pass_weights(batch, seq, self.routing if routing is None else routing)
-            hidden = self._backbone(input_ids, attention_mask, position_ids, cache, dummy, spans)
-        scalings = self.classifier(hidden)
-        self.scalings_log.record(scalings)
-        return scalings
+            dummy = self._scaling_pass_weights(batch, seq, routing)
+            groups = self._groups(rows, scaling_pass=True)
+            hidden = self._backbone(input_ids, attention_mask, position_ids, cache, dummy, spans, groups)
+        return self._classify(hidden, rows)
 
     def real_pass(
         self,
@@ -299,8 +608,9 @@ class XLoraModel(nn.Module):
         spans: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The backbone with the experts mixed by `scalings` (after top-k and the global weight)."""
-        weights = expert_weights(scalings, routing, self.config.enable_softmax_topk)
-        return self._backbone(input_ids, attention_mask, position_ids, cache, weights, spans)
+        weights = self._weights(scalings, routing)
+        rows = routing if isinstance(routing, list) else [routing] * input_ids.shape[0]
+        return self._backbone(input_ids, attention_mask, position_ids, cache, weights, spans, self._groups(rows))
 
     def hidden_states(
         self,
@@ -357,9 +667,12 @@ class XLoraModel(nn.Module):
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         config = self.base.config
         kv = self.kv_dtype
-        cache = XLoraCache(growing_cache(config, kv), growing_cache(config, kv), mask.long())
+        rows = routing if isinstance(routing, list) else [routing] * input_ids.shape[0]
+        fixed = [self._fixed_scalings(r) for r in rows]  # rows no classifier routes: frozen from the start
+        scaling_cache = growing_cache(config, kv) if any(f is None for f in fixed) else None
+        cache = XLoraCache(scaling_cache, growing_cache(config, kv), mask.long(), fixed)
         spans = left_padded_spans(mask, input_ids.shape[1])
-        scalings = self.predict_scalings(input_ids, cache.attention_mask, positions, routing, cache.scaling, spans)
+        scalings = self._step_scalings(input_ids, positions, cache, routing, spans)
         hidden = self.real_pass(input_ids, cache.attention_mask, positions, scalings, routing, cache.real, spans)
         logits = self.base.get_output_embeddings()(hidden if all_positions else hidden[:, -1]).float()
         self.latest_scalings = scalings
@@ -406,9 +719,9 @@ class XLoraModel(nn.Module):
         width = max(c + n for c, n in zip(cached, new, strict=True))
 
         # Scaling pass: the granular rows, the newcomers among them; frozen rows keep their scalings.
-        frozen = cache.frozen + [None] * len(prompts)
+        frozen = cache.frozen + [self._fixed_scalings(r) for r in routing[old:]]
         granular = [r for r, f in enumerate(frozen) if f is None]
-        shape = (1, ids.shape[1], self.n_lora_layers, self.config.n_adapters)
+        shape = (1, ids.shape[1], self.n_lora_layers, self.n_experts_loaded)
         scalings = torch.zeros(shape, device=device, dtype=self.dtype)
         for r, f in enumerate(frozen):
             if f is not None:
@@ -418,15 +731,19 @@ class XLoraModel(nn.Module):
             sub = RaggedRows([cached[r] for r in granular], [new[r] for r in granular], device)
             take = torch.isin(real.token_row, torch.tensor(granular, device=device))
             flat = sub.flatten(cache.scaling, cache.attention_mask[cache.granular_rows()], growing_cache(config, kv))
+            sub_routing = [routing[r] for r in granular]
             dummy = None
-            if self.config.scaling_pass_value != 0:
-                dummy = self.classifier.dummy_scalings(1, int(take.sum()), device, self.dtype)
-                dummy = self._ragged_weights(dummy, sub, [routing[r] for r in granular])
+            if self.config.scaling_pass_value != 0 or not self._plain(sub_routing):
+                dummy = self._ragged_weights(None, sub, sub_routing, scaling_pass=True)
             # Not _backbone: a ragged row of one token is no one-token step (its mask is 4D, its cache batch 1).
             spans = ragged_spans(sub.cached, sub.new)
-            hidden = self._per_token_pass(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy, spans)
-            scalings[:, take] = self.classifier(hidden)
-            self.scalings_log.record(scalings[:, take])
+            self.slot.groups = self._groups(sub_routing, sub.token_row, scaling_pass=True)
+            try:
+                tokens = ids[:, take]
+                hidden = self._per_token_pass(tokens, sub.attention_mask(), positions[:, take], flat, dummy, spans)
+            finally:
+                self.slot.groups = None
+            scalings[:, take] = self._classify(hidden, sub_routing, sub.token_row)
             scaling_cache = growing_cache(config, kv)
             sub.unflatten(flat, scaling_cache, width)
 
@@ -434,7 +751,11 @@ class XLoraModel(nn.Module):
         flat = real.flatten(cache.real, cache.attention_mask, growing_cache(config, kv))
         weights = self._ragged_weights(scalings, real, routing)
         spans = ragged_spans(real.cached, real.new)
-        hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights, spans)
+        self.slot.groups = self._groups(routing, real.token_row)
+        try:
+            hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights, spans)
+        finally:
+            self.slot.groups = None
         last = torch.tensor(new, device=device).cumsum(0) - 1
         logits = self.base.get_output_embeddings()(hidden[0, last]).float()
         real_cache = growing_cache(config, kv)
@@ -442,11 +763,18 @@ class XLoraModel(nn.Module):
         joined = XLoraCache(scaling_cache, real_cache, mask, frozen)
         return logits, list(scalings[0].split(new)), joined
 
-    def _ragged_weights(self, scalings: torch.Tensor, rows: RaggedRows, routing: list[Routing]) -> torch.Tensor:
-        """expert_weights for a ragged row [1, tokens, layers, experts]: each row's tokens with its routing."""
+    def _ragged_weights(
+        self, scalings: torch.Tensor | None, rows: RaggedRows, routing: list[Routing], scaling_pass: bool = False
+    ) -> torch.Tensor:
+        """expert_weights for a ragged row [1, tokens, layers, experts]: each row's tokens with its routing.
+        With `scaling_pass`, those of the scaling pass (the rows' dummy scalings)."""
+        if scaling_pass:
+            parts = [self._scaling_pass_weights(1, n, r) for n, r in zip(rows.new, routing, strict=True)]
+            shape = (len(self._lora_layers), self.n_experts_loaded)
+            zeros = [torch.zeros(1, n, *shape, device=self.device, dtype=self.dtype) for n in rows.new]
+            return torch.cat([z if p is None else p for p, z in zip(parts, zeros, strict=True)], dim=1)
         parts = scalings.split(rows.new, dim=1)
-        softmax = self.config.enable_softmax_topk
-        return torch.cat([expert_weights(p, r, softmax) for p, r in zip(parts, routing, strict=True)], dim=1)
+        return torch.cat([self._weights(p, r) for p, r in zip(parts, routing, strict=True)], dim=1)
 
     def _step_scalings(
         self,
@@ -462,14 +790,15 @@ class XLoraModel(nn.Module):
         granular = cache.granular_rows()
         if len(granular) == cache.batch_size:
             return self.predict_scalings(tokens, cache.attention_mask, positions, routing, cache.scaling, spans)
-        shape = (self.n_lora_layers, self.config.n_adapters)
+        shape = (self.n_lora_layers, self.n_experts_loaded)
         none = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        scalings = torch.stack([none if f is None else f for f in cache.frozen]).unsqueeze(1)
+        new = tokens.shape[1]  # 1 at decode, the prompts' width at prefill
+        scalings = torch.stack([none if f is None else f for f in cache.frozen]).unsqueeze(1).repeat(1, new, 1, 1)
         if granular:
             index = torch.tensor(granular, device=self.device)
             subset = [routing[i] for i in granular] if isinstance(routing, list) else routing
             mask = cache.attention_mask[index]
-            sub_spans = left_padded_spans(mask, 1)
+            sub_spans = left_padded_spans(mask, new)
             scalings[index] = self.predict_scalings(
                 tokens[index], mask, positions[index], subset, cache.scaling, sub_spans
             )
@@ -482,13 +811,25 @@ class XLoraModel(nn.Module):
         """Token ids like transformers' generate: each prompt followed by its new tokens (see generation.generate)."""
         from .generation import generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return generate(self, input_ids, attention_mask, **self._model_kwarg(kwargs))
 
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Yield each new token with its scalings as it is produced (see generation.stream)."""
         from .generation import stream
 
-        return stream(self, input_ids, attention_mask, **kwargs)
+        return stream(self, input_ids, attention_mask, **self._model_kwarg(kwargs))
+
+    def _model_kwarg(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """generate(..., model=name): that hosted model's rows (its default routing unless `routing` says)."""
+        name = kwargs.pop("model", None)
+        if name is None:
+            return kwargs
+        routing = kwargs.get("routing")
+        if isinstance(routing, list):
+            kwargs["routing"] = [dataclasses.replace(r, model=name) for r in routing]
+        else:
+            kwargs["routing"] = dataclasses.replace(routing or self.routing_of(name), model=name)
+        return kwargs
 
     def save_pretrained(self, folder: str | Path) -> None:
         from .checkpoint import save_checkpoint

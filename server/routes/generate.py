@@ -37,7 +37,7 @@ _STREAM_DOC = sse_doc(
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={200: _STREAM_DOC, **error_responses(400, 401, 413, 422, 429, 500, 503, 504)},
+    responses={200: _STREAM_DOC, **error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504)},
 )
 async def generate(
     body: GenerateRequest, request: Request, manager: ModelManager = Depends(ready_manager)
@@ -57,7 +57,7 @@ async def generate(
         finish_reason=done.finish_reason,
         usage=Usage.of(done.prompt_tokens, done.completion_tokens),
         routing=done.routing.to_dict(),
-        scalings=TokenScalings.of(done, manager.adapter_names) if body.return_scalings else None,
+        scalings=TokenScalings.of(done, manager.expert_names(done.routing)) if body.return_scalings else None,
         constraint=done.constraint,
         logprobs=generate_logprobs(done.logprobs, texts),
         prompt_logprobs=generate_logprobs(done.prompt_logprobs, texts),
@@ -68,7 +68,7 @@ class _GenerateStream:
     """`event: token` per token, then `event: done` (or `event: error`)."""
 
     def __init__(self, job: JobGroup, return_scalings: bool, manager: ModelManager) -> None:
-        self.job, self.return_scalings, self.adapter_names = job, return_scalings, manager.adapter_names
+        self.job, self.return_scalings, self.manager = job, return_scalings, manager
         self.texts = TokenTexts(manager.tokenizer)
 
     def opening(self) -> list[Chunk]:
@@ -87,7 +87,8 @@ class _GenerateStream:
             finish_reason=event.finish_reason,
             usage=Usage.of(event.prompt_tokens, event.completion_tokens),
             routing=event.routing.to_dict(),
-            scalings=TokenScalings.of(event, self.adapter_names) if self.return_scalings else None,
+            scalings=TokenScalings.of(event, self.manager.expert_names(event.routing)) if self.return_scalings
+            else None,
             constraint=event.constraint,
         )
         return [ServerSentEvent(data=done.model_dump_json(), event="done")]

@@ -14,7 +14,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Request
 
 from server.deps import get_manager, ready_manager
-from server.errors import APIError, error_body
+from server.errors import error_body
 from server.jobs import DoneEvent, ErrorEvent, JobGroup, TokenEvent
 from server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from server.logs import note_generation
@@ -49,12 +49,19 @@ _STARTED = int(time.time())
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(manager: ModelManager = Depends(get_manager)) -> ModelList:
-    return ModelList(data=[ModelCard(id=manager.model_name, created=_STARTED, xlora_adapters=manager.adapter_names)])
+    """Every model served over the base (docs/models.md): the xlora section's first."""
+    if manager.model is None:  # still loading: the configured name, as before
+        return ModelList(data=[ModelCard(id=manager.model_name, created=_STARTED)])
+    cards = []
+    for m in manager.models():
+        info = m.describe()
+        cards.append(ModelCard(id=m.name, created=_STARTED, xlora_adapters=info["experts"], xlora_kind=m.kind,
+                               xlora_routing=manager.model_routing(m) if m.kind == "xlora" else None))  # fmt: skip
+    return ModelList(data=cards)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses={200: _STREAM_DOC, **_ERRORS})
 async def completions(body: CompletionRequest, request: Request, manager: ModelManager = Depends(ready_manager)):
-    _check_model(body.model, manager)
     job = await manager.start(body, id_prefix="cmpl")
     created = int(time.time())
     log_prompts = manager.settings.logging.log_prompts
@@ -70,7 +77,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
     return CompletionResponse(
         id=job.id,
         created=created,
-        model=manager.model_name,
+        model=body.model,
         choices=[_completion_choice(done, body, texts) for done in dones],
         usage=usage,
         xlora=_xlora(dones[0], body.xlora_return_scalings, manager),
@@ -81,7 +88,6 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, manager: ModelManager = Depends(ready_manager)
 ):
-    _check_model(body.model, manager)
     job = await manager.start(body, id_prefix="chatcmpl")
     created = int(time.time())
     log_prompts = manager.settings.logging.log_prompts
@@ -103,7 +109,7 @@ async def chat_completions(
     return ChatCompletionResponse(
         id=job.id,
         created=created,
-        model=manager.model_name,
+        model=body.model,
         choices=choices,
         usage=_usage(dones, body.n),
         xlora=_xlora(dones[0], body.xlora_return_scalings, manager),
@@ -111,12 +117,6 @@ async def chat_completions(
 
 
 # -----------------------------------------------------------------------------
-
-
-def _check_model(name: str, manager: ModelManager) -> None:
-    if name != manager.model_name:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {manager.model_name!r}",
-                       param="model", code="model_not_found")
 
 
 def _message(done: DoneEvent, body: ChatCompletionRequest) -> AssistantMessage:
@@ -170,7 +170,7 @@ def _completion_choice(done: DoneEvent, body: CompletionRequest, texts: TokenTex
 
 
 def _xlora(done: DoneEvent, with_scalings: bool, manager: ModelManager) -> XLoraInfo:
-    scalings = TokenScalings.of(done, manager.adapter_names) if with_scalings else None
+    scalings = TokenScalings.of(done, manager.expert_names(done.routing)) if with_scalings else None
     return XLoraInfo(routing=done.routing.to_dict(), scalings=scalings, constraint=done.constraint)
 
 
@@ -188,7 +188,7 @@ class _OpenAIStream:
 
     def chunk(self, choices: list, **extra) -> str:
         return self.response_class(
-            id=self.job.id, created=self.created, model=self.manager.model_name, choices=choices, **extra
+            id=self.job.id, created=self.created, model=self.body.model, choices=choices, **extra
         ).model_dump_json()
 
     def opening(self) -> list[Chunk]:

@@ -238,7 +238,18 @@ async function refresh() {
     if (!state.selected && log.entries.length) selectRequest(log.entries[log.entries.length - 1].id);
   }
   await refreshRouting();
+  if (!state.modelsListed) await listModels();
   return true;
+}
+
+async function listModels() {
+  // The models a request may name (GET /models, docs/models.md), for the "try it" form's selector.
+  const listed = await api("/models").catch(() => null);
+  if (!listed) return;
+  state.modelsListed = true;
+  $("try-model").replaceChildren(...listed.models.map((m) =>
+    el("option", { value: m.name }, `${m.name} (${m.kind}${m.experts.length ? ": " + m.experts.join(", ") : ""})`)));
+  $("try-model").value = listed.default;
 }
 
 function startPolling() {
@@ -579,6 +590,7 @@ $("try-form").addEventListener("submit", async (event) => {
     stream: true,
     return_scalings: true,
   };
+  if ($("try-model").value) body.model = $("try-model").value;
   let response;
   try {
     response = await fetch("/generate", { method: "POST", headers: { "content-type": "application/json", ...authHeader(false) },
