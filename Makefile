@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-peers bench-load bench-soak bench-scale experts router eval fetch-paper-model clean
+.PHONY: install serve test lint docs bench-report bench bench-peers bench-load bench-soak bench-scale experts router eval fetch-paper-model clean
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/constraints.txt
 	EDITABLE=1 scripts/install.sh $(VENV) dev
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The docs site (mkdocs.yml, docs/) on http://127.0.0.1:8001, rebuilt on every change; offline.
+# `make test` builds it with --strict (tests/test_docs.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8001
 
 bench: $(STAMP)
 	$(PY) -m bench.generation --threads 1
