@@ -53,7 +53,7 @@ def default_text(field: FieldInfo) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("[", "\\[").replace("\n", " ")
+    return " ".join(text.split()).replace("|", "\\|").replace("[", "\\[")
 
 
 def field_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
