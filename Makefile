@@ -31,6 +31,12 @@ bench: $(STAMP)
 	$(PY) -m bench.generation --threads 1
 	$(PY) -m bench.structured --threads 1
 
+# The docs' benchmark plots (docs/bench-*.png): quick runs of bench.load and bench.generation (a few minutes),
+# their JSON in build/bench/; a kind not run is drawn from the recorded runs in bench/results/.
+# `python -m bench.report --plot-only` redraws from the JSON; `--peers` adds bench.peers (compiles for minutes).
+bench-report: $(STAMP)
+	$(PY) -m bench.report
+
 # Per-token speed against mistral.rs's X-LoRA on the embedded default (README: "Against mistral.rs").
 # ../shared/peers/mistralrs/setup.sh builds mistral.rs' venv and model into build/peers once.
 bench-peers: $(STAMP)
