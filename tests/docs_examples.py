@@ -1,8 +1,9 @@
 """Run the code blocks of README.md and docs/*.md, and check the output they show.
 
 A page's ```bash and ```python blocks run in order against a server (`localhost:8000` and
-`127.0.0.1:8000` in them become its address); a block right under `<!-- docs-test: skip (why) -->` does
-not run. Other languages (yaml, text) are not run.
+`127.0.0.1:8000` in them become its address), and its ```yaml blocks are validated as server configs
+(server/settings.py); a block right under `<!-- docs-test: skip (why) -->` does not run. Other languages
+(text, plain fences) are not run.
 
 What is checked:
 - bash: every command exits 0 (`curl` gets `--fail-with-body`, except a command whose documented output
@@ -31,7 +32,7 @@ from typing import Any
 from markdown_it import MarkdownIt
 
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s*\((?P<why>.+)\)\s*-->")
-RUN_LANGUAGES = ("bash", "python")
+RUN_LANGUAGES = ("bash", "python", "yaml")
 DOCUMENTED_URLS = ("localhost:8000", "127.0.0.1:8000")
 
 
@@ -229,6 +230,24 @@ def with_url(code: str, base_url: str) -> str:
     for documented in DOCUMENTED_URLS:
         code = code.replace(documented, host)
     return code
+
+
+# -----------------------------------------------------------------------------
+# yaml
+
+
+def check_config(block: Block) -> list[str]:
+    """A yaml block is a server config (or part of one): every key and value must be accepted."""
+    import yaml
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    try:
+        Settings.model_validate(yaml.safe_load(block.code) or {})
+    except (yaml.YAMLError, ValidationError) as exc:
+        return [f"{block.where}: not a valid config: {exc}"]
+    return []
 
 
 # -----------------------------------------------------------------------------

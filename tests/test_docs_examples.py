@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from .conftest import REPO
-from .docs_examples import collect, run_bash, run_python
+from .docs_examples import check_config, collect, run_bash, run_python
 from .test_server_default import needs_default
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -36,7 +36,8 @@ def routing_restored(default_server):
 
 
 @needs_default
-@pytest.mark.parametrize("page", [p for p in PAGES if any(not b.skip for b in collect(p))], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [p for p in PAGES if any(not b.skip and b.language != "yaml" for b in collect(p))],
+                         ids=lambda p: p.name)  # fmt: skip
 def test_the_examples_of_the_page_run_and_print_what_it_shows(page: Path, default_server, routing_restored,
                                                              monkeypatch):  # fmt: skip
     monkeypatch.chdir(REPO)  # the examples name checkpoints/default and configs/ from the project folder
@@ -47,6 +48,16 @@ def test_the_examples_of_the_page_run_and_print_what_it_shows(page: Path, defaul
             continue
         if block.language == "bash":
             problems += run_bash(block, default_server.url, REPO)
+        elif block.language == "yaml":
+            continue  # test_the_config_examples_are_valid_configs
         else:
             problems += run_python(block, namespace, default_server.url)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if any(b.language == "yaml" for b in collect(p))],
+                         ids=lambda p: p.name)  # fmt: skip
+def test_the_config_examples_are_valid_configs(page: Path):
+    problems = [problem for block in collect(page) if block.language == "yaml" and not block.skip
+                for problem in check_config(block)]  # fmt: skip
     assert not problems, "\n".join(problems)

@@ -683,12 +683,12 @@ $("try-form").addEventListener("submit", async (event) => {
       const rows = event.data.scalings ? event.data.scalings.completion : [];
       state.experts = event.data.scalings ? event.data.scalings.adapter_names : state.experts;
       // Tokens were coloured as they came; a server that did not send each token's mix colours them now.
-      const coloured = nodes.map((node, j) => {
-        if (!node.classList.contains("pending")) return node;
+      nodes.forEach((node, j) => {
+        if (!node.classList.contains("pending") || !rows[j]) return;
         const text = node.querySelector(".tok-text").textContent;
-        return tokenNode(text, rows[j], { "data-index": j, "data-part": "completion", "data-label": `answer token ${j}: ${JSON.stringify(text)}` });
+        node.replaceWith(tokenNode(text, rows[j], { "data-index": j, "data-part": "completion",
+          "data-label": `answer token ${j}: ${JSON.stringify(text)}` }));
       });
-      output.replaceChildren(...coloured);
       say(message, `${event.data.id}: ${event.data.usage.completion_tokens} tokens, ${event.data.finish_reason} · ` +
         "each token coloured by the experts that chose it", "ok");
       output.dataset.requestId = event.data.id;
