@@ -62,7 +62,7 @@ def field_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         if field.exclude:
             continue
         rows.append(
-            f"| `{prefix}{name}` | `{_cell(type_name(field.annotation))}` | {_cell(default_text(field))} "
+            f"| `{prefix}{name}` | `{type_name(field.annotation)}` | {_cell(default_text(field))} "
             f"| {_cell(field.description or '')} |"
         )
     return rows
