@@ -52,8 +52,10 @@ def machine() -> str:
 
 
 def meta(command: list[str], note: str) -> dict:
+    """Where, when and how a run was made; the load average, since a busy machine's numbers do not compare."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return {"machine": machine(), "date": datetime.date.today().isoformat(), "command": shlex.join(command),
-            "note": note}  # fmt: skip
+            "note": f"{note}; load average {load} after it"}  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +170,7 @@ def plot_length(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     prompts = sorted({r["prompt"] for r in data["rows"]})
-    fig, axes = plt.subplots(1, len(prompts), figsize=(4.5 * len(prompts) + 1, 5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(prompts), figsize=(max(8, 4.5 * len(prompts) + 1), 5), sharey=True, squeeze=False)
     fig.subplots_adjust(bottom=0.26, wspace=0.08)
     names = {"base": "base model alone", "ours": "X-LoRA granular (ours)", "peft": "peft.XLoraModel"}
     engines = sorted({e for r in data["rows"] for e in r["seconds"]}, key=lambda e: (e != "base", e != "ours", e))
