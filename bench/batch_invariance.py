@@ -1,6 +1,6 @@
 """What batch invariance costs and gives: the same greedy tokens alone, together and joining mid-step.
 
-    python -m bench.batch_invariance --threads 1        # README "Batch invariance"
+    python -m bench.batch_invariance --threads 1        # docs/batch-invariance.md
 
 The embedded default in the default dtype (`--dtype auto`: bf16 on CPUs with native bf16), side by side in
 one process, with xlora_core/batch_invariant.py's kernels (16-row prepacked matmuls, attention row by row)

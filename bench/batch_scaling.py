@@ -1,6 +1,6 @@
 """How a decode step's cost grows with the batch: the ceiling batching can reach on this machine.
 
-    python -m bench.batch_scaling --threads 1        # README "Serving under load"
+    python -m bench.batch_scaling --threads 1        # docs/benchmarks.md, "Serving under load"
 
 For each batch size, side by side in one process:
 - the granular X-LoRA decode step of the embedded default (eager, both passes, LM head), after a prefill

@@ -1,7 +1,7 @@
 """What compiling the decode step costs and gives, per inductor setting: the first compiled generation's
 seconds (the compilation) and tok/s after it, against eager, in one process.
 
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m bench.compile_time --autotune CPP   # README "Compiled decoding"
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m bench.compile_time --autotune CPP  # docs/benchmarks.md
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m bench.compile_time --autotune none
 
 The embedded default in float32, greedy, --new-tokens from a 1-token prompt (prefill included), 1 thread.

@@ -11,6 +11,7 @@ Every run generates exactly the asked number of tokens (min_new_tokens = max_new
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import tempfile
 import time
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--freeze-after", type=lambda v: [int(x) for x in v.split(",") if x], default=[0, 8],
                         help="frozen-scalings rows to add (Routing.freeze_after values; empty for none)")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write each run's seconds here (bench.report plots them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
@@ -96,6 +98,7 @@ def main() -> None:
     print("| prompt | new | base | peft | xlora_core granular | " + " | ".join(frozen) + " | core/peft |")
     print("|---:|---:|---:|---:|---:|" + "---:|" * len(frozen) + "---:|")
     seconds: dict[tuple[int, int], float] = {}
+    rows: list[dict] = []  # for --json: one per prompt length x new tokens, seconds per engine
     for p in prompt_lens:
         g = torch.Generator().manual_seed(p)
         prompt = torch.randint(100, base.config.vocab_size, (1, p), generator=g)
@@ -110,6 +113,9 @@ def main() -> None:
                 t_peft, out_peft = run("peft", prompt, n)
                 same = "" if torch.equal(out_peft, out_ours) else " (tokens differ!)"
                 peft_cell, ratio_peft = f"{n / t_peft:.2f} ({t_base / t_peft:.2f}x){same}", f"{t_peft / t_ours:.1f}x"
+            rows.append({"prompt": p, "new": n, "seconds": {"base": t_base, **{k: t for k, (t, _) in times.items()}}})
+            if n <= args.peft_max_new:
+                rows[-1]["seconds"]["peft"] = t_peft
             cells = [f"{n / t:.2f} ({t_base / t:.2f}x)" for t, _ in times.values()]
             print(f"| {p} | {n} | {n / t_base:.2f} | {peft_cell} | " + " | ".join(cells) + f" | {ratio_peft} |",
                   flush=True)  # fmt: skip
@@ -121,6 +127,8 @@ def main() -> None:
             print(f"prompt {p}: {hi} new tokens take {t_hi / t_lo:.2f}x the time of {lo} (granular); a decode "
                   f"step costs {1000 * early:.1f} ms for tokens 2-{lo}, {1000 * late:.1f} ms for tokens {lo + 1}-{hi} "
                   f"({late / early:.2f}x)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

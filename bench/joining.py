@@ -1,7 +1,7 @@
 """What a newcomer costs the running batch: prefilled on its own and then joined (the engine before), or
 prefilled in the running rows' decode step (`DecodeBatch.step(joining=...)`, one ragged forward).
 
-    python -m bench.joining --threads 1             # README "Serving under load"
+    python -m bench.joining --threads 1             # docs/benchmarks.md, "Serving under load"
 
 Side by side in one process, on the embedded default (granular X-LoRA): a batch of R running rows
 (--context tokens each, two steps in), one newcomer with a P-token prompt. Each way is timed from the

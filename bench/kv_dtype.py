@@ -2,7 +2,7 @@
 float32 KV caches (what a bf16 model on CPU uses), and in bfloat16 with bfloat16 caches (the base model's
 plain "sdpa" attention), side by side in one process, per batch size and context length.
 
-    python -m bench.kv_dtype --threads 1            # README "Long sequences"
+    python -m bench.kv_dtype --threads 1            # docs/benchmarks.md, "Long sequences"
 
 Granular X-LoRA (two passes a step); the step time is the mean of --steps decode steps after a prefill
 of the given length and two warm-up steps, without the prefill.

@@ -13,7 +13,7 @@ to runs/load-<mode>-server.log.
 Reports per C and mode: aggregate generated tokens/s (sum of completion_tokens / wall time of the round),
 p50/p99 latency, p50/p99 time to first token (streamed requests), and every error (status + body). One
 markdown table at the end with both modes, the ratio batched / one-at-a-time, and both modes' token
-counts: greedy requests get the same tokens in any batch (README "Batch invariance"), so they match.
+counts: greedy requests get the same tokens in any batch (docs/batch-invariance.md), so they match.
 """
 
 from __future__ import annotations

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--peers-dir", default="build/peers", help="where setup.sh put mistral.rs' venv and model")
     parser.add_argument("--peers-source", default=str(PEERS), help="the folder of bench_mrs.py and setup.sh")
     parser.add_argument("--no-mistralrs", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the tok/s here (bench.report plots them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -129,6 +130,8 @@ def main() -> None:
     for dtype, r in ours.items():
         if args.compile:
             print(f"{dtype}: the first compiled generation took {r['compile s']:.0f} s (compilation included)")
+    if args.json:
+        args.json.write_text(json.dumps({"mistralrs": peer, "ours": ours, "new_tokens": args.new_tokens}, indent=1))
 
 
 if __name__ == "__main__":

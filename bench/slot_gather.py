@@ -1,7 +1,7 @@
 """What KV slots per batch row would cost a decode step on CPU, where torch's attention takes a step's rows
 as one tensor: gathering every row's keys and values out of per-slot buffers, per layer and pass.
 
-    python -m bench.slot_gather --threads 1          # README "Against mistral.rs" (what is not built)
+    python -m bench.slot_gather --threads 1          # docs/benchmarks.md, "Against mistral.rs" (what is not built)
 
 The buffers have the embedded default's shapes (its layers, KV heads and head size, float32 as on CPU),
 for both passes, 8 slots with 256 tokens of room; the rows sit in scattered slots, as after some have

@@ -28,6 +28,7 @@ class TokenEvent:
     logprob: TokenLogprob | None = None  # with SamplingParams.logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on a choice's first token, if asked for
     choice: int = 0
+    scalings: list[float] | None = None  # the mix that chose this token, one per adapter (mean over layers)
 
 
 @dataclass

@@ -273,7 +273,8 @@ class Scheduler:
             if g.token_id is not None:  # None: a prompt only scored (max_new_tokens 0)
                 index = len(job.decoder.completion_ids) - 1
                 prompt_logprobs = job.decoder.prompt_logprobs if index == 0 else None
-                job.post(TokenEvent(index, g.token_id, g.text, g.logprob, prompt_logprobs))
+                job.post(TokenEvent(index, g.token_id, g.text, g.logprob, prompt_logprobs,
+                                    scalings=g.scalings.mean(0).tolist()))
                 self.metrics.generated_tokens.inc()
             if g.finish_reason is not None:
                 self._finish(g.row, g.finish_reason)

@@ -405,6 +405,10 @@ class StreamToken(BaseModel):
     prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(
         None, description="with `prompt_logprobs`, on the first token: one per prompt token, null for the first"
     )
+    scalings: list[float] | None = Field(
+        None, description="with `return_scalings`: the mix that chose this token, one per adapter (mean over layers; "
+        "the done event's scalings.completion row)"
+    )
 
 
 class StreamDone(BaseModel):
@@ -465,6 +469,10 @@ class TokenText(BaseModel):
 
 class ScalingsDetail(ScalingsSummary):
     n_layers: int
+    layer_names: list[str] | None = Field(
+        None, description="each LoRA layer's module in the base model, in the order of `scalings`' layer index "
+        "(e.g. model.layers.3.self_attn.q_proj)"
+    )
     scalings: list[list[list[float]]] = Field(
         description="[position][layer][adapter] for each processed position: prompt token i at i, completion "
         "token j chosen by the mix at prompt_tokens - 1 + j (the last token is never processed)"

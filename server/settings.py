@@ -28,7 +28,8 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # A field's docstring is its description: the configuration reference of the docs is rendered from them.
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
 class ModelSection(_Section):
@@ -40,6 +41,8 @@ class ModelSection(_Section):
     revision: str | None = Field(None, description="the branch, tag or commit of a Hub id base (as base: org/name@rev)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), float32 on other CPUs. On CPU
+    the KV caches stay float32 whatever the model's dtype"""
     cache_dir: str | None = Field(None, description="where converted GGUF models are cached")
     name: str | None = Field(None, description="model id shown by /v1/models (default: derived from base)")
     compile: Literal["auto", True, False] = Field(
@@ -118,21 +121,30 @@ def _check_hub_id(value: str, revision: str | None = None) -> None:
 class RoutingSection(_Section):
     top_k: int | None = Field(None, ge=1, description="experts per token; null = dense")
     global_scaling_weight: float = Field(1.0, ge=-100.0, le=100.0, allow_inf_nan=False)  # as PATCH /routing
+    """multiplies every expert's output (-100..100)"""
     freeze_after: int | None = Field(None, ge=0, description="freeze scalings after this many tokens; null = granular")
 
 
 class ServerSection(_Section):
     host: str = "127.0.0.1"
+    """where to listen (--host overrides)"""
     port: int = Field(8000, ge=0, le=65535)
+    """where to listen (--port overrides)"""
     max_batch_size: int = Field(8, ge=1, le=1024)
+    """rows generated together; new requests join the running batch"""
     max_queue: int = Field(64, ge=1, description="requests waiting for a batch slot before 429")
     max_new_tokens: int = Field(512, ge=1, description="upper limit a request may ask for")
     default_max_new_tokens: int = Field(128, ge=1, description="used when a request does not say")
     max_prompt_tokens: int = Field(2048, ge=1)
+    """longer prompts are a 422"""
     request_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    """a request past this is stopped (504)"""
     scalings_log_size: int = Field(128, ge=1)
+    """requests kept for GET /scalings"""
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    """larger bodies are a 413"""
     shutdown_grace_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+    """on SIGTERM, finish requests in flight for up to this long, then exit 0"""
     state_file: str | None = Field(
         None, description="JSON file keeping PATCH /routing across restarts (written atomically); null = not kept"
     )
@@ -190,7 +202,9 @@ class ModelEntry(_Section):
 
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """the log level"""
     format: Literal["text", "json"] = "text"
+    """json: one JSON object a line, with the request id"""
     log_prompts: bool = Field(False, description="put prompt and completion text in each request's summary line")
 
 

@@ -174,6 +174,18 @@ def server(start_server, world) -> ServerProcess:
     return start_server({**server_config(world, server=runtime), "models": served_models(world)})
 
 
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory) -> ServerProcess:
+    """configs/default.yaml (the embedded default) served as `make serve` serves it; shared by
+    tests/test_server_default.py and the docs' examples (tests/test_docs_examples.py)."""
+    proc = ServerProcess(REPO / "configs" / "default.yaml", log_path=tmp_path_factory.mktemp("default") / "server.log")
+    try:
+        proc.wait_ready(timeout=600)  # the first run converts the GGUF file (cached afterwards)
+        yield proc
+    finally:
+        proc.stop()
+
+
 API_KEY, ADMIN_TOKEN = "api-secret-3f9c", "admin-secret-7d21"
 
 

@@ -9,6 +9,7 @@ Each test writes a screenshot of what it looked at under its tmp dir.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
@@ -108,6 +109,18 @@ def layer_means(detail: dict) -> list[list[float]]:
     return rows
 
 
+def layer_mean(detail: dict, layer: int, expert: int) -> float:
+    return sum(p[layer][expert] for p in detail["scalings"]) / len(detail["scalings"])
+
+
+def layer_grid(detail: dict) -> tuple[list[int], list[str]]:
+    """The decoder layers and the modules (first seen first) of a request's LoRA layers, from their names."""
+    parsed = [re.match(r"^(.*?)(\d+)\.(.+)$", name) for name in detail["layer_names"]]
+    blocks = sorted({int(m.group(2)) for m in parsed})
+    modules = list(dict.fromkeys(m.group(3).split(".")[-1] for m in parsed))
+    return blocks, modules
+
+
 def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: values[i])
 
@@ -178,10 +191,18 @@ def test_requests_appear_live_and_tokens_show_their_experts(web, api, tmp_path):
     assert grid.locator("rect").count() == len(EXPERTS) * n_tokens
     cell = grid.locator('rect[data-row="1"][data-col="5"]')
     assert float(cell.get_attribute("data-value")) == pytest.approx(expected[5][1], abs=1e-5)
+    # Layer x expert: decoder layers as rows, each module's experts as columns (the tiny world: 2 decoder
+    # layers, 6 modules targeted by some expert), every LoRA layer's mean over positions in its cell.
     layers = page.get_by_test_id("heatmap-layer-expert-cells")
-    assert layers.get_attribute("data-rows") == str(with_text["n_layers"])
-    assert layers.get_attribute("data-cols") == str(len(EXPERTS))
+    blocks, modules = layer_grid(with_text)
+    assert (len(blocks), len(modules)) == (2, 6) and len(blocks) * len(modules) == with_text["n_layers"]
+    assert layers.get_attribute("data-rows") == str(len(blocks))
+    assert layers.get_attribute("data-cols") == str(len(modules) * len(EXPERTS))
     assert layers.locator("rect").count() == with_text["n_layers"] * len(EXPERTS)
+    cell = layers.locator('rect[data-row="1"][data-col="13"]')  # decoder layer 1, module 4 (gate_proj), sorting
+    layer = int(cell.get_attribute("data-layer"))
+    assert with_text["layer_names"][layer].endswith("layers.1.mlp.gate_proj")
+    assert float(cell.get_attribute("data-value")) == pytest.approx(layer_mean(with_text, layer, 1), abs=1e-5)
     assert page.get_by_test_id("heatmap-token-expert").get_by_test_id("colour-scale").is_visible()
     with page.expect_download() as download:
         page.locator('[data-export="svg"][data-target="heatmap-layer-expert"]').click()
@@ -272,6 +293,13 @@ def test_routing_form_changes_the_routing_and_shows_a_refusal(web, api, tmp_path
 
 def test_try_it_streams_the_answer_and_colours_it(web, api, tmp_path):
     page = web.open_dashboard()
+    # Each token as it is added to the page: is it coloured already (its expert known), or only later?
+    page.evaluate("""() => {
+      window.tokensAsAdded = [];
+      new MutationObserver((records) => records.forEach((r) => r.addedNodes.forEach((n) => {
+        if (n.dataset && n.dataset.testid === 'token') window.tokensAsAdded.push(n.dataset.expert ?? null);
+      }))).observe(document.querySelector('[data-testid=try-output]'), { childList: true });
+    }""")
     page.get_by_test_id("try-prompt").fill("Sort: kiwi, fig, apple")
     page.locator("#try-max").fill("10")
     page.get_by_test_id("try-form").locator("button").click()
@@ -283,6 +311,9 @@ def test_try_it_streams_the_answer_and_colours_it(web, api, tmp_path):
     answer = page.get_by_test_id("try-output").get_by_test_id("token")
     experts = answer.evaluate_all("nodes => nodes.map(n => Number(n.dataset.expert))")
     assert experts == [argmax(row) for row in layer_means(detail)[detail["prompt_tokens"]:]]
+    # Coloured as they streamed: every token came in with its expert, and no node was replaced at the end.
+    as_added = page.evaluate("() => window.tokensAsAdded")
+    assert as_added == [str(e) for e in experts], as_added
     # The request it made is in the list, and selected.
     page.locator(f'[data-testid="request"][data-id="{rid}"].selected').wait_for()
     page.get_by_test_id("try-view").screenshot(path=tmp_path / "try-it.png")
@@ -298,3 +329,89 @@ def test_docs_render_without_the_internet(web, tmp_path):
     page.screenshot(path=tmp_path / "docs.png")
     assert web.outside == [], "the docs asked for files from outside"
     assert web.errors == []
+
+
+# -----------------------------------------------------------------------------
+# the layer x expert heatmap on one 1440x900 screen
+
+
+SCREEN = {"width": 1440, "height": 900}
+
+
+def save_deep_world(root: Path) -> dict:
+    """A tiny random Llama 32 decoder layers deep, three experts on all 7 linear modules: 224 LoRA layers,
+    the shape of a 7B model's layer x expert view (Mistral-7B has 32 layers)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .tiny_world import SERVER_MODEL_VOCAB, save_char_tokenizer, save_checkpoint, save_expert, tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(SERVER_MODEL_VOCAB)
+    config.num_hidden_layers = 32
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    save_char_tokenizer(root / "base")
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    experts = {name: str(save_expert(root / "base", root / name, seed=i, r=2, lora_alpha=4, target_modules=modules))
+               for i, name in enumerate(EXPERTS)}  # fmt: skip
+    checkpoint = save_checkpoint(root / "base", experts, root / "checkpoint")
+    return {"base": str(root / "base"), "checkpoint": str(checkpoint)}
+
+
+@pytest.fixture(scope="module")
+def deep_server(start_server, tmp_path_factory):
+    from .conftest import server_config
+
+    return start_server(server_config(save_deep_world(tmp_path_factory.mktemp("deep"))))
+
+
+def open_plain_dashboard(browser, url: str) -> tuple:
+    context = browser.new_context(viewport=SCREEN)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS * 3)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    page.goto(url + "/dashboard")
+    return context, page, errors
+
+
+@pytest.mark.parametrize("which", ["embedded default", "32 layers x 7 modules"])
+def test_the_layer_heatmap_fits_one_screen(which, browser, request, tmp_path):
+    if which == "embedded default":
+        from .test_server_default import _missing
+
+        if _missing():
+            pytest.skip(_missing())
+        server, shape = request.getfixturevalue("default_server"), (30, 7)
+    else:
+        server, shape = request.getfixturevalue("deep_server"), (32, 7)
+    body = {"prompt": "Compute: 2 + 3", "max_new_tokens": 2}
+    rid = httpx.post(server.url + "/generate", json=body, timeout=300).json()["id"]
+    detail = httpx.get(f"{server.url}/scalings/{rid}").json()
+    assert layer_grid(detail)[0] == list(range(shape[0])) and len(layer_grid(detail)[1]) == shape[1]
+
+    context, page, errors = open_plain_dashboard(browser, server.url)
+    try:
+        page.locator(f'[data-testid="request"][data-id="{rid}"]').click()
+        cells = page.get_by_test_id("heatmap-layer-expert-cells")
+        page.wait_for_function(
+            "rid => document.querySelector('#detail-title').textContent === rid"
+            " && document.querySelector('[data-testid=heatmap-layer-expert-cells]')", arg=rid)
+        n_experts = len(detail["adapter_names"])
+        assert cells.get_attribute("data-rows") == str(shape[0])
+        assert cells.get_attribute("data-cols") == str(shape[1] * n_experts)
+        assert cells.locator("rect").count() == detail["n_layers"] * n_experts
+        figure = page.get_by_test_id("heatmap-layer-expert").locator("svg")
+        box = figure.bounding_box()
+        assert box["width"] <= SCREEN["width"] and box["height"] <= SCREEN["height"], box
+        # Exact values on hover, as the JSON has them.
+        last = cells.locator("rect").last
+        layer, expert = int(last.get_attribute("data-layer")), int(last.get_attribute("data-expert"))
+        value = layer_mean(detail, layer, expert)
+        assert float(last.get_attribute("data-value")) == pytest.approx(value, abs=1e-5)
+        assert last.locator("title").text_content().endswith(f"{value:.4f}")
+        assert detail["layer_names"][layer] in last.locator("title").text_content()
+        figure.screenshot(path=tmp_path / "layer-heatmap.png")
+        assert errors == []
+    finally:
+        context.close()

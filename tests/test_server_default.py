@@ -42,16 +42,6 @@ def test_default_config_is_valid():
 needs_default = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
-    proc = ServerProcess(CONFIG, log_path=tmp_path_factory.mktemp("default") / "server.log")
-    try:
-        proc.wait_ready(timeout=600)  # the first run converts the GGUF file (cached afterwards)
-        yield proc
-    finally:
-        proc.stop()
-
-
 def compute(server: ServerProcess, question: str, max_new_tokens: int = 8) -> dict:
     with httpx.Client(base_url=server.url, timeout=300) as c:
         assert sorted(c.get("/ready").json()["adapters"]) == ["arithmetic", "json", "sorting"]

@@ -78,7 +78,8 @@ class _GenerateStream:
         logprob = generate_logprob(event.logprob, self.texts) if event.logprob is not None else None
         prompt_logprobs = generate_logprobs(event.prompt_logprobs, self.texts)
         token = StreamToken(id=self.job.id, index=event.index, token_id=event.token_id, text=event.text,
-                            logprob=logprob, prompt_logprobs=prompt_logprobs)  # fmt: skip
+                            logprob=logprob, prompt_logprobs=prompt_logprobs,
+                            scalings=event.scalings if self.return_scalings else None)  # fmt: skip
         return [ServerSentEvent(data=token.model_dump_json(), event="token")]
 
     def done(self, event: DoneEvent) -> list[Chunk]:

@@ -70,10 +70,21 @@ async def clear_scalings(manager: ModelManager = Depends(get_manager)) -> Cleare
 
 def _detail(entry: dict, include_text: bool, manager: ModelManager) -> ScalingsDetail:
     """An entry's detail (ScalingsEntry.detail(), from whichever store holds it); token texts if asked."""
-    detail = ScalingsDetail(**entry)
+    detail = ScalingsDetail(**entry, layer_names=lora_layer_names(manager.model))
     if include_text:
         detail.tokens = token_texts(manager.tokenizer, entry["token_ids"])
     return detail
+
+
+def lora_layer_names(model) -> list[str] | None:
+    """The module name of each LoRA layer, by its index (the dashboard groups them by decoder layer)."""
+    from xlora_core.lora import FusedLoraLinear
+
+    if model is None:
+        return None
+    layers = {m.layer_index: name for name, m in model.named_modules() if isinstance(m, FusedLoraLinear)}
+    names = [layers[i].removeprefix("base.") for i in sorted(layers)]
+    return names if len(names) == model.n_lora_layers else None
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[TokenText]:

@@ -447,15 +447,90 @@ function drawTokenHeatmap(detail, rows) {
   });
 }
 
+// Layer x expert on one screen for any model: decoder layers as rows, each targeted module's experts as
+// columns (the embedded default: 30 rows x 7 modules x 3 experts, where one row per LoRA layer made a strip
+// 210 rows tall). The grouping comes from the LoRA layers' module names (detail.layer_names); without them,
+// experts are rows and LoRA layers columns. Cells shrink to fit MAX_W x MAX_H; <title> gives exact values.
+const MAX_W = 1300;
+const MAX_H = 560;
+
+function layerGrid(detail) {
+  const names = detail.layer_names || [];
+  const parsed = names.map((name) => {
+    const match = /^(.*?)(\d+)\.(.+)$/.exec(name);
+    return match ? { block: Number(match[2]), module: match[3] } : null; // module: "self_attn.q_proj"
+  });
+  if (names.length !== detail.n_layers || parsed.some((p) => p === null)) {
+    return null;
+  }
+  const blocks = [...new Set(parsed.map((p) => p.block))].sort((a, b) => a - b);
+  const modules = [...new Set(parsed.map((p) => p.module))];
+  const at = new Map(parsed.map((p, l) => [`${p.block}/${p.module}`, l]));
+  return { blocks, modules, layer: (r, m) => at.get(`${blocks[r]}/${modules[m]}`) };
+}
+
 function drawLayerHeatmap(detail) {
   const positions = detail.scalings.length || 1;
+  const experts = detail.adapter_names;
   const mean = (layer, e) => detail.scalings.reduce((a, p) => a + p[layer][e], 0) / positions;
-  drawHeatmap($("heatmap-layer-expert"), {
-    rows: detail.n_layers, cols: detail.adapter_names.length,
-    rowLabels: Array.from({ length: detail.n_layers }, (_, l) => `layer ${l}`),
-    colLabels: detail.adapter_names.map((n) => n.slice(0, 10)), value: mean, testid: "heatmap-layer-expert",
-    rotateCols: true, cellTitle: (l, e) => `LoRA layer ${l} · ${detail.adapter_names[e]}`,
-  });
+  const grid = layerGrid(detail);
+  // rows x groups of `experts.length` columns; cell(r, c) -> the LoRA layer shown there (undefined: none)
+  const rows = grid ? grid.blocks.length : experts.length;
+  const groups = grid ? grid.modules.length : 1;
+  const cols = grid ? groups * experts.length : detail.n_layers;
+  const layerAt = grid
+    ? (r, c) => grid.layer(r, Math.floor(c / experts.length))
+    : (r, c) => c;
+  const expertAt = grid ? (r, c) => c % experts.length : (r) => r;
+  const gap = grid && groups > 1 ? 4 : 0;
+  const left = 90;
+  const top = grid ? 78 : 20;
+  const cellW = Math.max(2, Math.min(14, Math.floor((MAX_W - left - 10 - gap * (groups - 1)) / cols)));
+  const cellH = Math.max(2, Math.min(14, Math.floor(MAX_H / rows)));
+  const colX = (c) => left + c * cellW + (grid ? Math.floor(c / experts.length) * gap : 0);
+  const width = Math.max(colX(cols - 1) + cellW + 10, left + 80 + 160 + 20);
+  const height = top + rows * cellH + 40;
+  const root = svg("svg", { xmlns: "http://www.w3.org/2000/svg", width, height, "font-family": "DejaVu Sans, sans-serif" });
+  root.append(svg("rect", { x: 0, y: 0, width, height, fill: "#fff" }));
+  const every = Math.ceil(11 / cellH); // label every row that has room
+  for (let r = 0; r < rows; r += every) {
+    const label = grid ? `layer ${grid.blocks[r]}` : experts[r].slice(0, 12);
+    root.append(svg("text", { x: left - 4, y: top + r * cellH + cellH - 2, "font-size": Math.min(10, cellH * every - 1),
+      "text-anchor": "end" }, label));
+  }
+  if (grid) {
+    grid.modules.forEach((module, m) => {
+      const x = colX(m * experts.length);
+      const w = experts.length * cellW;
+      root.append(svg("text", { x: x + w / 2, y: 12, "font-size": 10, "text-anchor": "middle", "data-testid": "module-label" },
+        module.split(".").pop().replace(/_proj$/, "").slice(0, Math.max(2, Math.floor(w / 6)))));
+      experts.forEach((name, e) => {
+        const cx = x + e * cellW + cellW / 2;
+        root.append(svg("rect", { x: x + e * cellW, y: 18, width: cellW - 1, height: 5, fill: expertColour(e) },
+          svg("title", {}, `${module} · ${name}`)));
+        if (cellW >= 9) {
+          root.append(svg("text", { x: cx, y: top - 4, "font-size": 9, transform: `rotate(-60 ${cx} ${top - 4})` }, name.slice(0, 8)));
+        }
+      });
+    });
+  } else {
+    root.append(svg("text", { x: left, y: 12, "font-size": 10 }, `LoRA layers 0 to ${detail.n_layers - 1}, left to right`));
+  }
+  const cells = svg("g", { "data-testid": "heatmap-layer-expert-cells", "data-rows": rows, "data-cols": cols });
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) {
+      const layer = layerAt(r, c);
+      if (layer === undefined) continue;
+      const e = expertAt(r, c);
+      const v = mean(layer, e);
+      const where = detail.layer_names ? detail.layer_names[layer] : `LoRA layer ${layer}`;
+      cells.append(svg("rect", { x: colX(c), y: top + r * cellH, width: cellW - (cellW > 3 ? 1 : 0),
+        height: cellH - (cellH > 3 ? 1 : 0), fill: heatColour(v), "data-row": r, "data-col": c, "data-layer": layer,
+        "data-expert": e, "data-value": v.toFixed(6) }, svg("title", {}, `${where} (LoRA layer ${layer}) · ${experts[e]}: ${v.toFixed(4)}`)));
+    }
+  }
+  root.append(cells, colourScale(left, top + rows * cellH + 10, 160));
+  $("heatmap-layer-expert").replaceChildren(root);
 }
 
 function download(blob, name) {
@@ -608,20 +683,24 @@ $("try-form").addEventListener("submit", async (event) => {
   const nodes = [];
   for await (const event of serverSentEvents(response)) {
     if (event.name === "token") {
-      const node = tokenNode(visible(event.data.text), null, { "data-index": event.data.index, "data-part": "completion" });
-      node.classList.add("pending");
+      const text = visible(event.data.text);
+      const label = `answer token ${event.data.index}: ${JSON.stringify(text)}`;
+      const node = tokenNode(text, event.data.scalings, { "data-index": event.data.index, "data-part": "completion",
+        "data-label": label });
+      if (!event.data.scalings) node.classList.add("pending");
       nodes.push(node);
       output.append(node);
       say(message, `streaming… ${nodes.length} tokens`);
     } else if (event.name === "done") {
       const rows = event.data.scalings ? event.data.scalings.completion : [];
       state.experts = event.data.scalings ? event.data.scalings.adapter_names : state.experts;
-      const coloured = nodes.map((node, j) => {
-        const weights = rows[j];
+      // Tokens were coloured as they came; a server that did not send each token's mix colours them now.
+      nodes.forEach((node, j) => {
+        if (!node.classList.contains("pending") || !rows[j]) return;
         const text = node.querySelector(".tok-text").textContent;
-        return tokenNode(text, weights, { "data-index": j, "data-part": "completion", "data-label": `answer token ${j}: ${JSON.stringify(text)}` });
+        node.replaceWith(tokenNode(text, rows[j], { "data-index": j, "data-part": "completion",
+          "data-label": `answer token ${j}: ${JSON.stringify(text)}` }));
       });
-      output.replaceChildren(...coloured);
       say(message, `${event.data.id}: ${event.data.usage.completion_tokens} tokens, ${event.data.finish_reason} · ` +
         "each token coloured by the experts that chose it", "ok");
       output.dataset.requestId = event.data.id;
