@@ -39,6 +39,7 @@ from server.scheduler import Scheduler
 from server.schemas import GenerationRequest, PromptInput, RoutingUpdate
 from server.settings import Settings
 from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
+from xlora_core.prefix_cache import PrefixCache
 
 log = logging.getLogger("xlora.manager")
 
@@ -165,7 +166,10 @@ class ModelManager:
             max_queue=s.server.max_queue,
             metrics=self.metrics,
             scalings_log=self.scalings_log,
+            max_step_tokens=s.server.max_step_tokens,
+            prefix_cache=PrefixCache(s.server.prefix_cache_bytes),
         )
+        self.metrics.prefix_cache_bytes.set_function(lambda cache=self.scheduler.prefix_cache: cache.nbytes)
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
         self.scheduler.start()
         log.info("loaded in %.1f s", time.monotonic() - started)
@@ -218,8 +222,11 @@ class ModelManager:
         return request_snapshot() or self.routing_state.last_seen()
 
     def note_routing(self, snapshot: RoutingSnapshot) -> None:
-        """A newer routing was seen (a PATCH here or through another replica): the gauges follow it."""
+        """A newer routing was seen (a PATCH here or through another replica): the gauges follow it, and the
+        prefix cache starts afresh (its blocks are keyed by routing already; nothing outlives a change)."""
         self.metrics.set_routing(snapshot.routing)
+        if self.scheduler is not None and self.scheduler.prefix_cache is not None:
+            self.scheduler.prefix_cache.clear()
 
     async def set_routing(self, update: RoutingUpdate) -> RoutingSnapshot:
         """Apply a PATCH: merge it into the newest snapshot, validate, and store it if no other change came

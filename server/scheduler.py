@@ -7,8 +7,9 @@ Each loop of the worker:
   1. drops rows whose client went away or whose deadline passed (their cache rows are freed);
   2. admits waiting jobs up to max_batch_size;
   3. runs one decode step for every running row, each with its own routing and sampling settings; the
-     newcomers join in it, their prompts in the same forward (an empty batch, or long prompts, are
-     prefilled first).
+     newcomers join in it, their prompts in the same forward, from their longest prefix in the prefix cache
+     (xlora_core/prefix_cache.py), under a budget of `max_step_tokens` tokens per step: a long prompt is fed
+     a chunk per step and the running rows get a token every step meanwhile (chunked prefill).
 A failure inside the model fails only the requests it touched; the worker goes on.
 """
 
@@ -29,13 +30,9 @@ from server.metrics import Metrics
 from server.scalings_log import ScalingsEntry
 from server.scalings_store import ScalingsWriter
 from xlora_core import BatchRow, ConstraintError, DecodeBatch, Generated, XLoraModel
+from xlora_core.prefix_cache import PrefixCache
 
 log = logging.getLogger("xlora.scheduler")
-
-# Newcomers with more prompt tokens than this are prefilled apart, not in the running rows' step: the step
-# pays off by reading the weights once for a few tokens, while a long prefill is compute-bound on its own
-# and its queries would also score (masked) every running row's keys (README "Serving under load").
-JOIN_IN_STEP_MAX_TOKENS = 128
 
 
 class Scheduler:
@@ -48,8 +45,12 @@ class Scheduler:
         max_queue: int,
         metrics: Metrics,
         scalings_log: ScalingsWriter,
+        max_step_tokens: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
+        self.max_step_tokens = max_step_tokens  # None: no budget, every prompt whole
+        self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -96,17 +97,17 @@ class Scheduler:
 
     # ---- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
-        batch = DecodeBatch(self.model, [], None)
+        batch = DecodeBatch(self.model, [], None, self.prefix_cache)
         try:
             while True:
                 admitted = self._wait_for_work(len(batch))
                 if admitted is None:
                     break
                 self._drop_gone(batch)
-                if admitted and (not batch or self.model.compiled or _prefill_apart(admitted)):
+                if admitted and (self.model.compiled or _prefill_apart(admitted)):
                     batch.concatenate(self._prefill(admitted))
                     admitted = []
-                if batch:
+                if batch or admitted:
                     self._step(batch, admitted)
                 self._running = len(batch)
                 self.metrics.running.set(len(batch))
@@ -189,24 +190,27 @@ class Scheduler:
     def _prefill_batch(self, jobs: list[GenerationJob]) -> DecodeBatch:
         self.metrics.batch_size.labels(phase="prefill").observe(len(jobs))
         rows = [BatchRow(job.decoder, job.routing, owner=job) for job in jobs]
-        batch, out = DecodeBatch.prefill(self.model, rows, self.pad_id)
-        self._started(jobs)
+        batch, out = DecodeBatch.prefill(self.model, rows, self.pad_id, self.prefix_cache)
         self._emit(out)
         return batch
 
-    def _started(self, jobs: list[GenerationJob]) -> None:
-        now = time.monotonic()
-        for job in jobs:
-            job.first_token_at = now
-            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-            self.metrics.time_to_first_token.observe(now - job.submitted)
+    def _started(self, row: BatchRow, now: float) -> None:
+        """The row's prompt is done and its first token chosen."""
+        job: GenerationJob = row.owner
+        job.first_token_at = now
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.time_to_first_token.observe(now - job.submitted)
+        self.metrics.prefill_chunks.observe(row.chunks)
+        if row.reused_tokens:
+            self.metrics.prefix_cache_hits.inc()
+            self.metrics.prefix_cache_reused_tokens.inc(row.reused_tokens)
 
     def _step(self, batch: DecodeBatch, joining: list[GenerationJob] | None = None) -> None:
         """One decode step; the `joining` jobs are prefilled in the same forward and join the batch."""
         self.metrics.batch_size.labels(phase="decode").observe(len(batch))
         rows = [BatchRow(job.decoder, job.routing, owner=job) for job in joining or []]
         try:
-            out = batch.step(rows)
+            out = batch.step(rows, self.max_step_tokens)
         except Exception as exc:
             if rows and not any(row is rows[0] for row in batch.rows):
                 # The joint forward failed and left the batch as it was: prefill the newcomers apart (one
@@ -222,7 +226,6 @@ class Scheduler:
             return
         if rows:
             self.metrics.batch_size.labels(phase="prefill").observe(len(rows))
-            self._started(joining)
         self._emit(out)
 
     def _emit(self, out: list[Generated]) -> None:
@@ -234,6 +237,8 @@ class Scheduler:
                 self._refuse(job, g.error)
                 continue
             job.last_token_at = now
+            if job.first_token_at is None:
+                self._started(g.row, now)
             if g.token_id is not None:  # None: a prompt only scored (max_new_tokens 0)
                 index = len(job.decoder.completion_ids) - 1
                 prompt_logprobs = job.decoder.prompt_logprobs if index == 0 else None
@@ -297,13 +302,12 @@ class Scheduler:
 
 
 def _prefill_apart(jobs: list[GenerationJob]) -> bool:
-    """Whether newcomers are prefilled on their own rather than in the running rows' step: long prompts,
-    prompts to score (only a prefill gives every position's logits) and prompts shared by several choices
-    (their prefill runs once, DecodeBatch.prefill). With a compiled model they always are: the joint step is
-    eager, and running rows would get their tokens from other kernels than alone (README "Batch invariance")."""
+    """Whether newcomers are prefilled on their own rather than in the running rows' step: prompts to score
+    (only a prefill gives every position's logits) and prompts shared by several choices (their prefill runs
+    once, DecodeBatch.prefill). With a compiled model they always are: the joint step is eager, and running
+    rows would get their tokens from other kernels than alone (README "Batch invariance")."""
     return (
-        sum(len(j.prompt_ids) for j in jobs) > JOIN_IN_STEP_MAX_TOKENS
-        or any(j.decoder.params.prompt_logprobs is not None for j in jobs)
+        any(j.decoder.params.prompt_logprobs is not None for j in jobs)
         or len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)
     )
 

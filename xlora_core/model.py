@@ -387,26 +387,28 @@ class XLoraModel(nn.Module):
 
     @torch.inference_mode()
     def decode_and_prefill(
-        self, next_tokens: torch.Tensor, cache: XLoraCache, prompts: list[list[int]], routing: list[Routing]
+        self, fed: list[list[int]], cache: XLoraCache | None, prompts: list[list[int]], routing: list[Routing]
     ) -> tuple[torch.Tensor, list[torch.Tensor], XLoraCache]:
-        """One decode step for the rows of `cache` and the prefill of new rows (`prompts`) in the same two
-        passes, all new tokens in one ragged row (`cache.RaggedRows`). `routing`: one per row, the cache's
-        rows first. Returns (logits [rows, vocab] in float32, each row's scalings [its new tokens, layers,
-        experts], a new cache of every row: the cache's, then the newcomers). `cache` is only read, so
-        if this fails the batch can go on without the newcomers."""
+        """One forward for rows that each add their own number of tokens, all new tokens in one ragged row
+        (`cache.RaggedRows`), in the same two passes: the rows of `cache` add `fed` (one per row: a decoding
+        row its last token, a row being prefilled in chunks the next chunk of its prompt), new rows begin
+        with `prompts` (their whole prompt or its first chunk). `routing`: one per row, the cache's rows
+        first. Returns (logits of each row's last new token [rows, vocab] in float32, each row's scalings [its
+        new tokens, layers, experts], a new cache of every row: the cache's, then the new ones). `cache` (None:
+        no rows yet) is only read, so if this fails the batch can go on as it was."""
         routing = self._resolve(routing)
-        device, old = self.device, cache.batch_size
-        new = [1] * old + [len(p) for p in prompts]
-        cached = cache.attention_mask.sum(dim=1).tolist() + [0] * len(prompts)
-        ids = torch.tensor([*next_tokens.tolist(), *(t for p in prompts for t in p)], device=device).view(1, -1)
-        starts = [cache.next_positions().view(-1), *(torch.arange(len(p), device=device) for p in prompts)]
-        positions = torch.cat(starts).view(1, -1)
+        device = self.device
+        new = [len(f) for f in fed] + [len(p) for p in prompts]
+        cached = ([] if cache is None else cache.attention_mask.sum(dim=1).tolist()) + [0] * len(prompts)
+        ids = torch.tensor([t for part in (*fed, *prompts) for t in part], device=device).view(1, -1)
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new, strict=True)]).to(device)
+        positions = positions.view(1, -1)
         real = RaggedRows(cached, new, device)
         config, kv = self.base.config, self.kv_dtype
         width = max(c + n for c, n in zip(cached, new, strict=True))
 
         # Scaling pass: the granular rows, the newcomers among them; frozen rows keep their scalings.
-        frozen = cache.frozen + [None] * len(prompts)
+        frozen = ([] if cache is None else cache.frozen) + [None] * len(prompts)
         granular = [r for r, f in enumerate(frozen) if f is None]
         shape = (1, ids.shape[1], self.n_lora_layers, self.config.n_adapters)
         scalings = torch.zeros(shape, device=device, dtype=self.dtype)
@@ -417,7 +419,9 @@ class XLoraModel(nn.Module):
         if granular:
             sub = RaggedRows([cached[r] for r in granular], [new[r] for r in granular], device)
             take = torch.isin(real.token_row, torch.tensor(granular, device=device))
-            flat = sub.flatten(cache.scaling, cache.attention_mask[cache.granular_rows()], growing_cache(config, kv))
+            flat = growing_cache(config, kv)
+            if cache is not None:
+                sub.flatten(cache.scaling, cache.attention_mask[cache.granular_rows()], flat)
             dummy = None
             if self.config.scaling_pass_value != 0:
                 dummy = self.classifier.dummy_scalings(1, int(take.sum()), device, self.dtype)
@@ -431,7 +435,9 @@ class XLoraModel(nn.Module):
             sub.unflatten(flat, scaling_cache, width)
 
         # Real pass: every row.
-        flat = real.flatten(cache.real, cache.attention_mask, growing_cache(config, kv))
+        flat = growing_cache(config, kv)
+        if cache is not None:
+            real.flatten(cache.real, cache.attention_mask, flat)
         weights = self._ragged_weights(scalings, real, routing)
         spans = ragged_spans(real.cached, real.new)
         hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights, spans)
