@@ -8,6 +8,7 @@ from .constraints import CompiledGrammar, ConstraintSpec, GrammarCompiler
 from .engine import BatchRow, DecodeBatch, Generated
 from .generation import StreamedToken
 from .model import XLoraModel
+from .prefix_cache import PrefixCache
 from .sampling import RowDecoder, SamplingParams
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Generated",
     "GrammarCompiler",
     "ParameterError",
+    "PrefixCache",
     "Routing",
     "RowDecoder",
     "SamplingParams",
