@@ -51,6 +51,9 @@ class Scheduler:
         self.model = model
         self.max_step_tokens = max_step_tokens  # None: no budget, every prompt whole
         self.prefix_cache = prefix_cache
+        # Prefill newcomers in forwards of their own, not in the running rows' step: a compiled model's
+        # joint step is eager, and running rows would get their tokens from other kernels than alone.
+        self.separate_prefill = model.compiled
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -98,31 +101,42 @@ class Scheduler:
     # ---- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
         batch = DecodeBatch(self.model, [], None, self.prefix_cache)
+        # With `separate_prefill`, newcomers are prefilled in a batch of their own (eagerly, in chunks) and
+        # join the running batch once their prompt is done: the running rows keep the compiled step.
+        filling = DecodeBatch(self.model, [], None, self.prefix_cache)
         try:
             while True:
-                admitted = self._wait_for_work(len(batch))
+                admitted = self._wait_for_work(len(batch) + len(filling))
                 if admitted is None:
                     break
                 self._drop_gone(batch)
-                if admitted and (self.model.compiled or _prefill_apart(admitted)):
+                self._drop_gone(filling)
+                if admitted and _prefill_apart(admitted):
                     batch.concatenate(self._prefill(admitted))
                     admitted = []
-                if batch or admitted:
-                    self._step(batch, admitted)
-                self._running = len(batch)
-                self.metrics.running.set(len(batch))
-                self.metrics.kv_cache_bytes.set(batch.cache.nbytes() if batch.cache is not None else 0)
+                if self.separate_prefill:
+                    if filling or admitted:
+                        budget = self.max_step_tokens and max(self.max_step_tokens - len(batch), 1)
+                        self._step(filling, admitted, budget)
+                        batch.concatenate([filling.split_off_prefilled()])
+                    if batch:
+                        self._step(batch)
+                elif batch or admitted:
+                    self._step(batch, admitted, self.max_step_tokens)
+                self._running = len(batch) + len(filling)
+                self.metrics.running.set(self._running)
+                self.metrics.kv_cache_bytes.set(sum(b.cache.nbytes() for b in (batch, filling) if b.cache is not None))
                 self.metrics.frozen_rows.set(len(batch) - len(batch.cache.granular_rows()) if batch.cache else 0)
         except BaseException as exc:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("scheduler worker died")
-            for row in batch.rows:
+            for row in batch.rows + filling.rows:
                 row.owner.post(ErrorEvent(500, f"the model worker failed: {exc}", "worker_failed"))
             if self.on_fatal is not None:
                 self.on_fatal(exc)
         finally:
             self._fail_pending(503, "the server is shutting down", "shutting_down")
             gone = ErrorEvent(503, "the server shut down before this request finished", "shutting_down")
-            for row in batch.rows:
+            for row in batch.rows + filling.rows:
                 if not row.owner.finished:
                     row.owner.post(gone)
             self._running = 0
@@ -205,19 +219,22 @@ class Scheduler:
             self.metrics.prefix_cache_hits.inc()
             self.metrics.prefix_cache_reused_tokens.inc(row.reused_tokens)
 
-    def _step(self, batch: DecodeBatch, joining: list[GenerationJob] | None = None) -> None:
-        """One decode step; the `joining` jobs are prefilled in the same forward and join the batch."""
+    def _step(
+        self, batch: DecodeBatch, joining: list[GenerationJob] | None = None, max_tokens: int | None = None
+    ) -> None:
+        """One decode step; the `joining` jobs are prefilled in the same forward and join the batch; prompts
+        are fed at most `max_tokens` tokens (with the running rows' tokens) in it."""
         self.metrics.batch_size.labels(phase="decode").observe(len(batch))
         rows = [BatchRow(job.decoder, job.routing, owner=job) for job in joining or []]
         try:
-            out = batch.step(rows, self.max_step_tokens)
+            out = batch.step(rows, max_tokens)
         except Exception as exc:
             if rows and not any(row is rows[0] for row in batch.rows):
                 # The joint forward failed and left the batch as it was: prefill the newcomers apart (one
                 # that breaks the model then fails alone), and step again.
                 batch.concatenate(self._prefill(joining))
                 if batch:
-                    self._step(batch)
+                    self._step(batch, max_tokens=max_tokens)
                 return
             # The cache may be half-updated: every row in it fails, the worker carries on empty.
             for row in batch.rows:
@@ -302,10 +319,9 @@ class Scheduler:
 
 
 def _prefill_apart(jobs: list[GenerationJob]) -> bool:
-    """Whether newcomers are prefilled on their own rather than in the running rows' step: prompts to score
-    (only a prefill gives every position's logits) and prompts shared by several choices (their prefill runs
-    once, DecodeBatch.prefill). With a compiled model they always are: the joint step is eager, and running
-    rows would get their tokens from other kernels than alone (README "Batch invariance")."""
+    """Whether newcomers are prefilled whole, on their own, rather than in the steps: prompts to score (only a
+    prefill gives every position's logits) and prompts shared by several choices (their prefill runs once,
+    DecodeBatch.prefill)."""
     return (
         any(j.decoder.params.prompt_logprobs is not None for j in jobs)
         or len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)

@@ -125,14 +125,19 @@ def test_a_cancelled_job_leaves_and_the_others_go_on(world):
     assert not doomed.finished and h.log.get(doomed.id) is None
 
 
-def test_long_prompts_are_prefilled_in_chunks_while_running_rows_get_tokens_and_a_cancel_mid_chunk_frees_rows(world):
+@pytest.mark.parametrize("separate_prefill", [False, True], ids=["in-the-step", "separate"])
+def test_long_prompts_are_prefilled_in_chunks_while_running_rows_get_tokens_and_a_cancel_mid_chunk_frees_rows(
+    world, separate_prefill
+):
     """max_step_tokens 16: two 300-token prompts arrive beside a running row; it gets a token every step
     while they are fed 16 tokens a step; one is cancelled mid-prefill and leaves, the other's tokens are
-    those of its unchunked prefill."""
+    those of its unchunked prefill. In the running rows' step (eager), or in forwards of their own
+    (`separate_prefill`, as with a compiled model)."""
     model, tokenizer = world
 
     async def main():
         h = Harness(model, tokenizer, max_step_tokens=16)
+        h.scheduler.separate_prefill = separate_prefill
         h.scheduler.start()
         try:
             running = h.job(prompt(10), 60)

@@ -167,6 +167,29 @@ class XLoraCache:
             frozen=[self.frozen[r] for r in rows],
         )
 
+    def copy_rows(self, rows: list[int], empty: Callable[[], DynamicCache]) -> XLoraCache:
+        """A copy of these rows, in this order, in new caches made by `empty` (this cache is left as it is);
+        leading columns that are padding in every one of them are dropped."""
+        device = self.attention_mask.device
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        mask = self.attention_mask[index]
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        position_in_scaling = {row: i for i, row in enumerate(self.granular_rows())}
+        scaling_rows = [position_in_scaling[r] for r in rows if r in position_in_scaling]
+
+        def copied(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+            out = empty()
+            for target, layer in zip(_layers(out), _layers(cache), strict=True):
+                if layer.is_initialized:
+                    target.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
+            return out
+
+        scaling = None
+        if scaling_rows and self.scaling is not None:
+            scaling = copied(self.scaling, torch.tensor(scaling_rows, dtype=torch.long, device=device))
+        return XLoraCache(scaling, copied(self.real, index), mask[:, start:], [self.frozen[r] for r in rows])
+
     @staticmethod
     def concat(caches: list[XLoraCache]) -> XLoraCache:
         """Join the rows of several caches into one batch, left-padding the shorter ones.

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .batch_invariant import QUERY_BLOCK
-from .cache import XLoraCache
+from .cache import XLoraCache, growing_cache
 from .classifier import Routing
 from .config import ConstraintError
 from .prefix_cache import PrefixCache
@@ -151,8 +151,9 @@ class DecodeBatch:
         being prefilled share what is left in order (each at least one token), the rest of their prompts
         waits for the next steps. Only rows that were fed their prompt's last token choose one. If the
         forward fails, the batch is as it was. Rows that ask for prompt logprobs come in through `prefill`.
-        The joint forward is eager: with a compiled model, prefill newcomers apart and `concatenate` them,
-        so that running rows keep the compiled kernels (the server does)."""
+        The joint forward is eager: with a compiled model, prefill newcomers in a batch of their own (in
+        chunks too) and move them over with `split_off_prefilled` and `concatenate`, so that running rows
+        keep the compiled kernels (the server does)."""
         joining = list(joining or [])
         assert self.rows or joining, "step() on an empty batch"
         assert not any(row.decoder.params.prompt_logprobs is not None for row in joining), "prefill them"
@@ -226,6 +227,18 @@ class DecodeBatch:
             return
         self.rows = [self.rows[i] for i in keep]
         self.cache = self.cache.select(keep) if keep and self.cache is not None else None
+
+    def split_off_prefilled(self) -> DecodeBatch:
+        """The rows whose prompts are done leave this batch for a new one (their cache rows copied there):
+        a batch that only prefills, in chunks, hands its rows over to the running one."""
+        done = [i for i, row in enumerate(self.rows) if not row.prefilling]
+        if not done:
+            return DecodeBatch(self.model, [], None, self.prefix_cache)
+        config, kv = self.model.base.config, self.model.kv_dtype
+        cache = self.cache.copy_rows(done, lambda: growing_cache(config, kv))
+        out = DecodeBatch(self.model, [self.rows[i] for i in done], cache, self.prefix_cache)
+        self.filter([i for i, row in enumerate(self.rows) if row.prefilling])
+        return out
 
     def concatenate(self, others: list[DecodeBatch]) -> None:
         """Take the rows of `others` (prefilled batches) into this one; they are left empty."""
