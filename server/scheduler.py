@@ -101,8 +101,8 @@ class Scheduler:
     # ---- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
         batch = DecodeBatch(self.model, [], None, self.prefix_cache)
-        # With `separate_prefill`, newcomers are prefilled in a batch of their own (eagerly, in chunks) and
-        # join the running batch once their prompt is done: the running rows keep the compiled step.
+        # Newcomers with long prompts (with `separate_prefill`, every one) are prefilled in a batch of their
+        # own, eagerly, in chunks, and join the running batch once their prompt is done.
         filling = DecodeBatch(self.model, [], None, self.prefix_cache)
         try:
             while True:
@@ -114,15 +114,19 @@ class Scheduler:
                 if admitted and _prefill_apart(admitted):
                     batch.concatenate(self._prefill(admitted))
                     admitted = []
-                if self.separate_prefill:
-                    if filling or admitted:
-                        budget = self.max_step_tokens and max(self.max_step_tokens - len(batch), 1)
-                        self._step(filling, admitted, budget)
-                        batch.concatenate([filling.split_off_prefilled()])
-                    if batch:
-                        self._step(batch)
-                elif batch or admitted:
-                    self._step(batch, admitted, self.max_step_tokens)
+                # Under the budget, prompts that fit in what the running rows leave of it join their step;
+                # longer ones are fed in chunks, in forwards of their own (a lone long prompt's cache then
+                # grows in place, where a joint step would copy every row's cache every step). No running
+                # rows: nothing to stall, every prompt goes whole.
+                budget = self.max_step_tokens
+                room = max(budget - len(batch), 1) if budget and batch else None
+                long = [j for j in admitted if self.separate_prefill or (room and len(j.prompt_ids) > room)]
+                short = [j for j in admitted if not any(j is other for other in long)]
+                if filling or long:
+                    self._step(filling, long, room)
+                    batch.concatenate([filling.split_off_prefilled()])
+                if batch or short:
+                    self._step(batch, short, budget)
                 self._running = len(batch) + len(filling)
                 self.metrics.running.set(self._running)
                 self.metrics.kv_cache_bytes.set(sum(b.cache.nbytes() for b in (batch, filling) if b.cache is not None))

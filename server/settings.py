@@ -130,7 +130,7 @@ class ServerSection(_Section):
     default_max_new_tokens: int = Field(128, ge=1, description="used when a request does not say")
     max_prompt_tokens: int = Field(2048, ge=1)
     max_step_tokens: int = Field(
-        64, ge=1, description="tokens one decode step may feed: a longer prompt is prefilled in chunks across steps "
+        32, ge=1, description="tokens one decode step may feed: a longer prompt is prefilled in chunks across steps "
         "while running requests go on getting tokens (docs/prefix-caching.md)"
     )
     prefix_cache_bytes: int = Field(

@@ -395,7 +395,8 @@ class XLoraModel(nn.Module):
         with `prompts` (their whole prompt or its first chunk). `routing`: one per row, the cache's rows
         first. Returns (logits of each row's last new token [rows, vocab] in float32, each row's scalings [its
         new tokens, layers, experts], a new cache of every row: the cache's, then the new ones). `cache` (None:
-        no rows yet) is only read, so if this fails the batch can go on as it was."""
+        no rows yet) is only read, so if this fails the batch can go on as it was (but for one row alone,
+        extended in place)."""
         routing = self._resolve(routing)
         device = self.device
         new = [len(f) for f in fed] + [len(p) for p in prompts]
@@ -406,6 +407,14 @@ class XLoraModel(nn.Module):
         real = RaggedRows(cached, new, device)
         config, kv = self.base.config, self.kv_dtype
         width = max(c + n for c, n in zip(cached, new, strict=True))
+
+        # One granular row without padding (a long prompt fed chunk after chunk on its own): its cache already
+        # has the ragged layout, and the forward extends it in place rather than copying it twice. Then a
+        # failed forward leaves the row's cache half-extended: the row fails.
+        in_place = (cache is None and len(prompts) == 1) or (
+            cache is not None and not prompts and cache.batch_size == 1 and cache.frozen[0] is None
+            and bool(cache.attention_mask.all())
+        )  # fmt: skip
 
         # Scaling pass: the granular rows, the newcomers among them; frozen rows keep their scalings.
         frozen = ([] if cache is None else cache.frozen) + [None] * len(prompts)
@@ -419,8 +428,8 @@ class XLoraModel(nn.Module):
         if granular:
             sub = RaggedRows([cached[r] for r in granular], [new[r] for r in granular], device)
             take = torch.isin(real.token_row, torch.tensor(granular, device=device))
-            flat = growing_cache(config, kv)
-            if cache is not None:
+            flat = cache.scaling if in_place and cache is not None else growing_cache(config, kv)
+            if cache is not None and not in_place:
                 sub.flatten(cache.scaling, cache.attention_mask[cache.granular_rows()], flat)
             dummy = None
             if self.config.scaling_pass_value != 0:
@@ -431,18 +440,22 @@ class XLoraModel(nn.Module):
             hidden = self._per_token_pass(ids[:, take], sub.attention_mask(), positions[:, take], flat, dummy, spans)
             scalings[:, take] = self.classifier(hidden)
             self.scalings_log.record(scalings[:, take])
-            scaling_cache = growing_cache(config, kv)
-            sub.unflatten(flat, scaling_cache, width)
+            scaling_cache = flat if in_place else growing_cache(config, kv)
+            if not in_place:
+                sub.unflatten(flat, scaling_cache, width)
 
         # Real pass: every row.
-        flat = growing_cache(config, kv)
-        if cache is not None:
+        flat = cache.real if in_place and cache is not None else growing_cache(config, kv)
+        if cache is not None and not in_place:
             real.flatten(cache.real, cache.attention_mask, flat)
         weights = self._ragged_weights(scalings, real, routing)
         spans = ragged_spans(real.cached, real.new)
         hidden = self._per_token_pass(ids, real.attention_mask(), positions, flat, weights, spans)
         last = torch.tensor(new, device=device).cumsum(0) - 1
         logits = self.base.get_output_embeddings()(hidden[0, last]).float()
+        if in_place:
+            mask = torch.ones((1, width), dtype=torch.long, device=device)
+            return logits, [scalings[0]], XLoraCache(scaling_cache, flat, mask, frozen)
         real_cache = growing_cache(config, kv)
         mask = real.unflatten(flat, real_cache, width)
         joined = XLoraCache(scaling_cache, real_cache, mask, frozen)
