@@ -92,6 +92,12 @@ def test_a_row_gets_the_same_tokens_alone_together_joining_mid_step_in_chunks_an
         batch.step(joining=chunked[3:], max_tokens=7)
         finish(batch, max_tokens=7)
 
+        lone = rows()  # each alone, 16 tokens a step: its cache grows in place
+        for row in lone:
+            batch = DecodeBatch(model, [], None)
+            batch.step(joining=[row], max_tokens=16)
+            finish(batch, max_tokens=16)
+
         # Other prompts that begin as these do fill a prefix cache; then these join a running batch from it.
         prefix_cache = PrefixCache(1 << 30)
         batch = DecodeBatch(model, [], None, prefix_cache)
@@ -105,12 +111,14 @@ def test_a_row_gets_the_same_tokens_alone_together_joining_mid_step_in_chunks_an
         finish(batch, max_tokens=40)
 
     assert max(row.chunks for row in chunked) > 3 and prefix_cache.hits == 3
-    for i, (a, t, j, c, p) in enumerate(zip(alone, together, joining, chunked, cached, strict=True)):
+    assert max(row.chunks for row in lone) == 6  # 90 tokens
+    for i, (a, t, j, c, p, n) in enumerate(zip(alone, together, joining, chunked, cached, lone, strict=True)):
         assert t.decoder.completion_ids == a.decoder.completion_ids, f"row {i} together"
         assert j.decoder.completion_ids == a.decoder.completion_ids, f"row {i} joining"
         assert c.decoder.completion_ids == a.decoder.completion_ids, f"row {i} in chunks"
         assert p.decoder.completion_ids == a.decoder.completion_ids, f"row {i} from the prefix cache"
-        for other in (t, j, c, p):
+        assert n.decoder.completion_ids == a.decoder.completion_ids, f"row {i} alone in chunks"
+        for other in (t, j, c, p, n):
             assert (other.all_scalings() - a.all_scalings()).abs().max() <= 1e-3, f"row {i} scalings"
 
 
