@@ -17,7 +17,7 @@ idle while another is measured:
    completion tok/s, the prefix cache's hits and reused tokens (from /metrics), and whether both servers'
    answers are the same (greedy: they must be).
 2. Stall (cache vs whole): --streams streams of /generate run; once each has 20 tokens a --long-prompt-words
-   prompt (about 1.3 tokens a word, a new one on each server) arrives. Reports each stream's median gap
+   prompt (about a token a word, a new one on each server) arrives. Reports each stream's median gap
    between two tokens before it arrived, its longest gap while it was prefilled, and their ratio (goal <= 3).
 
 The machine's load average is printed with the numbers: on a busy machine compare the ratios, not the times.
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=24, help="per chat answer")
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--stream-tokens", type=int, default=300, help="max_new_tokens of each running stream")
-    parser.add_argument("--long-prompt-words", type=int, default=1500, help="about 2,000 tokens")
+    parser.add_argument("--long-prompt-words", type=int, default=2000, help="about a token a word")
     parser.add_argument("--threads", type=int, default=1, help="model.torch_threads of every server")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: chat, stall")
     parser.add_argument("--json", type=Path, help="also write the raw results here")

@@ -148,12 +148,12 @@ class DecodeBatch:
         """Feed every row its last token and choose the next one. Rows in `joining` (not prefilled) join the
         batch in the same forward (XLoraModel.decode_and_prefill), from their longest prefix in the prefix
         cache if there is one. `max_tokens`: the tokens this forward may feed; a decoding row takes one, rows
-        being prefilled share what is left in order (each at least one token), the rest of their prompts
-        waits for the next steps. Only rows that were fed their prompt's last token choose one. If the
-        forward fails, the batch is as it was. Rows that ask for prompt logprobs come in through `prefill`.
-        The joint forward is eager: with a compiled model, prefill newcomers in a batch of their own (in
-        chunks too) and move them over with `split_off_prefilled` and `concatenate`, so that running rows
-        keep the compiled kernels (the server does)."""
+        being prefilled share what is left in order (`_chunk`: each at least up to its next 16-token grid
+        point), the rest of their prompts waits for the next steps. Only rows that were fed their prompt's
+        last token choose one. If the forward fails, the batch is as it was. Rows that ask for prompt
+        logprobs come in through `prefill`. The joint forward is eager: with a compiled model, prefill
+        newcomers in a batch of their own (in chunks too) and move them over with `split_off_prefilled` and
+        `concatenate`, so that running rows keep the compiled kernels (the server does)."""
         joining = list(joining or [])
         assert self.rows or joining, "step() on an empty batch"
         assert not any(row.decoder.params.prompt_logprobs is not None for row in joining), "prefill them"
