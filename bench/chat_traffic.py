@@ -18,7 +18,8 @@ idle while another is measured:
    answers are the same (greedy: they must be).
 2. Stall (cache vs whole): --streams streams of /generate run; once each has 20 tokens a --long-prompt-words
    prompt (about a token a word, a new one on each server) arrives. Reports each stream's median gap
-   between two tokens before it arrived, its longest gap while it was prefilled, and their ratio (goal <= 3).
+   between two tokens before it arrived, its median, p90 and longest gap while it was prefilled, and the ratios
+   of the longest and the p90 to the median before (goal <= 3).
 
 The machine's load average is printed with the numbers: on a busy machine compare the ratios, not the times.
 """
@@ -158,8 +159,9 @@ async def stall_round(url: str, streams: int, words: int, seed: int, max_new: in
         during = [b - a for a, b in zip(t, t[1:], strict=False) if b > sent and a < done]
         ended_early = not t or t[-1] < done
         rows.append({"median_gap_before": statistics.median(gaps_before) if gaps_before else float("nan"),
-                     "max_gap_during": max(during) if during else float("nan"), "tokens": len(t),
-                     "ended_before_the_prompt_was_done": ended_early})  # fmt: skip
+                     "median_gap_during": p(during, 50), "p90_gap_during": p(during, 90),
+                     "max_gap_during": max(during) if during else float("nan"), "gaps_during": len(during),
+                     "tokens": len(t), "ended_before_the_prompt_was_done": ended_early})  # fmt: skip
     usage = body.get("usage", {})
     return {"prompt_tokens": usage.get("prompt_tokens"), "prefill_s": done - sent, "streams": rows,
             "status": r.status_code}  # fmt: skip
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = asyncio.run(stall_round(servers[mode].url, args.streams, args.long_prompt_words, 100 + i,
                                                  args.stream_tokens))  # fmt: skip
                 for row in result["streams"]:
-                    row["ratio"] = row["max_gap_during"] / row["median_gap_before"]
+                    row["ratio max/median"] = row["max_gap_during"] / row["median_gap_before"]
+                    row["ratio p90/median"] = row["p90_gap_during"] / row["median_gap_before"]
                 report[f"stall {mode}"] = result
                 print(f"stall {mode}: {json.dumps(result)}", flush=True)
     report["machine after"] = machine()
