@@ -43,6 +43,7 @@ from server.schemas import GenerationRequest, PromptInput, RoutingUpdate
 from server.settings import Settings
 from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
 from xlora_core.hosted import ExpertLimitError, HostedModel, ModelNameTaken
+from xlora_core.prefix_cache import PrefixCache
 
 log = logging.getLogger("xlora.manager")
 
@@ -178,7 +179,10 @@ class ModelManager:
             max_queue=s.server.max_queue,
             metrics=self.metrics,
             scalings_log=self.scalings_log,
+            max_step_tokens=s.server.max_step_tokens,
+            prefix_cache=PrefixCache(s.server.prefix_cache_bytes),
         )
+        self.metrics.prefix_cache_bytes.set_function(lambda cache=self.scheduler.prefix_cache: cache.nbytes)
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
         self.scheduler.start()
         log.info("loaded in %.1f s", time.monotonic() - started)
@@ -226,14 +230,16 @@ class ModelManager:
         except (ValueError, OSError) as exc:  # ExpertError, CheckpointError: the file or module at fault
             raise APIError(422, str(exc), param=field, code="invalid_model") from None
         limit = self.settings.server.max_loaded_experts
-        def attach(batch) -> HostedModel:
+        def attach(batches) -> HostedModel:
             model = self.model.attach(pending, limit)
-            if batch.cache is not None:  # frozen rows hold scalings of every layer and expert: room for the new
-                layers, experts = self.model.n_lora_layers, self.model.n_experts_loaded
-                batch.cache.frozen = [
-                    None if f is None else F.pad(f, (0, experts - f.shape[1], 0, layers - f.shape[0]))
-                    for f in batch.cache.frozen
-                ]
+            layers, experts = self.model.n_lora_layers, self.model.n_experts_loaded
+            for batch in batches:
+                if batch.cache is not None:  # frozen rows hold scalings of every layer and expert: room for the new
+                    batch.cache.frozen = [
+                        None if f is None else F.pad(f, (0, experts - f.shape[1], 0, layers - f.shape[0]))
+                        for f in batch.cache.frozen
+                    ]
+            self._clear_prefix_cache()  # its scalings have the old shape
             return model
 
         future = self.scheduler.between_steps(attach)
@@ -257,14 +263,16 @@ class ModelManager:
                            code="model_required")  # fmt: skip
         self.resolve_model(name, param="name")
 
-        def remove(batch) -> None:
-            using = self.scheduler.rows_of_model(batch, name)
+        def remove(batches) -> None:
+            using = self.scheduler.rows_of_model(batches, name)
             if using:
                 raise APIError(409, f"{using} request(s) of {name!r} are running or waiting; unload it when they "
                                "are done", code="model_in_use")  # fmt: skip
             layers, experts = self.model.remove(name)
-            if batch.cache is not None:  # frozen rows of the other models hold scalings of every expert
-                batch.cache.frozen = [None if f is None else f[layers][:, experts] for f in batch.cache.frozen]
+            for batch in batches:
+                if batch.cache is not None:  # frozen rows of the other models hold scalings of every expert
+                    batch.cache.frozen = [None if f is None else f[layers][:, experts] for f in batch.cache.frozen]
+            self._clear_prefix_cache()  # a name loaded again later may be other weights
 
         try:
             await asyncio.wrap_future(self.scheduler.between_steps(remove))
@@ -364,8 +372,14 @@ class ModelManager:
         return request_snapshot() or self.routing_state.last_seen()
 
     def note_routing(self, snapshot: RoutingSnapshot) -> None:
-        """A newer routing was seen (a PATCH here or through another replica): the gauges follow it."""
+        """A newer routing was seen (a PATCH here or through another replica): the gauges follow it, and the
+        prefix cache starts afresh (its blocks are keyed by routing already; nothing outlives a change)."""
         self.metrics.set_routing(snapshot.routing)
+        self._clear_prefix_cache()
+
+    def _clear_prefix_cache(self) -> None:
+        if self.scheduler is not None and self.scheduler.prefix_cache is not None:
+            self.scheduler.prefix_cache.clear()
 
     async def set_routing(self, update: RoutingUpdate) -> RoutingSnapshot:
         """Apply a PATCH: merge it into the newest snapshot, validate, and store it if no other change came

@@ -18,6 +18,7 @@ _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_TIME = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+_CHUNKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -75,6 +76,19 @@ class Metrics:
         self.mean_scaling = Gauge(
             "xlora_mean_scaling", "Mean scaling per adapter over the requests in the scalings log",
             ["adapter"], registry=r,
+        )
+        self.prefill_chunks = Histogram(
+            "xlora_prefill_chunks", "Forwards a request's prompt was fed in (chunked prefill; 1 = whole)",
+            buckets=_CHUNKS, registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "xlora_prefix_cache_hits", "Requests whose prompt began with a prefix found in the prefix cache", registry=r
+        )
+        self.prefix_cache_reused_tokens = Counter(
+            "xlora_prefix_cache_reused_tokens", "Prompt tokens taken from the prefix cache, not computed", registry=r
+        )
+        self.prefix_cache_bytes = Gauge(
+            "xlora_prefix_cache_bytes", "Memory held by the prefix cache (keys, values and scalings)", registry=r
         )
         self.model_loaded = Gauge("xlora_model_loaded", "1 once the model is loaded and serving", registry=r)
 

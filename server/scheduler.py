@@ -7,8 +7,9 @@ Each loop of the worker:
   1. drops rows whose client went away or whose deadline passed (their cache rows are freed);
   2. admits waiting jobs up to max_batch_size;
   3. runs one decode step for every running row, each with its own routing and sampling settings; the
-     newcomers join in it, their prompts in the same forward (an empty batch, or long prompts, are
-     prefilled first).
+     newcomers join in it, their prompts in the same forward, from their longest prefix in the prefix cache
+     (xlora_core/prefix_cache.py), under a budget of `max_step_tokens` tokens per step: a long prompt is fed
+     a chunk per step and the running rows get a token every step meanwhile (chunked prefill).
 A failure inside the model fails only the requests it touched; the worker goes on.
 """
 
@@ -30,13 +31,9 @@ from server.metrics import Metrics
 from server.scalings_log import ScalingsEntry
 from server.scalings_store import ScalingsWriter
 from xlora_core import BatchRow, ConstraintError, DecodeBatch, Generated, XLoraModel
+from xlora_core.prefix_cache import PrefixCache
 
 log = logging.getLogger("xlora.scheduler")
-
-# Newcomers with more prompt tokens than this are prefilled apart, not in the running rows' step: the step
-# pays off by reading the weights once for a few tokens, while a long prefill is compute-bound on its own
-# and its queries would also score (masked) every running row's keys (README "Serving under load").
-JOIN_IN_STEP_MAX_TOKENS = 128
 
 
 class Scheduler:
@@ -49,8 +46,15 @@ class Scheduler:
         max_queue: int,
         metrics: Metrics,
         scalings_log: ScalingsWriter,
+        max_step_tokens: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
+        self.max_step_tokens = max_step_tokens  # None: no budget, every prompt whole
+        self.prefix_cache = prefix_cache
+        # Prefill newcomers in forwards of their own, not in the running rows' step: a compiled model's
+        # joint step is eager, and running rows would get their tokens from other kernels than alone.
+        self.separate_prefill = model.compiled
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -59,7 +63,7 @@ class Scheduler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         self._pending: deque[GenerationJob] = deque()
-        self._tasks: deque[tuple[Callable[[DecodeBatch], object], Future]] = deque()  # between_steps
+        self._tasks: deque[tuple[Callable[[list[DecodeBatch]], object], Future]] = deque()  # between_steps
         self._cond = threading.Condition()
         self._stopping = False
         self._running = 0  # rows in the batch; read by the event loop for draining
@@ -88,10 +92,10 @@ class Scheduler:
             self._cond.notify()
         note_request(generation_id=jobs[0].id)
 
-    def between_steps(self, task: Callable[[DecodeBatch], object]) -> Future:
-        """Run `task(batch)` on the worker between two steps, holding the queue's lock (so no job is admitted
-        meanwhile): how models are attached and removed while others decode. Its result or exception comes
-        back through the returned future."""
+    def between_steps(self, task: Callable[[list[DecodeBatch]], object]) -> Future:
+        """Run `task(batches)` (the running batch and the one being prefilled) on the worker between two steps,
+        holding the queue's lock (so no job is admitted meanwhile): how models are attached and removed while
+        others decode. Its result or exception comes back through the returned future."""
         future: Future = Future()
         with self._cond:
             if self._stopping:
@@ -100,10 +104,10 @@ class Scheduler:
             self._cond.notify()
         return future
 
-    def rows_of_model(self, batch: DecodeBatch, name: str) -> int:
+    def rows_of_model(self, batches: list[DecodeBatch], name: str) -> int:
         """Requests of this model running or waiting (call with the lock held: from a between_steps task)."""
         waiting = sum(1 for job in self._pending if not job.cancelled and job.routing.model == name)
-        return waiting + sum(1 for row in batch.rows if row.routing.model == name)
+        return waiting + sum(1 for batch in batches for row in batch.rows if row.routing.model == name)
 
     @property
     def in_flight(self) -> int:
@@ -120,25 +124,40 @@ class Scheduler:
 
     # ---- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
-        batch = DecodeBatch(self.model, [], None)
+        batch = DecodeBatch(self.model, [], None, self.prefix_cache)
+        # Newcomers with long prompts (with `separate_prefill`, every one) are prefilled in a batch of their
+        # own, eagerly, in chunks, and join the running batch once their prompt is done.
+        filling = DecodeBatch(self.model, [], None, self.prefix_cache)
         try:
             while True:
-                admitted = self._wait_for_work(batch)
+                admitted = self._wait_for_work([batch, filling])
                 if admitted is None:
                     break
                 self._drop_gone(batch)
-                if admitted and (not batch or self.model.compiled or _prefill_apart(admitted)):
+                self._drop_gone(filling)
+                if admitted and _prefill_apart(admitted):
                     batch.concatenate(self._prefill(admitted))
                     admitted = []
-                if batch:
-                    self._step(batch, admitted)
-                self._running = len(batch)
-                self.metrics.running.set(len(batch))
-                self.metrics.kv_cache_bytes.set(batch.cache.nbytes() if batch.cache is not None else 0)
+                # Under the budget, prompts that fit in what the running rows leave of it join their step;
+                # longer ones are fed in chunks, in forwards of their own (a lone long prompt's cache then
+                # grows in place, where a joint step would copy every row's cache every step). No running
+                # rows: nothing to stall, every prompt goes whole.
+                budget = self.max_step_tokens
+                room = max(budget - len(batch), 1) if budget and batch else None
+                long = [j for j in admitted if self.separate_prefill or (room and len(j.prompt_ids) > room)]
+                short = [j for j in admitted if not any(j is other for other in long)]
+                if filling or long:
+                    self._step(filling, long, room)
+                    batch.concatenate([filling.split_off_prefilled()])
+                if batch or short:
+                    self._step(batch, short, budget)
+                self._running = len(batch) + len(filling)
+                self.metrics.running.set(self._running)
+                self.metrics.kv_cache_bytes.set(sum(b.cache.nbytes() for b in (batch, filling) if b.cache is not None))
                 self.metrics.frozen_rows.set(len(batch) - len(batch.cache.granular_rows()) if batch.cache else 0)
         except BaseException as exc:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("scheduler worker died")
-            for row in batch.rows:
+            for row in batch.rows + filling.rows:
                 row.owner.post(ErrorEvent(500, f"the model worker failed: {exc}", "worker_failed"))
             if self.on_fatal is not None:
                 self.on_fatal(exc)
@@ -149,15 +168,15 @@ class Scheduler:
                     self._tasks.popleft()[1].set_exception(APIError(503, "the server is shutting down",
                                                                     code="shutting_down"))  # fmt: skip
             gone = ErrorEvent(503, "the server shut down before this request finished", "shutting_down")
-            for row in batch.rows:
+            for row in batch.rows + filling.rows:
                 if not row.owner.finished:
                     row.owner.post(gone)
             self._running = 0
 
-    def _wait_for_work(self, batch: DecodeBatch) -> list[GenerationJob] | None:
+    def _wait_for_work(self, batches: list[DecodeBatch]) -> list[GenerationJob] | None:
         """Run the between_steps tasks, then take waiting jobs that fit in the batch; block while there is
         nothing to do. None = stop."""
-        running = len(batch)
+        running = sum(len(b) for b in batches)
         with self._cond:
             while not running and not self._pending and not self._tasks and not self._stopping:
                 self._cond.wait()
@@ -166,7 +185,7 @@ class Scheduler:
             while self._tasks:
                 task, future = self._tasks.popleft()
                 try:
-                    future.set_result(task(batch))
+                    future.set_result(task(batches))
                 except Exception as exc:  # the task's caller answers for it; the worker goes on
                     future.set_exception(exc)
             admitted = []
@@ -225,31 +244,37 @@ class Scheduler:
     def _prefill_batch(self, jobs: list[GenerationJob]) -> DecodeBatch:
         self.metrics.batch_size.labels(phase="prefill").observe(len(jobs))
         rows = [BatchRow(job.decoder, job.routing, owner=job) for job in jobs]
-        batch, out = DecodeBatch.prefill(self.model, rows, self.pad_id)
-        self._started(jobs)
+        batch, out = DecodeBatch.prefill(self.model, rows, self.pad_id, self.prefix_cache)
         self._emit(out)
         return batch
 
-    def _started(self, jobs: list[GenerationJob]) -> None:
-        now = time.monotonic()
-        for job in jobs:
-            job.first_token_at = now
-            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-            self.metrics.time_to_first_token.observe(now - job.submitted)
+    def _started(self, row: BatchRow, now: float) -> None:
+        """The row's prompt is done and its first token chosen."""
+        job: GenerationJob = row.owner
+        job.first_token_at = now
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.time_to_first_token.observe(now - job.submitted)
+        self.metrics.prefill_chunks.observe(row.chunks)
+        if row.reused_tokens:
+            self.metrics.prefix_cache_hits.inc()
+            self.metrics.prefix_cache_reused_tokens.inc(row.reused_tokens)
 
-    def _step(self, batch: DecodeBatch, joining: list[GenerationJob] | None = None) -> None:
-        """One decode step; the `joining` jobs are prefilled in the same forward and join the batch."""
+    def _step(
+        self, batch: DecodeBatch, joining: list[GenerationJob] | None = None, max_tokens: int | None = None
+    ) -> None:
+        """One decode step; the `joining` jobs are prefilled in the same forward and join the batch; prompts
+        are fed at most `max_tokens` tokens (with the running rows' tokens) in it."""
         self.metrics.batch_size.labels(phase="decode").observe(len(batch))
         rows = [BatchRow(job.decoder, job.routing, owner=job) for job in joining or []]
         try:
-            out = batch.step(rows)
+            out = batch.step(rows, max_tokens)
         except Exception as exc:
             if rows and not any(row is rows[0] for row in batch.rows):
                 # The joint forward failed and left the batch as it was: prefill the newcomers apart (one
                 # that breaks the model then fails alone), and step again.
                 batch.concatenate(self._prefill(joining))
                 if batch:
-                    self._step(batch)
+                    self._step(batch, max_tokens=max_tokens)
                 return
             # The cache may be half-updated: every row in it fails, the worker carries on empty.
             for row in batch.rows:
@@ -258,7 +283,6 @@ class Scheduler:
             return
         if rows:
             self.metrics.batch_size.labels(phase="prefill").observe(len(rows))
-            self._started(joining)
         self._emit(out)
 
     def _emit(self, out: list[Generated]) -> None:
@@ -270,6 +294,8 @@ class Scheduler:
                 self._refuse(job, g.error)
                 continue
             job.last_token_at = now
+            if job.first_token_at is None:
+                self._started(g.row, now)
             if g.token_id is not None:  # None: a prompt only scored (max_new_tokens 0)
                 index = len(job.decoder.completion_ids) - 1
                 prompt_logprobs = job.decoder.prompt_logprobs if index == 0 else None
@@ -336,13 +362,11 @@ class Scheduler:
 
 
 def _prefill_apart(jobs: list[GenerationJob]) -> bool:
-    """Whether newcomers are prefilled on their own rather than in the running rows' step: long prompts,
-    prompts to score (only a prefill gives every position's logits) and prompts shared by several choices
-    (their prefill runs once, DecodeBatch.prefill). With a compiled model they always are: the joint step is
-    eager, and running rows would get their tokens from other kernels than alone (README "Batch invariance")."""
+    """Whether newcomers are prefilled whole, on their own, rather than in the steps: prompts to score (only a
+    prefill gives every position's logits) and prompts shared by several choices (their prefill runs once,
+    DecodeBatch.prefill)."""
     return (
-        sum(len(j.prompt_ids) for j in jobs) > JOIN_IN_STEP_MAX_TOKENS
-        or any(j.decoder.params.prompt_logprobs is not None for j in jobs)
+        any(j.decoder.params.prompt_logprobs is not None for j in jobs)
         or len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)
     )
 

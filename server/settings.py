@@ -137,6 +137,14 @@ class ServerSection(_Section):
     default_max_new_tokens: int = Field(128, ge=1, description="used when a request does not say")
     max_prompt_tokens: int = Field(2048, ge=1)
     """longer prompts are a 422"""
+    max_step_tokens: int = Field(
+        32, ge=1, description="tokens one decode step may feed: a longer prompt is prefilled in chunks across steps "
+        "while running requests go on getting tokens (docs/prefix-caching.md)"
+    )
+    prefix_cache_bytes: int = Field(
+        1 << 30, ge=0, description="memory for the prefix cache of prompts' keys, values and scalings, "
+        "least recently used evicted first; 0 = off (docs/prefix-caching.md)"
+    )
     request_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
     """a request past this is stopped (504)"""
     scalings_log_size: int = Field(128, ge=1)

@@ -1,6 +1,7 @@
 """A row's answer does not depend on what else is in its batch (README "Batch invariance"): at temperature
-0 the same tokens alone, prefilled together with 7 others, and joining a running batch mid-step, in the
-default dtype (bfloat16 on CPUs with native bf16, where this is exact; float32 elsewhere).
+0 the same tokens alone, prefilled together with 7 others, joining a running batch mid-step, prefilled in
+chunks under a token budget shared with the running rows, and from a prefix cache filled by other requests,
+in the default dtype (bfloat16 on CPUs with native bf16, where this is exact; float32 elsewhere).
 
 The model is a random Llama wide enough (hidden 256) for bfloat16 rounding to change tokens when a kernel's
 order of additions changes with the batch: before xlora_core/batch_invariant.py, 3 of these 8 rows changed.
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from xlora_core import BatchRow, DecodeBatch, Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel
 from xlora_core.base_model import resolve_dtype
 from xlora_core.batch_invariant import ROWS_PER_CALL, linear, rows_fixed
+from xlora_core.prefix_cache import PrefixCache
 
 from .tiny_world import VOCAB, save_expert
 
@@ -44,9 +46,9 @@ def model(tmp_path_factory) -> XLoraModel:
 
 
 def requests() -> list[tuple[list[int], Routing]]:
-    """8 prompts of 3 to 40 tokens; granular, frozen and top-k rows."""
+    """8 prompts of 3 to 90 tokens; granular, frozen and top-k rows."""
     g = torch.Generator().manual_seed(7)
-    lengths = [9, 3, 40, 17, 5, 26, 11, 33]
+    lengths = [9, 3, 90, 17, 5, 26, 11, 33]
     routings = [Routing(), Routing(freeze_after=0), Routing(), Routing(top_k=1), Routing(freeze_after=3),
                 Routing(), Routing(global_scaling_weight=0.5), Routing()]  # fmt: skip
     return [(torch.randint(3, VOCAB, (n,), generator=g).tolist(), r) for n, r in zip(lengths, routings, strict=True)]
@@ -57,12 +59,12 @@ def rows() -> list[BatchRow]:
     return [BatchRow(RowDecoder(params, None, prompt), routing) for prompt, routing in requests()]
 
 
-def finish(batch: DecodeBatch) -> None:
+def finish(batch: DecodeBatch, max_tokens: int | None = None) -> None:
     while batch:
-        batch.step()
+        batch.step(max_tokens=max_tokens)
 
 
-def test_a_row_gets_the_same_tokens_alone_together_and_joining_mid_step(model):
+def test_a_row_gets_the_same_tokens_alone_together_joining_mid_step_in_chunks_and_from_the_prefix_cache(model):
     with torch.inference_mode():
         alone = []
         for row in rows():
@@ -83,10 +85,40 @@ def test_a_row_gets_the_same_tokens_alone_together_and_joining_mid_step(model):
         batch.concatenate([late])
         finish(batch)
 
-    for i, (a, t, j) in enumerate(zip(alone, together, joining, strict=True)):
+        chunked = rows()  # at most 7 tokens a step: long prompts in chunks, beside running rows
+        batch = DecodeBatch(model, [], None)
+        batch.step(joining=chunked[:3], max_tokens=7)
+        batch.step(max_tokens=7)
+        batch.step(joining=chunked[3:], max_tokens=7)
+        finish(batch, max_tokens=7)
+
+        lone = rows()  # each alone, 16 tokens a step: its cache grows in place
+        for row in lone:
+            batch = DecodeBatch(model, [], None)
+            batch.step(joining=[row], max_tokens=16)
+            finish(batch, max_tokens=16)
+
+        # Other prompts that begin as these do fill a prefix cache; then these join a running batch from it.
+        prefix_cache = PrefixCache(1 << 30)
+        batch = DecodeBatch(model, [], None, prefix_cache)
+        batch.step(joining=[BatchRow(RowDecoder(SamplingParams(max_new_tokens=1), None, p[:-2] + [4]), r)
+                            for p, r in requests()])  # fmt: skip
+        finish(batch)
+        cached = rows()
+        batch = DecodeBatch(model, [], None, prefix_cache)
+        batch.step(joining=cached[:2])
+        batch.step(joining=cached[2:], max_tokens=40)
+        finish(batch, max_tokens=40)
+
+    assert max(row.chunks for row in chunked) > 3 and prefix_cache.hits == 3
+    assert max(row.chunks for row in lone) == 6  # 90 tokens
+    for i, (a, t, j, c, p, n) in enumerate(zip(alone, together, joining, chunked, cached, lone, strict=True)):
         assert t.decoder.completion_ids == a.decoder.completion_ids, f"row {i} together"
         assert j.decoder.completion_ids == a.decoder.completion_ids, f"row {i} joining"
-        for other in (t, j):
+        assert c.decoder.completion_ids == a.decoder.completion_ids, f"row {i} in chunks"
+        assert p.decoder.completion_ids == a.decoder.completion_ids, f"row {i} from the prefix cache"
+        assert n.decoder.completion_ids == a.decoder.completion_ids, f"row {i} alone in chunks"
+        for other in (t, j, c, p, n):
             assert (other.all_scalings() - a.all_scalings()).abs().max() <= 1e-3, f"row {i} scalings"
 
 

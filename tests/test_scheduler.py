@@ -13,7 +13,7 @@ from server.jobs import DoneEvent, ErrorEvent, GenerationJob, TokenEvent
 from server.metrics import Metrics
 from server.scalings_log import RequestScalingsLog
 from server.scheduler import Scheduler
-from xlora_core import Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel
+from xlora_core import PrefixCache, Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel
 
 from .tiny_world import VOCAB, build_world, load_base, make_tiny_tokenizer
 
@@ -37,11 +37,15 @@ def alone(model: XLoraModel, ids: list[int], n: int, routing: Routing | None = N
 
 
 class Harness:
-    def __init__(self, model: XLoraModel, tokenizer, max_batch_size: int = 4) -> None:
+    def __init__(
+        self, model: XLoraModel, tokenizer, max_batch_size: int = 4, max_step_tokens: int | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:  # fmt: skip
         self.metrics = Metrics()
         self.log = RequestScalingsLog(32)
         self.scheduler = Scheduler(model, tokenizer, max_batch_size=max_batch_size, max_queue=16,
-                                   metrics=self.metrics, scalings_log=self.log)  # fmt: skip
+                                   metrics=self.metrics, scalings_log=self.log,
+                                   max_step_tokens=max_step_tokens, prefix_cache=prefix_cache)  # fmt: skip
         self.tokenizer = tokenizer
 
     def job(self, ids: list[int], n: int, routing: Routing | None = None, timeout: float = 60) -> GenerationJob:
@@ -120,6 +124,76 @@ def test_a_cancelled_job_leaves_and_the_others_go_on(world):
     assert tokens(kept_events) == alone(model, prompt(5), 20)
     assert h.sample("xlora_generations_total", outcome="cancelled") == 1
     assert not doomed.finished and h.log.get(doomed.id) is None
+
+
+@pytest.mark.parametrize("separate_prefill", [False, True], ids=["in-the-step", "separate"])
+def test_long_prompts_are_prefilled_in_chunks_while_running_rows_get_tokens_and_a_cancel_mid_chunk_frees_rows(
+    world, separate_prefill
+):
+    """max_step_tokens 16: two 300-token prompts arrive beside a running row; it gets a token every step
+    while they are fed 16 tokens a step; one is cancelled mid-prefill and leaves, the other's tokens are
+    those of its unchunked prefill. In the running rows' step (eager), or in forwards of their own
+    (`separate_prefill`, as with a compiled model)."""
+    model, tokenizer = world
+
+    async def main():
+        h = Harness(model, tokenizer, max_step_tokens=16)
+        h.scheduler.separate_prefill = separate_prefill
+        h.scheduler.start()
+        try:
+            running = h.job(prompt(10), 60)
+            h.scheduler.submit(running)
+            head = await events(running, until=2)
+            long, doomed = h.job(prompt(11, 300), 5), h.job(prompt(12, 300), 5)
+            h.scheduler.submit(long, doomed)
+            meanwhile = await events(running, until=6)  # the newcomers are still being prefilled
+            assert long.events.empty() and doomed.events.empty()
+            doomed.cancel()  # its client went away mid-prefill
+            rest = await asyncio.gather(events(running), events(long))
+            return h, head + meanwhile + rest[0], rest[1], doomed
+        finally:
+            h.scheduler.stop()
+
+    h, running, long, doomed = asyncio.run(main())
+    assert tokens(running) == alone(model, prompt(10), 60)
+    assert tokens(long) == alone(model, prompt(11, 300), 5)  # unchunked: one prefill
+    assert h.sample("xlora_generations_total", outcome="cancelled") == 1 and h.log.get(doomed.id) is None
+    assert h.sample("xlora_prefill_chunks_count") == 2  # the running row's prompt and the long one's
+    assert h.sample("xlora_prefill_chunks_bucket", le="8.0") == 1  # 300 tokens at <= 16 a step: 19 or more
+    assert h.scheduler.in_flight == 0 and h.sample("xlora_running_requests") == 0
+
+
+@pytest.mark.parametrize("separate_prefill", [False, True], ids=["in-the-step", "separate"])
+def test_requests_join_a_running_batch_from_the_prefix_cache_with_the_tokens_they_get_without(world, separate_prefill):
+    """A 70-token prompt fills the prefix cache; two prompts that begin with its first 64 tokens then join a
+    running row from it (one short enough for the running row's step, one longer than the 80-token budget,
+    in forwards of its own): the same tokens as alone."""
+    model, tokenizer = world
+    shared = prompt(13, 70)
+    first, short, long = shared, shared[:64] + prompt(14, 3), shared[:64] + prompt(15, 40)
+
+    async def main():
+        h = Harness(model, tokenizer, max_step_tokens=80, prefix_cache=PrefixCache(1 << 26))
+        h.scheduler.separate_prefill = separate_prefill
+        h.scheduler.start()
+        try:
+            job = h.job(first, 3)
+            h.scheduler.submit(job)
+            await events(job)
+            running = h.job(prompt(16), 30)
+            h.scheduler.submit(running)
+            head = await events(running, until=2)
+            late = [h.job(short, 8), h.job(long, 8)]
+            h.scheduler.submit(*late)
+            return h, await asyncio.gather(events(running), *(events(job) for job in late)), head
+        finally:
+            h.scheduler.stop()
+
+    h, (running, got_short, got_long), head = asyncio.run(main())
+    assert tokens(head + running) == alone(model, prompt(16), 30)
+    assert tokens(got_short) == alone(model, short, 8) and tokens(got_long) == alone(model, long, 8)
+    assert h.sample("xlora_prefix_cache_hits_total") == 2
+    assert h.sample("xlora_prefix_cache_reused_tokens_total") == 2 * 64
 
 
 def test_a_request_that_breaks_the_model_fails_alone(world):

@@ -186,6 +186,28 @@ def test_patch_routing(client, restore_routing):
     assert "xlora_routing_global_scaling_weight 0.5" in client.get("/metrics").text
 
 
+def test_a_repeated_prompt_hits_the_prefix_cache_and_a_patch_empties_it(client, restore_routing):
+    """The shared server's prefix cache (server.prefix_cache_bytes): the same 60-token prompt again takes its
+    first 48 tokens from the cache and says the same; a PATCH /routing drops every block."""
+    body = {"prompt": "The prefix cache keeps keys and values of prompts it has seen." [:60], "max_new_tokens": 8}
+
+    def metrics() -> tuple[float, float, float]:
+        text = client.get("/metrics").text
+        names = ("xlora_prefix_cache_hits_total", "xlora_prefix_cache_reused_tokens_total", "xlora_prefix_cache_bytes")
+        return tuple(metric(text, name) for name in names)
+
+    first = generate(client, **body)
+    hits, reused, held = metrics()
+    assert held > 0
+    again = generate(client, **body)
+    assert again["text"] == first["text"] and again["usage"] == first["usage"]
+    assert metrics()[:2] == (hits + 1, reused + 48)
+    client.patch("/routing", json={"top_k": 1}).raise_for_status()
+    assert metrics()[2] == 0
+    generate(client, **body)  # under the new routing: a miss, stored again
+    assert metrics()[:2] == (hits + 1, reused + 48)
+
+
 def test_patch_during_a_running_generation(client, restore_routing, server):
     """The request in flight keeps the routing it started with; the next one gets the new one."""
     old = generate(client, prompt="long one", max_new_tokens=250)

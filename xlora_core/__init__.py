@@ -9,6 +9,7 @@ from .engine import BatchRow, DecodeBatch, Generated
 from .generation import StreamedToken
 from .hosted import HostedModel
 from .model import XLoraModel
+from .prefix_cache import PrefixCache
 from .sampling import RowDecoder, SamplingParams
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "GrammarCompiler",
     "HostedModel",
     "ParameterError",
+    "PrefixCache",
     "Routing",
     "RowDecoder",
     "SamplingParams",

@@ -157,27 +157,40 @@ def ragged_spans(cached: list[int], new: list[int]) -> torch.Tensor:
     return torch.tensor(spans, dtype=torch.long)
 
 
+# A prompt's queries are attended in blocks of this many, at positions that are multiples of it in their row:
+# a prompt fed whole, in chunks that end on this grid (the engine's chunked prefill), or after a prefix taken
+# from the prefix cache (whose blocks are multiples of it) runs the same calls with the same shapes.
+QUERY_BLOCK = 16
+
+
 # A custom op: torch.compile sees one opaque call (no graph break in the compiled step) and runs this loop as is.
 @torch.library.custom_op("xlora::attention_by_rows", mutates_args=())
 def attention_by_rows(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """[batch, heads, queries, dim] -> [batch, queries, heads, dim], each span on its own keys (causal among
-    its queries, which are its last keys)."""
+    its queries, which are its last keys), its queries QUERY_BLOCK by QUERY_BLOCK along its row's grid."""
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+    gqa = key.shape[1] != query.shape[1]
     for b, qs, qe, ks1, ke1, ks2, ke2 in spans.tolist():
         k, v = key[b : b + 1, :, ks1:ke1], value[b : b + 1, :, ks1:ke1]
         if ke2 > ks2:
             k = torch.cat([k, key[b : b + 1, :, ks2:ke2]], dim=2)
             v = torch.cat([v, value[b : b + 1, :, ks2:ke2]], dim=2)
-        n, total = qe - qs, k.shape[2]
-        mask = None
-        if n > 1:  # query i sees keys up to total - n + i
-            mask = torch.ones(n, total, dtype=torch.bool, device=query.device).tril(total - n)
-        o = F.scaled_dot_product_attention(
-            query[b : b + 1, :, qs:qe], k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != query.shape[1]
-        )
-        out[b, qs:qe] = o[0].transpose(0, 1)
+        total = k.shape[2]
+        first = total - (qe - qs)  # the position of the span's first query in its row
+        begin = first
+        while begin < total:  # queries begin..end: on the grid, or the span's own ends
+            end = min((begin // QUERY_BLOCK + 1) * QUERY_BLOCK, total) if qe - qs > 1 else total
+            n, mask = end - begin, None
+            if n > 1:  # query i sees keys up to end - n + i
+                mask = torch.ones(n, end, dtype=torch.bool, device=query.device).tril(end - n)
+            rows = slice(qs + begin - first, qs + end - first)
+            o = F.scaled_dot_product_attention(
+                query[b : b + 1, :, rows], k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=scaling, enable_gqa=gqa
+            )
+            out[b, rows] = o[0].transpose(0, 1)
+            begin = end
     return out
 
 

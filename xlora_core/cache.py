@@ -77,9 +77,19 @@ class GrowingLayer(DynamicLayer):
             self._reallocate(self.keys, self.values, self.length + tokens)
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold these keys and values instead (rows selected or joined), with fresh room."""
+        """Hold these keys and values instead (rows selected or joined), with fresh room. One plain copy
+        (not update's index_copy_, several times slower on CPU: a ragged step replaces whole caches)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        if self.dtype is not None:
+            keys, values = keys.to(self.dtype), values.to(self.dtype)
         self.buffers, self.length = None, 0
-        self.update(keys, values)
+        n = keys.shape[2]
+        self._reallocate(keys, values, n)
+        self.buffers[0][:, :, :n] = keys
+        self.buffers[1][:, :, :n] = values
+        self.length = n
+        self.keys, self.values = self.buffers[0][:, :, :n], self.buffers[1][:, :, :n]
 
     def _reallocate(self, keys_like: torch.Tensor, values_like: torch.Tensor, needed: int) -> None:
         """New buffers of capacity `needed + ROOM`, holding the tokens stored so far."""
@@ -166,6 +176,29 @@ class XLoraCache:
             attention_mask=mask[:, start:],
             frozen=[self.frozen[r] for r in rows],
         )
+
+    def copy_rows(self, rows: list[int], empty: Callable[[], DynamicCache]) -> XLoraCache:
+        """A copy of these rows, in this order, in new caches made by `empty` (this cache is left as it is);
+        leading columns that are padding in every one of them are dropped."""
+        device = self.attention_mask.device
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        mask = self.attention_mask[index]
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        position_in_scaling = {row: i for i, row in enumerate(self.granular_rows())}
+        scaling_rows = [position_in_scaling[r] for r in rows if r in position_in_scaling]
+
+        def copied(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+            out = empty()
+            for target, layer in zip(_layers(out), _layers(cache), strict=True):
+                if layer.is_initialized:
+                    target.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
+            return out
+
+        scaling = None
+        if scaling_rows and self.scaling is not None:
+            scaling = copied(self.scaling, torch.tensor(scaling_rows, dtype=torch.long, device=device))
+        return XLoraCache(scaling, copied(self.real, index), mask[:, start:], [self.frozen[r] for r in rows])
 
     @staticmethod
     def concat(caches: list[XLoraCache]) -> XLoraCache:

@@ -6,12 +6,20 @@ A `DecodeBatch` (after TGI's `CausalLMBatch`) owns its rows and their `XLoraCach
     batch.concatenate([other])                        # newcomers join a running batch
     out = batch.step()                                # one token for every row
     out = batch.step(joining=rows)                    # the same, newcomers prefilled in the same forward
+    out = batch.step(joining=rows, max_tokens=256)    # ... at most 256 tokens: long prompts go in chunks
     batch.filter(keep)                                # rows leave (a client went away)
 
 Rows with the same prompt and routing in one `prefill` (the n choices of one request) share it: the prompt
 runs once and its cache rows are copied. A row that asks for its prompt's log probabilities
 (`SamplingParams.prompt_logprobs`) gets them from `prefill` (so it does not join in a `step`); a row with
 max_new_tokens 0 finishes there without a token.
+
+Chunked prefill: under a token budget (`step(max_tokens=...)`), a row whose prompt does not fit is prefilled
+a chunk per step, in the running rows' forwards, so that they go on getting tokens meanwhile; it chooses its
+first token in the step that feeds its prompt's last chunk (`BatchRow.prefilling` until then).
+
+With a `PrefixCache` (prefix_cache.py), a row that joins in a `step` starts from the stored keys, values and
+scalings of the longest stored prefix of its prompt, and every row's prompt is stored once it is done.
 
 Rows that finish leave the batch by themselves at the end of `prefill` or `step`. Each row brings its
 own `RowDecoder` (sampling, stopping, text) and `Routing` (top-k, global weight, freeze_after); a row
@@ -27,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .cache import XLoraCache
+from .batch_invariant import QUERY_BLOCK
+from .cache import XLoraCache, growing_cache
 from .classifier import Routing
 from .config import ConstraintError
+from .prefix_cache import PrefixCache
 from .sampling import RowDecoder, TokenLogprob, token_logprobs
 
 if TYPE_CHECKING:
@@ -45,10 +55,18 @@ class BatchRow:
     owner: Any = None
     next_token: int = -1  # chosen, not yet fed to the model
     scalings: list[torch.Tensor] = field(default_factory=list)  # [positions, layers, experts] pieces, float32 CPU
+    prefilled: int = 0  # prompt tokens in the cache
+    chunks: int = 0  # forwards that fed it prompt tokens
+    reused_tokens: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def prompt_ids(self) -> list[int]:
         return self.decoder.prompt_ids
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether part of its prompt is still to be fed (it has no token yet)."""
+        return self.prefilled < len(self.prompt_ids)
 
     def all_scalings(self) -> torch.Tensor:
         """[positions processed, layers, experts]: the prompt's, then one per token fed back."""
@@ -80,20 +98,24 @@ class Generated:
 
 
 class DecodeBatch:
-    def __init__(self, model: XLoraModel, rows: list[BatchRow], cache: XLoraCache | None) -> None:
+    def __init__(
+        self, model: XLoraModel, rows: list[BatchRow], cache: XLoraCache | None, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.model = model
         self.rows = rows
         self.cache = cache
+        self.prefix_cache = prefix_cache
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @classmethod
     def prefill(
-        cls, model: XLoraModel, rows: list[BatchRow], pad_id: int = 0
+        cls, model: XLoraModel, rows: list[BatchRow], pad_id: int = 0, prefix_cache: PrefixCache | None = None
     ) -> tuple[DecodeBatch, list[Generated]]:
         """Run the rows' prompts as one left-padded batch and choose each row's first token. Rows with the
-        same prompt and routing share one prefill; rows asking for prompt logprobs get them here."""
+        same prompt and routing share one prefill; rows asking for prompt logprobs get them here. The prompts
+        are stored in `prefix_cache` (not looked up: this path computes every position)."""
         distinct: dict[tuple, int] = {}
         source = [distinct.setdefault((tuple(row.prompt_ids), row.routing), len(distinct)) for row in rows]
         firsts = [rows[source.index(d)] for d in range(len(distinct))]
@@ -117,32 +139,87 @@ class DecodeBatch:
         on_cpu = scalings.float().cpu()
         for i, row in enumerate(rows):
             row.scalings.append(model.own_scalings(row.routing, on_cpu[i, width - len(row.prompt_ids) :]))
-        batch = cls(model, rows, cache)
+            row.prefilled, row.chunks = len(row.prompt_ids), 1
+        batch = cls(model, rows, cache, prefix_cache)
+        batch._store_prompts(rows)
         return batch, batch._advance(logits, scalings[:, -1])
 
-    def step(self, joining: list[BatchRow] | None = None) -> list[Generated]:
+    def step(self, joining: list[BatchRow] | None = None, max_tokens: int | None = None) -> list[Generated]:
         """Feed every row its last token and choose the next one. Rows in `joining` (not prefilled) join the
-        batch in the same forward and choose their first token (XLoraModel.decode_and_prefill); if the
-        forward fails, the batch is as it was. Rows that ask for prompt logprobs come in through `prefill`. The
-        joint forward is eager: with a compiled model, prefill newcomers apart and `concatenate` them, so that
-        running rows keep the compiled kernels (the server does)."""
-        assert self.cache is not None, "step() on an empty batch"
-        assert not any(row.decoder.params.prompt_logprobs is not None for row in joining or []), "prefill them"
-        tokens = torch.tensor([row.next_token for row in self.rows], dtype=torch.long)
-        if joining:
-            rows = self.rows + joining
+        batch in the same forward (XLoraModel.decode_and_prefill), from their longest prefix in the prefix
+        cache if there is one. `max_tokens`: the tokens this forward may feed; a decoding row takes one, rows
+        being prefilled share what is left in order (`_chunk`: each at least up to its next 16-token grid
+        point), the rest of their prompts waits for the next steps. Only rows that were fed their prompt's
+        last token choose one. If the forward fails, the batch is as it was. Rows that ask for prompt
+        logprobs come in through `prefill`. The joint forward is eager: with a compiled model, prefill
+        newcomers in a batch of their own (in chunks too) and move them over with `split_off_prefilled` and
+        `concatenate`, so that running rows keep the compiled kernels (the server does)."""
+        joining = list(joining or [])
+        assert self.rows or joining, "step() on an empty batch"
+        assert not any(row.decoder.params.prompt_logprobs is not None for row in joining), "prefill them"
+        if not joining and not any(row.prefilling for row in self.rows):
+            tokens = torch.tensor([row.next_token for row in self.rows], dtype=torch.long)
+            logits, scalings = self.model.decode(tokens, self.cache, [row.routing for row in self.rows])
+            on_cpu = scalings.float().cpu()
+            for i, row in enumerate(self.rows):
+                row.scalings.append(self.model.own_scalings(row.routing, on_cpu[i]))
+            return self._advance(logits, scalings[:, -1])
+
+        before = len(self.rows)
+        fresh = [row for row in joining if not self._join_from_prefix_cache(row)]
+        try:
+            left = (max_tokens if max_tokens is not None else 1 << 62) - sum(not r.prefilling for r in self.rows)
+            fed, prompts = [], []
+            rows = self.rows + fresh
+            for i, row in enumerate(rows):
+                if not row.prefilling:
+                    fed.append([row.next_token])
+                    continue
+                n = _chunk(row.prefilled, len(row.prompt_ids), left)
+                left -= n
+                (fed if i < len(self.rows) else prompts).append(row.prompt_ids[row.prefilled : row.prefilled + n])
             logits, scalings, cache = self.model.decode_and_prefill(
-                tokens, self.cache, [row.prompt_ids for row in joining], [row.routing for row in rows]
+                fed, self.cache, prompts, [row.routing for row in rows]
             )
-            self.rows, self.cache = rows, cache
-            for row, s in zip(rows, scalings, strict=True):
-                row.scalings.append(self.model.own_scalings(row.routing, s.float().cpu()))
-            return self._advance(logits, torch.stack([s[-1] for s in scalings]))
-        logits, scalings = self.model.decode(tokens, self.cache, [row.routing for row in self.rows])
-        on_cpu = scalings.float().cpu()
-        for i, row in enumerate(self.rows):
-            row.scalings.append(self.model.own_scalings(row.routing, on_cpu[i]))
-        return self._advance(logits, scalings[:, -1])
+        except BaseException:
+            for row in self.rows[before:]:  # the rows that joined from the prefix cache leave again
+                row.prefilled, row.scalings, row.reused_tokens = 0, [], 0
+            self.filter(list(range(before)))
+            raise
+        done = []
+        for row, part, s in zip(rows, fed + prompts, scalings, strict=True):
+            row.scalings.append(self.model.own_scalings(row.routing, s.float().cpu()))
+            if row.prefilling:
+                row.prefilled += len(part)
+                row.chunks += 1
+                if not row.prefilling:
+                    done.append(row)
+        self.rows, self.cache = rows, cache
+        self._store_prompts(done)
+        return self._advance(logits, torch.stack([s[-1] for s in scalings]))
+
+    def _join_from_prefix_cache(self, row: BatchRow) -> bool:
+        """Take the row into the batch with its prompt's longest stored prefix as its cache row, if there is
+        one; it is then a row being prefilled, the rest of its prompt to come."""
+        if self.prefix_cache is None:
+            return False
+        hit = self.prefix_cache.lookup(self.model, row.routing, row.prompt_ids)
+        if hit is None:
+            return False
+        row.prefilled = row.reused_tokens = hit.tokens
+        row.scalings = [hit.scalings]
+        self.rows = self.rows + [row]
+        self.cache = hit.cache if self.cache is None else XLoraCache.concat([self.cache, hit.cache])
+        return True
+
+    def _store_prompts(self, rows: list[BatchRow]) -> None:
+        """Store these rows' prompts, just done (their cache rows hold the prompt only), in the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for row in rows:
+            i = next(i for i, r in enumerate(self.rows) if r is row)
+            scalings = torch.cat(row.scalings)[: len(row.prompt_ids)]
+            self.prefix_cache.insert(self.model, row.routing, row.prompt_ids, self.cache, i, scalings)
 
     def filter(self, keep: list[int]) -> None:
         """Keep these rows (indices into `rows`), in this order; the others' cache rows are freed."""
@@ -150,6 +227,18 @@ class DecodeBatch:
             return
         self.rows = [self.rows[i] for i in keep]
         self.cache = self.cache.select(keep) if keep and self.cache is not None else None
+
+    def split_off_prefilled(self) -> DecodeBatch:
+        """The rows whose prompts are done leave this batch for a new one (their cache rows copied there):
+        a batch that only prefills, in chunks, hands its rows over to the running one."""
+        done = [i for i, row in enumerate(self.rows) if not row.prefilling]
+        if not done:
+            return DecodeBatch(self.model, [], None, self.prefix_cache)
+        config, kv = self.model.base.config, self.model.kv_dtype
+        cache = self.cache.copy_rows(done, lambda: growing_cache(config, kv))
+        out = DecodeBatch(self.model, [self.rows[i] for i in done], cache, self.prefix_cache)
+        self.filter([i for i, row in enumerate(self.rows) if row.prefilling])
+        return out
 
     def concatenate(self, others: list[DecodeBatch]) -> None:
         """Take the rows of `others` (prefilled batches) into this one; they are left empty."""
@@ -165,6 +254,9 @@ class DecodeBatch:
         out, keep, freeze = [], [], {}
         for i, row in enumerate(self.rows):
             dec = row.decoder
+            if row.prefilling:  # more of its prompt to come: no token yet
+                keep.append(i)
+                continue
             if dec.params.max_new_tokens == 0:  # the prompt only scored: nothing to generate
                 out.append(Generated(row, None, "", dec.finish_unprompted(), row.scalings[-1][-1]))
                 continue
@@ -187,6 +279,16 @@ class DecodeBatch:
         return out
 
 
+def _chunk(done: int, prompt: int, budget: int) -> int:
+    """How many prompt tokens a row being prefilled takes in a step: what the budget leaves, cut to end on
+    batch_invariant's QUERY_BLOCK grid (so chunking does not change its bits), at least up to the next grid
+    point, at most the rest of its prompt."""
+    end = done + max(budget, 1)
+    if end < prompt:
+        end = max(end // QUERY_BLOCK * QUERY_BLOCK, (done // QUERY_BLOCK + 1) * QUERY_BLOCK)
+    return min(end, prompt) - done
+
+
 def _prompt_logprobs(logits: torch.Tensor, row: BatchRow) -> list[TokenLogprob | None]:
     """The log probability of each prompt token after the ones before it, under the model's own distribution
     (no processors), from the prefill's logits of this row [width, vocab]; the first token has none."""
@@ -196,10 +298,17 @@ def _prompt_logprobs(logits: torch.Tensor, row: BatchRow) -> list[TokenLogprob |
     return [None, *token_logprobs(logprobs, tokens, row.decoder.params.prompt_logprobs or 0)]
 
 
-def run(model: XLoraModel, rows: list[BatchRow], pad_id: int = 0) -> Iterator[list[Generated]]:
+def run(
+    model: XLoraModel, rows: list[BatchRow], pad_id: int = 0, prefix_cache: PrefixCache | None = None
+) -> Iterator[list[Generated]]:
     """The decode loop of a fixed set of rows: what each step gave, until every row has finished. A row's
-    constraint that cannot go on raises its ConstraintError."""
-    batch, out = DecodeBatch.prefill(model, rows, pad_id)
+    constraint that cannot go on raises its ConstraintError. With a prefix cache the prompts start from their
+    stored prefixes (rows asking for prompt logprobs: every position is computed, and stored)."""
+    if prefix_cache is None or any(row.decoder.params.prompt_logprobs is not None for row in rows):
+        batch, out = DecodeBatch.prefill(model, rows, pad_id, prefix_cache)
+    else:
+        batch = DecodeBatch(model, [], None, prefix_cache)
+        out = batch.step(joining=rows)  # no budget: every prompt in this one forward
     while True:
         for generated in out:
             if generated.error is not None:

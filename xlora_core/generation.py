@@ -2,6 +2,7 @@
 
     model.generate(input_ids, max_new_tokens=32)                      # like transformers' generate
     model.generate(input_ids, tokenizer=tok, constraint=grammar)      # structured output (constraints.py)
+    model.generate(input_ids, prefix_cache=PrefixCache(1 << 30))      # reuse prompt prefixes across calls
     for token in model.stream(input_ids, tokenizer=tok): print(token.text, end="")
 """
 
@@ -16,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .classifier import Routing
 from .engine import BatchRow, run
+from .prefix_cache import PrefixCache
 from .sampling import RowDecoder, SamplingParams
 
 if TYPE_CHECKING:
@@ -89,15 +91,17 @@ def generate(
     tokenizer: PreTrainedTokenizerBase | None = None,
     routing: Routing | list[Routing] | None = None,
     pad_token_id: int | None = None,
+    prefix_cache: PrefixCache | None = None,
     **generation_kwargs: Any,
 ) -> torch.Tensor:
     """Batched generation with both KV caches. Returns [batch, prompt + new] token ids; rows that finish
     early are padded with pad_token_id (default: the eos token), as transformers does. Afterwards
     `model.latest_scalings` holds [batch, prompt + new - 1, layers, experts] (zeros where a row has no
-    position: its left padding, or after it finished)."""
+    position: its left padding, or after it finished). `prefix_cache`: prompts start from the longest
+    prefix stored there by earlier calls, and are stored (docs/prefix-caching.md)."""
     rows = _rows(model, input_ids, attention_mask, tokenizer, routing, generation_kwargs)
     pad = pad_token_id if pad_token_id is not None else (rows[0].decoder.eos_ids or [0])[0]
-    for _ in run(model, rows, pad_id=pad):
+    for _ in run(model, rows, pad_id=pad, prefix_cache=prefix_cache):
         pass
 
     longest = max(len(row.decoder.completion_ids) for row in rows)
@@ -113,13 +117,15 @@ def stream(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     routing: Routing | None = None,
+    prefix_cache: PrefixCache | None = None,
     **generation_kwargs: Any,
 ) -> Iterator[StreamedToken]:
-    """Generate for one prompt, yielding each token with its scalings as soon as it is chosen."""
+    """Generate for one prompt, yielding each token with its scalings as soon as it is chosen (`prefix_cache`
+    as for generate)."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}")
     rows = _rows(model, input_ids, attention_mask, tokenizer, routing, generation_kwargs)
-    for (out,) in run(model, rows):
+    for (out,) in run(model, rows, prefix_cache=prefix_cache):
         if out.token_id is None:  # max_new_tokens 0: nothing generated
             return
         yield StreamedToken(out.token_id, out.text, out.scalings, out.finish_reason)

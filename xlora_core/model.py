@@ -700,26 +700,37 @@ class XLoraModel(nn.Module):
 
     @torch.inference_mode()
     def decode_and_prefill(
-        self, next_tokens: torch.Tensor, cache: XLoraCache, prompts: list[list[int]], routing: list[Routing]
+        self, fed: list[list[int]], cache: XLoraCache | None, prompts: list[list[int]], routing: list[Routing]
     ) -> tuple[torch.Tensor, list[torch.Tensor], XLoraCache]:
-        """One decode step for the rows of `cache` and the prefill of new rows (`prompts`) in the same two
-        passes, all new tokens in one ragged row (`cache.RaggedRows`). `routing`: one per row, the cache's
-        rows first. Returns (logits [rows, vocab] in float32, each row's scalings [its new tokens, layers,
-        experts], a new cache of every row: the cache's, then the newcomers). `cache` is only read, so
-        if this fails the batch can go on without the newcomers."""
+        """One forward for rows that each add their own number of tokens, all new tokens in one ragged row
+        (`cache.RaggedRows`), in the same two passes: the rows of `cache` add `fed` (one per row: a decoding
+        row its last token, a row being prefilled in chunks the next chunk of its prompt), new rows begin
+        with `prompts` (their whole prompt or its first chunk). `routing`: one per row, the cache's rows
+        first. Returns (logits of each row's last new token [rows, vocab] in float32, each row's scalings [its
+        new tokens, layers, experts], a new cache of every row: the cache's, then the new ones). `cache` (None:
+        no rows yet) is only read, so if this fails the batch can go on as it was (but for one row alone,
+        extended in place)."""
         routing = self._resolve(routing)
-        device, old = self.device, cache.batch_size
-        new = [1] * old + [len(p) for p in prompts]
-        cached = cache.attention_mask.sum(dim=1).tolist() + [0] * len(prompts)
-        ids = torch.tensor([*next_tokens.tolist(), *(t for p in prompts for t in p)], device=device).view(1, -1)
-        starts = [cache.next_positions().view(-1), *(torch.arange(len(p), device=device) for p in prompts)]
-        positions = torch.cat(starts).view(1, -1)
+        device = self.device
+        new = [len(f) for f in fed] + [len(p) for p in prompts]
+        cached = ([] if cache is None else cache.attention_mask.sum(dim=1).tolist()) + [0] * len(prompts)
+        ids = torch.tensor([t for part in (*fed, *prompts) for t in part], device=device).view(1, -1)
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new, strict=True)]).to(device)
+        positions = positions.view(1, -1)
         real = RaggedRows(cached, new, device)
         config, kv = self.base.config, self.kv_dtype
         width = max(c + n for c, n in zip(cached, new, strict=True))
 
+        # One granular row without padding (a long prompt fed chunk after chunk on its own): its cache already
+        # has the ragged layout, and the forward extends it in place rather than copying it twice. Then a
+        # failed forward leaves the row's cache half-extended: the row fails.
+        in_place = (cache is None and len(prompts) == 1) or (
+            cache is not None and not prompts and cache.batch_size == 1 and cache.frozen[0] is None
+            and bool(cache.attention_mask.all())
+        )  # fmt: skip
+
         # Scaling pass: the granular rows, the newcomers among them; frozen rows keep their scalings.
-        frozen = cache.frozen + [self._fixed_scalings(r) for r in routing[old:]]
+        frozen = ([] if cache is None else cache.frozen) + [self._fixed_scalings(r) for r in routing[len(fed) :]]
         granular = [r for r, f in enumerate(frozen) if f is None]
         shape = (1, ids.shape[1], self.n_lora_layers, self.n_experts_loaded)
         scalings = torch.zeros(shape, device=device, dtype=self.dtype)
@@ -730,7 +741,9 @@ class XLoraModel(nn.Module):
         if granular:
             sub = RaggedRows([cached[r] for r in granular], [new[r] for r in granular], device)
             take = torch.isin(real.token_row, torch.tensor(granular, device=device))
-            flat = sub.flatten(cache.scaling, cache.attention_mask[cache.granular_rows()], growing_cache(config, kv))
+            flat = cache.scaling if in_place and cache is not None else growing_cache(config, kv)
+            if cache is not None and not in_place:
+                sub.flatten(cache.scaling, cache.attention_mask[cache.granular_rows()], flat)
             sub_routing = [routing[r] for r in granular]
             dummy = None
             if self.config.scaling_pass_value != 0 or not self._plain(sub_routing):
@@ -744,11 +757,14 @@ class XLoraModel(nn.Module):
             finally:
                 self.slot.groups = None
             scalings[:, take] = self._classify(hidden, sub_routing, sub.token_row)
-            scaling_cache = growing_cache(config, kv)
-            sub.unflatten(flat, scaling_cache, width)
+            scaling_cache = flat if in_place else growing_cache(config, kv)
+            if not in_place:
+                sub.unflatten(flat, scaling_cache, width)
 
         # Real pass: every row.
-        flat = real.flatten(cache.real, cache.attention_mask, growing_cache(config, kv))
+        flat = cache.real if in_place and cache is not None else growing_cache(config, kv)
+        if cache is not None and not in_place:
+            real.flatten(cache.real, cache.attention_mask, flat)
         weights = self._ragged_weights(scalings, real, routing)
         spans = ragged_spans(real.cached, real.new)
         self.slot.groups = self._groups(routing, real.token_row)
@@ -758,6 +774,9 @@ class XLoraModel(nn.Module):
             self.slot.groups = None
         last = torch.tensor(new, device=device).cumsum(0) - 1
         logits = self.base.get_output_embeddings()(hidden[0, last]).float()
+        if in_place:
+            mask = torch.ones((1, width), dtype=torch.long, device=device)
+            return logits, [scalings[0]], XLoraCache(scaling_cache, flat, mask, frozen)
         real_cache = growing_cache(config, kv)
         mask = real.unflatten(flat, real_cache, width)
         joined = XLoraCache(scaling_cache, real_cache, mask, frozen)

@@ -1,0 +1,123 @@
+"""The prefix cache (xlora_core/prefix_cache.py) from the Python API, in float32: tokens and scalings with a
+hit equal those without, alone and in batches; a hit never crosses routing settings, model settings or
+models; the blocks held stay under the byte bound, the least recently used leaving first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xlora_core import PrefixCache, Routing, XLoraConfig, XLoraModel
+
+from .tiny_world import VOCAB, build_world, load_base
+
+SHARED = 40  # tokens every prompt begins with: two full blocks of 16 (and 8 more)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("prefix"))
+
+
+def new_model(world) -> XLoraModel:
+    base, experts = world
+    torch.manual_seed(3)
+    return XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16))
+
+
+@pytest.fixture(scope="module")
+def model(world) -> XLoraModel:
+    return new_model(world)
+
+
+def prompts(n: int, suffix: int = 7, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, VOCAB, (SHARED,), generator=g).tolist()
+    return [shared + torch.randint(3, VOCAB, (suffix + i,), generator=g).tolist() for i in range(n)]
+
+
+def run(model: XLoraModel, batch: list[list[int]], **kwargs) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Each prompt's new tokens and its scalings, the prompts generated together (left-padded)."""
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    out = model.generate(ids, mask, max_new_tokens=12, **kwargs)[:, width:].tolist()
+    scalings = [model.latest_scalings[i, width - len(p) :] for i, p in enumerate(batch)]
+    return out, scalings
+
+
+def test_tokens_and_scalings_with_a_hit_equal_those_without_alone_and_in_batches(model):
+    batch = prompts(4)
+    without = [run(model, [p]) for p in batch]
+    cache = PrefixCache(1 << 26)
+    got = {}  # (prompt, how) -> (tokens, scalings)
+    tokens, scalings = run(model, batch[:1], prefix_cache=cache)  # fills the cache
+    got[0, "first"] = tokens[0], scalings[0]
+    assert cache.hits == 0 and len(cache) == SHARED // 16  # its full blocks (47 tokens: 2)
+    tokens, scalings = run(model, batch[1:], prefix_cache=cache)  # three hits, in one batch
+    got |= {(i, "batch"): (tokens[i - 1], scalings[i - 1]) for i in (1, 2, 3)}
+    assert cache.hits == 3 and cache.tokens_reused == 3 * 32
+    tokens, scalings = run(model, batch[:1], prefix_cache=cache)  # alone, a hit on its own prompt
+    got[0, "alone"] = tokens[0], scalings[0]
+    assert cache.hits == 4
+    streamed = [t.token_id for t in model.stream(torch.tensor([batch[2]]), max_new_tokens=12, prefix_cache=cache)]
+    assert cache.hits == 5 and streamed == without[2][0][0]
+
+    for (i, how), (tokens, scalings) in got.items():
+        (ref_tokens,), (ref_scalings,) = without[i]
+        assert tokens == ref_tokens, (i, how)
+        assert (scalings - ref_scalings).abs().max() <= 1e-4, (i, how)
+
+
+def test_a_hit_never_crosses_routing_model_settings_or_models(model, world):
+    batch = prompts(2, seed=1)
+    cache = PrefixCache(1 << 26)
+    run(model, batch[:1], prefix_cache=cache)
+    for routing in (Routing(top_k=1), Routing(global_scaling_weight=0.5), Routing(freeze_after=2)):
+        expected, _ = run(model, batch[1:], routing=routing)
+        got, _ = run(model, batch[1:], routing=routing, prefix_cache=cache)
+        assert cache.hits == 0 and got == expected, routing
+    other = new_model(world)  # the same weights, another model object (a reload)
+    run(other, batch[1:], prefix_cache=cache)
+    assert cache.hits == 0
+    before = model.config.scaling_pass_value
+    model.set_scaling_pass_value(0.5)
+    try:
+        expected, _ = run(model, batch[1:])
+        got, _ = run(model, batch[1:], prefix_cache=cache)
+    finally:
+        model.set_scaling_pass_value(before)
+    assert cache.hits == 0 and got == expected
+    run(model, batch[1:], prefix_cache=cache)  # as first stored: now it hits
+    assert cache.hits == 1
+    cache.clear()
+    assert cache.nbytes == 0 and len(cache) == 0
+    run(model, batch[1:], prefix_cache=cache)
+    assert cache.hits == 1 and len(cache) == 3
+
+
+def test_the_cache_stays_under_its_byte_bound_evicting_the_least_recently_used(model):
+    a, b, c = prompts(3, suffix=1, seed=2)[0], prompts(1, seed=3)[0], prompts(1, seed=4)[0]
+    probe = PrefixCache(1 << 26)
+    run(model, [a], prefix_cache=probe)
+    per_block = probe.nbytes // len(probe)
+    assert probe.nbytes == 2 * per_block > 0
+    cache = PrefixCache(4 * per_block)  # room for two prompts' blocks, not three
+    run(model, [a], prefix_cache=cache)
+    run(model, [b], prefix_cache=cache)
+    run(model, [a], prefix_cache=cache)  # a is used again: b is now the least recently used
+    assert cache.hits == 1
+    run(model, [c], prefix_cache=cache)
+    assert cache.nbytes <= 4 * per_block and len(cache) == 4
+    hits = cache.hits
+    run(model, [b], prefix_cache=cache)  # evicted: a miss (and stored again, evicting a's)
+    assert cache.hits == hits
+    run(model, [c], prefix_cache=cache)
+    assert cache.hits == hits + 1 and cache.nbytes <= 4 * per_block
+
+    nothing = PrefixCache(0)
+    run(model, [a], prefix_cache=nothing)
+    run(model, [a], prefix_cache=nothing)
+    assert nothing.nbytes == 0 and nothing.hits == 0
+    with pytest.raises(ValueError, match="multiple of 16"):
+        PrefixCache(1 << 20, block_tokens=10)
