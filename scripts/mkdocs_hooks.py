@@ -81,6 +81,9 @@ def settings_reference() -> str:
         if field.exclude:
             continue
         model = field.annotation
+        if typing.get_origin(model) is list:  # a list of entries (models:): the table of one entry
+            (model,) = typing.get_args(model)
+            section = f"{section}[]"
         parts += [f"### `{section}`", ""]
         if model.__doc__ and model.__doc__ != BaseModel.__doc__:
             parts += [" ".join(model.__doc__.split()), ""]
