@@ -22,6 +22,7 @@ from .cache import RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
 from .config import XLoraConfig, check_freeze_after, check_global_scaling_weight, check_top_k
 from .lora import ExpertWeightsSlot, FusedLoraLinear, attach_experts, read_expert
+from .quantize import QuantizedLinear
 from .scalings_log import ClassifierScalingsLog
 
 
@@ -54,6 +55,9 @@ class XLoraModel(nn.Module):
         # Every matmul computes each row alike for any number of rows (batch_invariant.py).
         use_row_invariant_linears(self.base, self.slot)
         use_row_invariant_linears(self.classifier, self.slot)
+        for layer in self.base.modules():  # a quantized base (quantize.py): its layers read the slot too
+            if isinstance(layer, QuantizedLinear):
+                layer.slot = self.slot
         self.scalings_log = ClassifierScalingsLog(scalings_log_size)
         # Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts].
         self.latest_scalings: torch.Tensor | None = None
