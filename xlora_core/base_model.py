@@ -182,6 +182,14 @@ def resolve_model_folder(
     return out
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The local .gguf file behind a spec ('default' or a path), else None (a folder, a Hub id)."""
+    if spec == "default":
+        return default_gguf_path()
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def base_model_name(spec: str) -> str:
     """A short, machine-independent name for a spec, for saved configs (no absolute cache paths)."""
     if spec == "default":
@@ -220,7 +228,8 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    quantize_base(model, quantize, device)  # layer by layer: the full-precision weights never all on `device`
+    # layer by layer, so the full-precision weights are never all on `device`; a GGUF's Q4 groups kept as they are
+    quantize_base(model, quantize, device, gguf_file(spec) if quantize == "int4" else None)
     model.to(device)
     model.eval()
     return model, tokenizer

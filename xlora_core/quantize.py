@@ -23,6 +23,7 @@ have exactly ROWS_PER_CALL rows, as for bf16 weights.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -201,24 +202,80 @@ class QuantizedLinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# int4 groups straight from a GGUF file
+
+
+def gguf_int4_groups(gguf_path: str | Path, model: nn.Module) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Module name -> (q, scales, zeros) in float32, int4_groups' layout, for the linear layers of `model` that a
+    llama GGUF file stores as Q4_0 or Q4_1: its blocks of 32 are our groups (Q4_1: w = d * q + m, so scale d and
+    zero m + 8 d; Q4_0: w = d * (q - 8)), read without going through float weights. Other layers (Q8_0's
+    blocks have no per-channel form) and other architectures are left out (quantize_base requantizes them).
+    The q and k rows are put in transformers' order, as its GGUF loader does (LlamaTensorProcessor)."""
+    from gguf import GGMLQuantizationType, GGUFReader, get_tensor_name_map
+    from gguf.constants import MODEL_ARCH_NAMES
+
+    reader = GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents()
+    config = model.config
+    if arch != "llama" or getattr(config, "model_type", None) != "llama":
+        return {}
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    names = get_tensor_name_map(arch_id, config.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+    found = {}
+    for name, layer in model.named_modules():
+        gguf_name = names.get_name(name)
+        tensor = tensors.get(f"{gguf_name}.weight") if gguf_name else None
+        if not isinstance(layer, nn.Linear) or tensor is None or tensor.tensor_type not in q4:
+            continue
+        rows, in_features = layer.out_features, layer.in_features
+        q4_1 = tensor.tensor_type == GGMLQuantizationType.Q4_1
+        head = 4 if q4_1 else 2  # bytes before a block's 16 bytes of nibbles: d (and m), float16
+        blocks = torch.from_numpy(tensor.data.reshape(rows, in_features // 32, head + 16).copy())
+        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+        nibbles = blocks[..., head:].int()
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(rows, in_features)  # low nibbles first
+        zeros = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() + 8 * d if q4_1 else 0 * d
+        kind = gguf_name.rsplit(".", 1)[-1]
+        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(kind)
+        if heads:  # llama.cpp interleaves each head's rotary halves; transformers' loader undoes it
+            order = torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
+            q, d, zeros = q[order], d[order], zeros[order]
+        found[name] = (q, d, zeros)
+    return found
+
+
+# -----------------------------------------------------------------------------
 # a whole model
 
 
-def quantize_base(model: nn.Module, quantize: str, device: torch.device | str | None = None) -> nn.Module:
+def quantize_base(
+    model: nn.Module, quantize: str, device: torch.device | str | None = None, gguf: str | Path | None = None
+) -> nn.Module:
     """Replace the nn.Linear layers of a loaded causal LM in place: int8 -> every one int8; int4 -> int4 where
-    the shape fits the kernels (int4_fits), int8 for the LM head and the rest. Each layer is moved
-    to `device` (default: where it is) and quantized there. A tied LM head gets its own quantized copy (the
-    embedding table stays as it is). Returns the model."""
+    the shape fits the kernels (int4_fits), int8 for the LM head and the rest. Each layer is moved to `device`
+    (default: where it is) and quantized there. With int4, the layers that `gguf` (the file the model was
+    loaded from) stores as Q4_0 / Q4_1 take its own groups (gguf_int4_groups) instead of being requantized;
+    `model.quantized_from_gguf` names them. A tied LM head gets its own quantized copy (the embedding table
+    stays as it is). Returns the model."""
     if quantize == "none":
         return model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    from_gguf = gguf_int4_groups(gguf, model) if gguf is not None and quantize == "int4" else {}
     for name, child in list(model.named_modules()):
         if type(child) is not nn.Linear:
             continue
         bits = 4 if quantize == "int4" and child is not head and int4_fits(child.in_features, child.out_features) else 8
+        if bits == 4 and name in from_gguf:
+            dtype, bias = child.weight.dtype, None if child.bias is None else child.bias.detach().to(device)
+            q, scales, zeros = (t.to(device) for t in from_gguf[name])
+            quantized = QuantizedLinear.int4(q, scales.to(dtype), zeros.to(dtype), bias)
+        else:
+            quantized = QuantizedLinear.from_linear(child, bits, device)
         parent_name, _, attr = name.rpartition(".")
-        quantized = QuantizedLinear.from_linear(child, bits, device)
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, quantized)
+    model.quantized_from_gguf = sorted(from_gguf)
     return model
 
 
