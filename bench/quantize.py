@@ -7,7 +7,11 @@ machine slows them alike (compare the ratios); the weight bytes held; and each m
 loading, measured in a fresh process of its own.
 
     python -m bench.quantize --threads 1                 # eager
-    python -m bench.quantize --threads 1 --compile       # also XLoraModel.compile() (minutes of compiling)
+    python -m bench.quantize --threads 1 --compile       # the compiled decode step (minutes of compiling)
+    python -m bench.quantize --eval 20 --no-speed        # exact-match accuracy, X-LoRA dense, 20 held-out per task
+
+The accuracy is make eval's (xlora_core/recipe/evaluation.py) X-LoRA dense row on a subset: each task's
+first --eval held-out examples (the eval split's seed 2024).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 from xlora_core import Routing, XLoraModel
 from xlora_core.base_model import load_base_model
 from xlora_core.quantize import weight_bytes
+from xlora_core.recipe.tasks import TASKS, make_examples
+from xlora_core.training import accuracy
 
 MODES = ("none", "int8", "int4")
 
@@ -58,12 +64,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="time the compiled decode step instead of eager")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh processes that measure RSS")
+    parser.add_argument("--eval", type=int, default=0, help="also the accuracy on this many held-out examples a task")
+    parser.add_argument("--no-speed", action="store_true", help="skip the timed generations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     modes = args.modes.split(",")
 
     memory = {} if args.no_rss else {mode: rss_after_load(args, mode) for mode in modes}
     models = {mode: load(args, mode) for mode in modes}
+    if args.eval:
+        report_accuracy(args, models)
+    if not args.no_speed:
+        report_speed(args, models, memory)
+
+
+def report_accuracy(args: argparse.Namespace, models: dict[str, XLoraModel]) -> None:
+    _, tokenizer = load_base_model(args.base, device="cpu", dtype=args.dtype)
+    examples = {task: make_examples(task, args.eval, 2024, split="eval") for task in TASKS}
+    print(f"\nexact match, X-LoRA dense, {args.eval} held-out examples a task, dtype {args.dtype}")
+    print("| quantize | " + " | ".join(TASKS) + " |")
+    print("|---|" + "---:|" * len(TASKS))
+    for mode, model in models.items():
+        scores = [accuracy(model, tokenizer, examples[task]) for task in TASKS]
+        print(f"| {mode} | " + " | ".join(f"{100 * s:.0f}%" for s in scores) + " |", flush=True)
+
+
+def report_speed(args: argparse.Namespace, models: dict[str, XLoraModel], memory: dict[str, dict[str, float]]) -> None:
+    modes = list(models)
     n = args.new_tokens
     vocab = models[modes[0]].base.config.vocab_size
     prompt = torch.randint(100, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
