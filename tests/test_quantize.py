@@ -28,6 +28,7 @@ from server.settings import ConfigError, load_settings
 from xlora_core import Routing, XLoraConfig, XLoraModel
 from xlora_core.base_model import default_gguf_path, load_base_model
 from xlora_core.quantize import (
+    QuantizedEmbedding,
     QuantizedLinear,
     QuantizeError,
     check_quantize,
@@ -207,3 +208,5 @@ def test_the_embedded_defaults_q4_1_groups_are_kept_as_they_are():
         layer = model.get_submodule(name)
         assert layer.bits == 4 and (layer.dequantized() - floats[name]).abs().max() <= 1e-6, name
     assert model.lm_head.bits == 8
+    embedding = model.get_input_embeddings()  # tied: the table is the int8 LM head's, held once
+    assert isinstance(embedding, QuantizedEmbedding) and embedding.packed is model.lm_head.packed

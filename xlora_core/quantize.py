@@ -10,6 +10,7 @@ a `FusedLoraLinear` wraps a QuantizedLinear as it wraps an nn.Linear.
   zero = min + 8 * scale), `torch._weight_int4pack_mm_for_cpu` (CPU) or `torch._weight_int4pack_mm`
   (CUDA, bfloat16). The LM head stays at int8, as llama.cpp keeps its output tensor at 8 bits (the
   embedded default's GGUF ships it as Q8_0): 4 bits there cost the most quality for the least memory.
+- an LM head tied to the embedding table (the embedded default's) is held once, at int8, for both.
 
 These are the kernels torchao wraps; torchao 0.18 itself (the release pip resolves with torch 2.13) ran
 int8 weight-only about 8x slower than `_weight_int8pack_mm` on a 1-row CPU call and no longer has a CPU
@@ -201,6 +202,23 @@ class QuantizedLinear(nn.Module):
         return f"int{self.bits}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+class QuantizedEmbedding(nn.Module):
+    """The embedding table of a model whose LM head is tied to it, read from the int8 LM head: row i is
+    q[i] * scale[i], so the table is held once, at a byte a weight."""
+
+    def __init__(self, head: QuantizedLinear) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("packed", head.packed)  # the same tensors as the head's
+        self.register_buffer("scales", head.scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.packed[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"int8 (the LM head's), {self.num_embeddings}, {self.embedding_dim}"
+
+
 # -----------------------------------------------------------------------------
 # int4 groups straight from a GGUF file
 
@@ -257,11 +275,13 @@ def quantize_base(
     the shape fits the kernels (int4_fits), int8 for the LM head and the rest. Each layer is moved to `device`
     (default: where it is) and quantized there. With int4, the layers that `gguf` (the file the model was
     loaded from) stores as Q4_0 / Q4_1 take its own groups (gguf_int4_groups) instead of being requantized;
-    `model.quantized_from_gguf` names them. A tied LM head gets its own quantized copy (the embedding table
-    stays as it is). Returns the model."""
+    `model.quantized_from_gguf` names them. A tied LM head's int8 table is the embedding table too
+    (QuantizedEmbedding). Returns the model."""
     if quantize == "none":
         return model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
     from_gguf = gguf_int4_groups(gguf, model) if gguf is not None and quantize == "int4" else {}
     for name, child in list(model.named_modules()):
         if type(child) is not nn.Linear:
@@ -275,6 +295,8 @@ def quantize_base(
             quantized = QuantizedLinear.from_linear(child, bits, device)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, quantized)
+        if child is head and tied:  # one int8 table for both ends
+            model.set_input_embeddings(QuantizedEmbedding(quantized))
     model.quantized_from_gguf = sorted(from_gguf)
     return model
 
