@@ -70,8 +70,11 @@ def int8_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Te
     return q, scales
 
 
-def int4_fits(in_features: int, out_features: int) -> bool:
-    """Whether the int4 kernels take this shape: whole groups of inputs, outputs in 16s (CPU packing)."""
+def int4_fits(in_features: int, out_features: int, device: torch.device | str = "cpu") -> bool:
+    """Whether the int4 kernels take this shape: whole groups of inputs and outputs in 16s (CPU packing);
+    on CUDA (tinygemm, 8 inner k-tiles) inputs in 128s and outputs in 8s."""
+    if torch.device(device).type == "cuda":
+        return in_features % 128 == 0 and out_features % 8 == 0
     return in_features % INT4_GROUP_SIZE == 0 and out_features % 16 == 0
 
 
@@ -286,7 +289,9 @@ def quantize_base(
     for name, child in list(model.named_modules()):
         if type(child) is not nn.Linear:
             continue
-        bits = 4 if quantize == "int4" and child is not head and int4_fits(child.in_features, child.out_features) else 8
+        where = child.weight.device if device is None else device
+        fits = int4_fits(child.in_features, child.out_features, where)
+        bits = 4 if quantize == "int4" and child is not head and fits else 8
         if bits == 4 and name in from_gguf:
             dtype, bias = child.weight.dtype, None if child.bias is None else child.bias.detach().to(device)
             q, scales, zeros = (t.to(device) for t in from_gguf[name])
