@@ -25,7 +25,7 @@ have exactly ROWS_PER_CALL rows, as for bf16 weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +33,6 @@ from torch.nn import functional as F
 
 from .batch_invariant import ROWS_PER_CALL
 
-Quantize = Literal["none", "int8", "int4"]
 QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF's Q4_0 / Q4_1 block
 
