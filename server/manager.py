@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from server.compiled import StepCompiler
 from server.errors import APIError
 from server.jobs import GenerationJob, JobGroup
 from server.metrics import Metrics
@@ -84,6 +85,7 @@ class ModelManager:
         self.grammars_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self._thread: threading.Thread | None = None
+        self.step_compiler: StepCompiler | None = None  # the compiled decode step (server/compiled.py)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -111,38 +113,11 @@ class ModelManager:
             log.info("model ready: %s with experts %s", self.model_name, ", ".join(self.model.adapter_names))
 
     def _load_model(self) -> None:
-        from server.model_sources import resolve_sources
-        from xlora_core import XLoraConfig, XLoraModel
-        from xlora_core.base_model import load_base_model
-
         s = self.settings
         started = time.monotonic()
-        if s.model.torch_threads is not None:
-            torch.set_num_threads(s.model.torch_threads)
-        sources = resolve_sources(s)  # Hub ids -> folders in huggingface_hub's cache, fetched now (before /ready)
-        base, tokenizer = load_base_model(sources.base, s.model.device, s.model.dtype, s.model.cache_dir)
-        checkpoint, adapters = sources.checkpoint, sources.adapters
-        overrides = s.xlora.config_overrides()
-        if checkpoint is not None:
-            ordering = s.ordering_path()
-            if ordering is not None and not Path(ordering).is_file():
-                raise FileNotFoundError(f"{s.source}: xlora.ordering: {ordering}: no such file")
-            model = XLoraModel.from_pretrained(
-                base, checkpoint, adapters=adapters, ordering=ordering, allow_pickle=s.xlora.allow_pickle, **overrides
-            )
-        elif adapters:
-            log.warning("no xlora.checkpoint: the classifier is untrained (random routing)")
-            config = XLoraConfig(hidden_size=base.config.hidden_size, adapters=adapters, **overrides)
-            model = XLoraModel(base, config)
-        else:
-            raise ValueError(f"{s.source}: xlora: give a checkpoint, adapters, or both")
-        model.eval()
-        if s.model.compile is True:  # "auto" stays eager: README "Compiled decoding" says where it pays
-            model.compile()
-            warm_up_started = time.monotonic()
-            model.generate(torch.tensor([[tokenizer.bos_token_id or 0]]), max_new_tokens=3)  # compiles batch 1
-            log.info("decode step compiled in %.1f s (other batch sizes compile when first seen)",
-                     time.monotonic() - warm_up_started)  # fmt: skip
+        model, base, tokenizer = build_model(s)
+        self.step_compiler = StepCompiler(s, model)
+        build_in_background = self.step_compiler.prepare()
 
         routing = self.routing_state.last_seen().routing  # the config's, or the state file's, or the deployment's
         try:
@@ -167,8 +142,16 @@ class ModelManager:
             scalings_log=self.scalings_log,
         )
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
+        self.scheduler.on_switched = self._switched_to_compiled
+        self.metrics.decode_compiled.set(int(model.compiled))
         self.scheduler.start()
+        if build_in_background:
+            self.step_compiler.start_background_build(self.scheduler.use_packaged_step)
         log.info("loaded in %.1f s", time.monotonic() - started)
+
+    def _switched_to_compiled(self) -> None:
+        self.step_compiler.switched()
+        self.metrics.decode_compiled.set(1)
 
     def _load_grammar_compiler(self, tokenizer, vocab_size: int | None) -> None:
         """Structured output's view of the tokenizer (once: about a second for a 49k vocabulary). A tokenizer
@@ -190,6 +173,8 @@ class ModelManager:
         return self.scheduler.in_flight if self.scheduler is not None else 0
 
     def shutdown(self) -> None:
+        if self.step_compiler is not None:
+            self.step_compiler.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
 
@@ -379,7 +364,37 @@ class ModelManager:
             "model": self.model_name,
             "adapters": self.adapter_names,
             "detail": self.error,
+            "decode_step": self.step_compiler.state if self.step_compiler is not None else None,
         }
+
+
+def build_model(s: Settings):
+    """The config's model: (XLoraModel, base model, tokenizer), in eval mode; raises what loading raises."""
+    from server.model_sources import resolve_sources
+    from xlora_core import XLoraConfig, XLoraModel
+    from xlora_core.base_model import load_base_model
+
+    if s.model.torch_threads is not None:
+        torch.set_num_threads(s.model.torch_threads)
+    sources = resolve_sources(s)  # Hub ids -> folders in huggingface_hub's cache, fetched now (before /ready)
+    base, tokenizer = load_base_model(sources.base, s.model.device, s.model.dtype, s.model.cache_dir)
+    checkpoint, adapters = sources.checkpoint, sources.adapters
+    overrides = s.xlora.config_overrides()
+    if checkpoint is not None:
+        ordering = s.ordering_path()
+        if ordering is not None and not Path(ordering).is_file():
+            raise FileNotFoundError(f"{s.source}: xlora.ordering: {ordering}: no such file")
+        model = XLoraModel.from_pretrained(
+            base, checkpoint, adapters=adapters, ordering=ordering, allow_pickle=s.xlora.allow_pickle, **overrides
+        )
+    elif adapters:
+        log.warning("no xlora.checkpoint: the classifier is untrained (random routing)")
+        config = XLoraConfig(hidden_size=base.config.hidden_size, adapters=adapters, **overrides)
+        model = XLoraModel(base, config)
+    else:
+        raise ValueError(f"{s.source}: xlora: give a checkpoint, adapters, or both")
+    model.eval()
+    return model, base, tokenizer
 
 
 def _default_name(settings: Settings) -> str:

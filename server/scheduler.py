@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -63,6 +64,8 @@ class Scheduler:
         self._running = 0  # rows in the batch; read by the event loop for draining
         self._thread = threading.Thread(target=self._work, name="xlora-worker", daemon=True)
         self.on_fatal: Callable[[BaseException], None] | None = None
+        self._next_step: Any = None  # a compiled decode step to switch to between two steps
+        self.on_switched: Callable[[], None] | None = None
 
     # ---- event-loop side -------------------------------------------------------------------
     def start(self) -> None:
@@ -80,6 +83,12 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
         note_request(generation_id=jobs[0].id)
+
+    def use_packaged_step(self, step: Any) -> None:
+        """Decode with `step` (a compiled_step.PackagedStep) from the next step on; rows running go on with it."""
+        with self._cond:
+            self._next_step = step
+            self._cond.notify()
 
     @property
     def in_flight(self) -> int:
@@ -102,6 +111,12 @@ class Scheduler:
                 admitted = self._wait_for_work(len(batch))
                 if admitted is None:
                     break
+                if self._next_step is not None:  # between two steps: no row is halfway through one
+                    self.model.use_packaged_step(self._next_step)
+                    self._next_step = None
+                    log.info("decode steps run compiled from now on (%d requests running switched over)", len(batch))
+                    if self.on_switched is not None:
+                        self.on_switched()
                 self._drop_gone(batch)
                 if admitted and (not batch or self.model.compiled or _prefill_apart(admitted)):
                     batch.concatenate(self._prefill(admitted))
@@ -129,7 +144,7 @@ class Scheduler:
     def _wait_for_work(self, running: int) -> list[GenerationJob] | None:
         """Take waiting jobs that fit in the batch; block while there is nothing to do. None = stop."""
         with self._cond:
-            while not running and not self._pending and not self._stopping:
+            while not running and not self._pending and not self._stopping and self._next_step is None:
                 self._cond.wait()
             if self._stopping:
                 return None

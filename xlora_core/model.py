@@ -59,6 +59,7 @@ class XLoraModel(nn.Module):
         self.latest_scalings: torch.Tensor | None = None
         self.freeze_after: int | None = None  # the default Routing.freeze_after (None = granular)
         self._compiled_step = None  # compile(): the one-token pass, compiled
+        self._packaged_step = None  # use_packaged_step(): the one-token pass compiled ahead of time
         self._inductor_config: dict[str, Any] = {}
         self.freeze_experts()
         self.eval()
@@ -128,8 +129,13 @@ class XLoraModel(nn.Module):
 
     @property
     def compiled(self) -> bool:
-        """Whether decode steps run the compiled one-token pass (compile())."""
-        return self._compiled_step is not None
+        """Whether decode steps run the compiled one-token pass (compile() or use_packaged_step())."""
+        return self._compiled_step is not None or self._packaged_step is not None
+
+    def use_packaged_step(self, step: Any) -> None:
+        """Run decode steps with a `compiled_step.PackagedStep` (the one-token pass compiled ahead of time;
+        None: eager again). Steps it does not run (larger batches) stay eager."""
+        self._packaged_step = step
 
     def compile(self, enabled: bool = True) -> None:
         """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
@@ -186,6 +192,14 @@ class XLoraModel(nn.Module):
             columns = None
             if weights is not None:
                 columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
+            packaged = self._packaged_step is not None and cache is not None and spans is not None
+            if packaged and attention_mask is not None and not torch.is_grad_enabled():
+                if columns is None:  # experts off: adding exact zeros gives the same numbers, in the same graph
+                    columns = input_ids.new_zeros(*input_ids.shape, self.layer_of_column.numel(), dtype=self.dtype)
+                hidden = self._packaged_step(input_ids, attention_mask, position_ids, cache, columns, spans)
+                if hidden is not None:
+                    return hidden
+                columns = None if weights is None else columns
             if self._compiled_step is not None and not torch.is_grad_enabled():
                 # Inductor's settings as a patch around the call (where compilation happens): torch 2.13
                 # ignores `freezing` given as torch.compile(options=...), and unfrozen weights get no
