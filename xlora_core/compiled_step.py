@@ -145,11 +145,16 @@ def export_step(model: XLoraModel) -> torch.export.ExportedProgram:
         return torch.export.export(OneTokenStep(model), example_inputs(model), dynamic_shapes=dynamic, strict=False)
 
 
+# The GEMM kernels inductor autotunes among ("CPP,ATEN": what XLoraModel.compile() does), or "none": frozen
+# weights with oneDNN's packed matmuls, no autotuning.
+AUTOTUNE = os.environ.get("XLORA_COMPILE_AUTOTUNE", "CPP,ATEN")
+
+
 def inductor_configs(model: XLoraModel) -> dict[str, Any]:
-    """What `XLoraModel.compile()` uses: frozen weights, and on CPU autotuned C++ GEMM kernels."""
+    """Frozen weights, and on CPU the GEMM kernels that AUTOTUNE says."""
     configs: dict[str, Any] = {"freezing": True}
-    if model.device.type == "cpu":
-        configs |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    if model.device.type == "cpu" and AUTOTUNE != "none":
+        configs |= {"max_autotune": True, "max_autotune_gemm_backends": AUTOTUNE}
     return configs
 
 
