@@ -41,7 +41,7 @@ _COMPILE_VALUES = {"auto": "auto", "true": True, "false": False}
 
 def compile_setting(settings: Settings) -> Literal["auto"] | bool:
     """`model.compile`, unless XLORA_COMPILE says otherwise."""
-    value = os.environ.get(COMPILE_ENV)
+    value = os.environ.get(COMPILE_ENV) or None  # set but empty: unset
     if value is None:
         return settings.model.compile
     if value.lower() not in _COMPILE_VALUES:
