@@ -6,6 +6,7 @@
 #                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #   Run:            docker run -p 8000:8000 -e XLORA_API_KEY -e XLORA_ADMIN_TOKEN xlora-server
+#   Compiled decoding from the first request: --build-arg PRECOMPILE_CONFIG=default.yaml
 #   Hub ids baked in (served offline): --build-arg PREFETCH_CONFIG=gpu-xlora-paper.yaml
 #                   (a gated repository also needs --secret id=hf_token,env=HF_TOKEN)
 #
@@ -76,6 +77,13 @@ RUN --mount=type=secret,id=hf_token,required=false \
         HF_HUB_OFFLINE=0 HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
             xlora-serve --config "/app/configs/${PREFETCH_CONFIG}" --download-only \
         && chown -R xlora:xlora /cache; \
+    fi
+# Optional: the compiled decode step of one of configs/ (e.g. default.yaml) built into /cache now (minutes), so
+# that the container decodes compiled from its start. It is keyed by the CPU and torch's threads: a container
+# on another CPU, or with another number of cores, builds its own in the background (docs/compiled-decoding.md).
+ARG PRECOMPILE_CONFIG=""
+RUN if [ -n "${PRECOMPILE_CONFIG}" ]; then \
+        xlora-serve --config "/app/configs/${PRECOMPILE_CONFIG}" --precompile && chown -R xlora:xlora /cache; \
     fi
 VOLUME ["/app/configs", "/cache"]
 USER 10001:10001

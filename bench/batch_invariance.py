@@ -23,6 +23,7 @@ from bench.kv_dtype import step_ms
 from bench.load import PROMPTS
 from xlora_core import BatchRow, DecodeBatch, Routing, RowDecoder, SamplingParams, XLoraModel, batch_invariant
 from xlora_core.base_model import load_base_model
+from xlora_core.compiled_step import load_package
 
 EXTRA_PROMPTS = ["Tell me about cats", "Tell me about the sea", "Tell me about Paris", "Tell me about rain"]
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--package", help="also the compiled decode step of this package (docs/compiled-decoding.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, tokenizer = load_base_model(args.base, device="cpu", dtype=args.dtype)
@@ -76,8 +78,12 @@ def main() -> None:
     runs = [(f"{model.dtype}, plain", model, False), (f"{model.dtype}, batch-invariant", model, True)]
     if model.dtype != torch.float32:
         runs.append(("torch.float32", fp32, True))
+    if args.package:
+        runs.append((f"{model.dtype}, batch-invariant, compiled (package)", model, True))
     with torch.inference_mode():
         for name, m, enabled in runs:
+            if "package" in name:
+                m.use_packaged_step(load_package(args.package))
             batch_invariant.ENABLED = enabled
             together, joining = differing_rows(m, prompts, args.new_tokens)
             one, eight = (step_ms(m, b, 32, args.steps) for b in (1, 8))

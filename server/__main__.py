@@ -3,6 +3,9 @@
 With --replicas N: N replicas on Ray Serve behind one endpoint (server/ray_app.py), on a local Ray cluster
 this command starts on 127.0.0.1 (or joins the one at --ray-address); it stops them on SIGTERM or SIGINT.
 
+With --precompile: build the config model's compiled decode step into the cache (~/.cache/xlora-server/compiled)
+and exit, serving nothing; a server started later loads it in seconds (docs/compiled-decoding.md).
+
 With --download-only: fetch the config's Hugging Face Hub ids into huggingface_hub's cache (HF_HOME) and exit,
 loading nothing (for machines that serve offline, HF_HUB_OFFLINE=1, and for image builds).
 
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --replicas: join this Ray cluster (e.g. auto) instead of starting one on 127.0.0.1")
     parser.add_argument("--download-only", action="store_true",
                         help="fetch the config's Hugging Face Hub ids into the cache (HF_HOME), then exit")
+    parser.add_argument("--precompile", action="store_true",
+                        help="build the compiled decode step into the cache (once per model and machine), then exit")
     args = parser.parse_args(argv)
     if args.replicas is not None and args.replicas < 1:
         parser.error("--replicas must be at least 1")
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.logging.level, settings.logging.format)
     if args.download_only:
         return _download_only(settings)
+    if args.precompile:
+        return _precompile(settings)
     if args.replicas is not None:
         return _serve_on_ray(settings, args.replicas, args.ray_address)
 
@@ -146,6 +153,19 @@ def _download_only(settings) -> int:
     for name, folder in (sources.adapters or {}).items():
         print(f"xlora.adapters.{name}: {folder}")
     return 0
+
+
+def _precompile(settings) -> int:
+    """Load the config's model and build its compiled decode step into the cache (server/compiled.py)."""
+    from server.compiled import precompile
+    from server.manager import build_model
+
+    try:
+        model, _, _ = build_model(settings)
+    except Exception as exc:
+        print(f"xlora-serve: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return precompile(settings, model)
 
 
 def _serve_on_ray(settings, replicas: int, ray_address: str | None) -> int:

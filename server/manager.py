@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from server.compiled import StepCompiler
 from server.errors import APIError
 from server.jobs import GenerationJob, JobGroup
 from server.metrics import Metrics
@@ -94,6 +95,7 @@ class ModelManager:
         self._thread: threading.Thread | None = None
         self.runtime_models: list[dict] = []  # loaded through POST /models: {name, kind, folder}
         self.replicated = routing_state is not None  # a Ray Serve replica: the state is the deployment's
+        self.step_compiler: StepCompiler | None = None  # the compiled decode step (server/compiled.py)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -121,51 +123,12 @@ class ModelManager:
             log.info("model ready: %s with experts %s", self.model_name, ", ".join(self.model.adapter_names))
 
     def _load_model(self) -> None:
-        from server.model_sources import resolve_sources
-        from xlora_core import XLoraConfig, XLoraModel
-        from xlora_core.base_model import load_base_model
-        from xlora_core.quantize import QuantizeError, weight_bytes
-
         s = self.settings
         started = time.monotonic()
-        if s.model.torch_threads is not None:
-            torch.set_num_threads(s.model.torch_threads)
-        sources = resolve_sources(s)  # Hub ids -> folders in huggingface_hub's cache, fetched now (before /ready)
-        try:
-            base, tokenizer = load_base_model(
-                sources.base, s.model.device, s.model.dtype, s.model.cache_dir, quantize=s.model.quantize
-            )
-        except QuantizeError as exc:  # what device or dtype auto resolved to has no kernel for it
-            raise ValueError(f"{s.source}: model.quantize: {exc} (model.device {s.model.device!r}, "
-                             f"model.dtype {s.model.dtype!r})") from None  # fmt: skip
-        if s.model.quantize != "none":
-            log.info("base weights quantized: %s, %.1f MB held", s.model.quantize, weight_bytes(base) / 1e6)
-        checkpoint, adapters = sources.checkpoint, sources.adapters
-        overrides = s.xlora.config_overrides()
-        if checkpoint is not None:
-            ordering = s.ordering_path()
-            if ordering is not None and not Path(ordering).is_file():
-                raise FileNotFoundError(f"{s.source}: xlora.ordering: {ordering}: no such file")
-            model = XLoraModel.from_pretrained(
-                base, checkpoint, adapters=adapters, ordering=ordering, allow_pickle=s.xlora.allow_pickle, **overrides
-            )
-        elif adapters:
-            log.warning("no xlora.checkpoint: the classifier is untrained (random routing)")
-            config = XLoraConfig(hidden_size=base.config.hidden_size, adapters=adapters, **overrides)
-            model = XLoraModel(base, config)
-        else:
-            raise ValueError(f"{s.source}: xlora: give a checkpoint, adapters, or both")
-        model.eval()
-        if s.model.compile is True:  # "auto" stays eager: README "Compiled decoding" says where it pays
-            model.compile()
-            warm_up_started = time.monotonic()
-            model.generate(torch.tensor([[tokenizer.bos_token_id or 0]]), max_new_tokens=3)  # compiles batch 1
-            log.info("decode step compiled in %.1f s (other batch sizes compile when first seen)",
-                     time.monotonic() - warm_up_started)  # fmt: skip
-
-        model.name = self.model_name
-        self._add_models(model)
-        self._add_saved_models(model)
+        model, base, tokenizer = build_model(s)
+        self.step_compiler = StepCompiler(s, model)
+        build_in_background = self.step_compiler.prepare()
+        self._add_saved_models(model)  # after the package: one of the config's model only (--precompile's)
         routing = self.routing_state.last_seen().routing  # the config's, or the state file's, or the deployment's
         try:
             routing.validate(len(model.adapter_names))
@@ -193,26 +156,12 @@ class ModelManager:
         )
         self.metrics.prefix_cache_bytes.set_function(lambda cache=self.scheduler.prefix_cache: cache.nbytes)
         self.scheduler.on_fatal = lambda exc: self.on_fatal and self.on_fatal(f"model worker died: {exc}")
+        self.scheduler.on_switched = self._switched_to_compiled
+        self.metrics.decode_compiled.set(int(model.compiled))
         self.scheduler.start()
+        if build_in_background:
+            self.step_compiler.start_background_build(self.scheduler.use_packaged_step)
         log.info("loaded in %.1f s", time.monotonic() - started)
-
-    def _add_models(self, model) -> None:
-        """The config's `models:` list: more models over the base, each refused by its entry if it cannot load."""
-        from xlora_core.base_model import base_model_name
-
-        s = self.settings
-        for i, entry in enumerate(s.models):
-            name = entry.name or base_model_name(s.model.base)
-            try:
-                if entry.kind == "xlora":
-                    model.add_xlora(name, s.model_ref(entry.checkpoint))
-                elif entry.kind == "adapter":
-                    model.add_adapter(name, s.model_ref(entry.adapter))
-                else:
-                    model.add_base(name)
-            except (ValueError, OSError) as exc:  # ExpertError, CheckpointError, a taken name, a missing file
-                raise ValueError(f"{s.source}: models[{i}] ({name}): {exc}") from None
-            log.info("serving model %s (%s)", name, entry.kind)
 
     def _add_saved_models(self, model) -> None:
         """The models loaded at run time before a restart (server.state_file's `models`)."""
@@ -333,6 +282,10 @@ class ModelManager:
             raise APIError(500, f"server.state_file {path}: cannot write it: {exc.strerror or exc}",
                            code="state_file_error") from None  # fmt: skip
 
+    def _switched_to_compiled(self) -> None:
+        self.step_compiler.switched()
+        self.metrics.decode_compiled.set(1)
+
     def _load_grammar_compiler(self, tokenizer, vocab_size: int | None) -> None:
         """Structured output's view of the tokenizer (once: about a second for a 49k vocabulary). A tokenizer
         it cannot read leaves the server serving, with constrained requests refused (and the reason said)."""
@@ -353,6 +306,8 @@ class ModelManager:
         return self.scheduler.in_flight if self.scheduler is not None else 0
 
     def shutdown(self) -> None:
+        if self.step_compiler is not None:
+            self.step_compiler.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
 
@@ -596,7 +551,66 @@ class ModelManager:
             "model": self.model_name,
             "adapters": self.adapter_names,
             "detail": self.error,
+            "decode_step": self.step_compiler.state if self.step_compiler is not None else None,
         }
+
+
+def build_model(s: Settings):
+    """The config's model: (XLoraModel, base model, tokenizer), in eval mode; raises what loading raises."""
+    from server.model_sources import resolve_sources
+    from xlora_core import XLoraConfig, XLoraModel
+    from xlora_core.base_model import load_base_model
+    from xlora_core.quantize import QuantizeError, weight_bytes
+
+    if s.model.torch_threads is not None:
+        torch.set_num_threads(s.model.torch_threads)
+    sources = resolve_sources(s)  # Hub ids -> folders in huggingface_hub's cache, fetched now (before /ready)
+    try:
+        base, tokenizer = load_base_model(
+            sources.base, s.model.device, s.model.dtype, s.model.cache_dir, quantize=s.model.quantize
+        )
+    except QuantizeError as exc:  # what device or dtype auto resolved to has no kernel for it
+        raise ValueError(f"{s.source}: model.quantize: {exc} (model.device {s.model.device!r}, "
+                         f"model.dtype {s.model.dtype!r})") from None  # fmt: skip
+    if s.model.quantize != "none":
+        log.info("base weights quantized: %s, %.1f MB held", s.model.quantize, weight_bytes(base) / 1e6)
+    checkpoint, adapters = sources.checkpoint, sources.adapters
+    overrides = s.xlora.config_overrides()
+    if checkpoint is not None:
+        ordering = s.ordering_path()
+        if ordering is not None and not Path(ordering).is_file():
+            raise FileNotFoundError(f"{s.source}: xlora.ordering: {ordering}: no such file")
+        model = XLoraModel.from_pretrained(
+            base, checkpoint, adapters=adapters, ordering=ordering, allow_pickle=s.xlora.allow_pickle, **overrides
+        )
+    elif adapters:
+        log.warning("no xlora.checkpoint: the classifier is untrained (random routing)")
+        config = XLoraConfig(hidden_size=base.config.hidden_size, adapters=adapters, **overrides)
+        model = XLoraModel(base, config)
+    else:
+        raise ValueError(f"{s.source}: xlora: give a checkpoint, adapters, or both")
+    model.eval()
+    model.name = s.model.name or _default_name(s)
+    add_config_models(model, s)
+    return model, base, tokenizer
+
+
+def add_config_models(model, s: Settings) -> None:
+    """The config's `models:` list: more models over the base, each refused by its entry if it cannot load."""
+    from xlora_core.base_model import base_model_name
+
+    for i, entry in enumerate(s.models):
+        name = entry.name or base_model_name(s.model.base)
+        try:
+            if entry.kind == "xlora":
+                model.add_xlora(name, s.model_ref(entry.checkpoint))
+            elif entry.kind == "adapter":
+                model.add_adapter(name, s.model_ref(entry.adapter))
+            else:
+                model.add_base(name)
+        except (ValueError, OSError) as exc:  # ExpertError, CheckpointError, a taken name, a missing file
+            raise ValueError(f"{s.source}: models[{i}] ({name}): {exc}") from None
+        log.info("serving model %s (%s)", name, entry.kind)
 
 
 def _default_name(settings: Settings) -> str:

@@ -91,6 +91,7 @@ class Metrics:
             "xlora_prefix_cache_bytes", "Memory held by the prefix cache (keys, values and scalings)", registry=r
         )
         self.model_loaded = Gauge("xlora_model_loaded", "1 once the model is loaded and serving", registry=r)
+        self.decode_compiled = Gauge("xlora_decode_compiled", "1 while decode steps run the compiled step", registry=r)
 
     def set_routing(self, routing: Routing) -> None:
         self.routing_top_k.set(0 if routing.top_k is None else routing.top_k)

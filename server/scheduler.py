@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -69,6 +70,8 @@ class Scheduler:
         self._running = 0  # rows in the batch; read by the event loop for draining
         self._thread = threading.Thread(target=self._work, name="xlora-worker", daemon=True)
         self.on_fatal: Callable[[BaseException], None] | None = None
+        self._next_step: Any = None  # a compiled decode step to switch to between two steps
+        self.on_switched: Callable[[], None] | None = None
 
     # ---- event-loop side -------------------------------------------------------------------
     def start(self) -> None:
@@ -109,6 +112,12 @@ class Scheduler:
         waiting = sum(1 for job in self._pending if not job.cancelled and job.routing.model == name)
         return waiting + sum(1 for batch in batches for row in batch.rows if row.routing.model == name)
 
+    def use_packaged_step(self, step: Any) -> None:
+        """Decode with `step` (a compiled_step.PackagedStep) from the next step on; rows running go on with it."""
+        with self._cond:
+            self._next_step = step
+            self._cond.notify()
+
     @property
     def in_flight(self) -> int:
         """Jobs waiting or running (for graceful shutdown)."""
@@ -133,6 +142,13 @@ class Scheduler:
                 admitted = self._wait_for_work([batch, filling])
                 if admitted is None:
                     break
+                if self._next_step is not None:  # between two steps: no row is halfway through one
+                    self.model.use_packaged_step(self._next_step)
+                    self._next_step = None
+                    self.separate_prefill = self.separate_prefill or self.model.compiled  # keep running rows compiled
+                    log.info("decode steps run compiled from now on (%d requests running switched over)", len(batch))
+                    if self.on_switched is not None:
+                        self.on_switched()
                 self._drop_gone(batch)
                 self._drop_gone(filling)
                 if admitted and _prefill_apart(admitted):
@@ -178,7 +194,7 @@ class Scheduler:
         nothing to do. None = stop."""
         running = sum(len(b) for b in batches)
         with self._cond:
-            while not running and not self._pending and not self._tasks and not self._stopping:
+            while not (running or self._pending or self._tasks or self._stopping or self._next_step is not None):
                 self._cond.wait()
             if self._stopping:
                 return None

@@ -515,3 +515,6 @@ class Readiness(BaseModel):
     model: str | None = None
     adapters: list[str] = []
     detail: str | None = None
+    decode_step: Literal["eager", "compiling", "compiled"] | None = Field(
+        None, description="how decode steps run: eager, eager while compiling in the background, or compiled"
+    )

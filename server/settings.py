@@ -46,7 +46,9 @@ class ModelSection(_Section):
     cache_dir: str | None = Field(None, description="where converted GGUF models are cached")
     name: str | None = Field(None, description="model id shown by /v1/models (default: derived from base)")
     compile: Literal["auto", True, False] = Field(
-        "auto", description="compile the decode step (XLoraModel.compile); auto = off until it pays (README)"
+        "auto",
+        description="the compiled decode step (docs/compiled-decoding.md): auto = from the cache, else eager while it "
+        "builds in the background; true = build before serving; false = eager",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's); 1 is fastest for tiny models on busy CPUs"

@@ -97,7 +97,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or config_path.with_suffix(".log")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("XLORA_")}
-        full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        # XLORA_COMPILE=false: no server here builds a compiled decode step (minutes of CPU) unless a test asks.
+        full_env.update({"PYTHONUNBUFFERED": "1", "XLORA_COMPILE": "false", **(env or {})})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--config", str(config_path), "--port", str(self.port)],

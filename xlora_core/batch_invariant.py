@@ -87,6 +87,11 @@ def linear(
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
+    if inductor and n <= ROWS_PER_CALL:
+        # One call of exactly ROWS_PER_CALL rows, with no branch on the number of rows: a step exported
+        # for any batch up to ROWS_PER_CALL (compiled_step.py) keeps that as one graph.
+        padded = rows.new_zeros(ROWS_PER_CALL, rows.shape[1]).index_copy(0, torch.arange(n, device=x.device), rows)
+        return F.linear(padded, weight, bias)[:n].view(*x.shape[:-1], weight.shape[0])
     if n % ROWS_PER_CALL:
         rows = torch.cat([rows, rows.new_zeros(ROWS_PER_CALL - n % ROWS_PER_CALL, rows.shape[1])])
     if inductor:

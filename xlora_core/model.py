@@ -10,6 +10,7 @@ For generation each pass keeps its own KV cache (`XLoraCache`), so a new token c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from .lora import (
 )
 from .quantize import QuantizedLinear
 from .scalings_log import ClassifierScalingsLog
+
+log = logging.getLogger("xlora.model")
 
 
 class XLoraModel(nn.Module):
@@ -78,6 +81,8 @@ class XLoraModel(nn.Module):
         self.latest_scalings: torch.Tensor | None = None
         self.freeze_after: int | None = None  # the default Routing.freeze_after (None = granular)
         self._compiled_step = None  # compile(): the one-token pass, compiled
+        self._packaged_step = None  # use_packaged_step(): the one-token pass compiled ahead of time
+        self._experts_changed = False  # since construction (add_*, remove): no package fits any more
         self._inductor_config: dict[str, Any] = {}
         self.freeze_experts()
         self.eval()
@@ -175,6 +180,7 @@ class XLoraModel(nn.Module):
             raise ExpertLimitError(f"{pending.name!r} would load {len(new)} more expert(s) onto "
                                    f"{self.n_experts_loaded}; at most {max_experts} may be loaded")  # fmt: skip
         if new:
+            self._weights_changed("experts were added")
             first = self.n_experts_loaded
             self._lora_layers = extend_experts(self.base, self._lora_layers, list(enumerate(new, first)), self.slot)
             self._expert_files += [expert_identity(e) for e in new]
@@ -206,6 +212,8 @@ class XLoraModel(nn.Module):
             del self._routers[name]
         used = set(self.primary.experts).union(*(m.experts for m in self.hosted.values()))
         experts = [e for e in range(self.n_experts_loaded) if e in used]
+        if len(experts) < self.n_experts_loaded:
+            self._weights_changed("experts were removed")
         renumber = {old: new for new, old in enumerate(experts)}
         for layer in self._lora_layers:
             layer.keep_experts(renumber)
@@ -398,8 +406,24 @@ class XLoraModel(nn.Module):
 
     @property
     def compiled(self) -> bool:
-        """Whether decode steps run the compiled one-token pass (compile())."""
-        return self._compiled_step is not None
+        """Whether decode steps run the compiled one-token pass (compile() or use_packaged_step())."""
+        return self._compiled_step is not None or self._packaged_step is not None
+
+    def use_packaged_step(self, step: Any) -> None:
+        """Run decode steps with a `compiled_step.PackagedStep` (the one-token pass compiled ahead of time;
+        None: eager again). Steps it does not run (larger batches) stay eager. A package holds the experts
+        of when it was built: once experts are added or removed (add_*, remove), none is taken any more."""
+        if step is not None and self._experts_changed:
+            log.warning("not switching to the compiled decode step: experts were added or removed since it was built")
+            return
+        self._packaged_step = step
+
+    def _weights_changed(self, why: str) -> None:
+        """The fused layers' experts change: a package (its weights frozen in) no longer fits."""
+        self._experts_changed = True
+        if self._packaged_step is not None:
+            log.warning("decoding eagerly from now on: %s, and the compiled decode step holds the old ones", why)
+            self._packaged_step = None
 
     def compile(self, enabled: bool = True) -> None:
         """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
@@ -473,6 +497,15 @@ class XLoraModel(nn.Module):
             columns = None
             if weights is not None:
                 columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
+            packaged = self._packaged_step is not None and cache is not None and spans is not None
+            packaged = packaged and self.slot.groups is None  # rows of several models: eager (groups)
+            if packaged and attention_mask is not None and not torch.is_grad_enabled():
+                if columns is None:  # experts off: adding exact zeros gives the same numbers, in the same graph
+                    columns = input_ids.new_zeros(*input_ids.shape, self.layer_of_column.numel(), dtype=self.dtype)
+                hidden = self._packaged_step(input_ids, attention_mask, position_ids, cache, columns, spans)
+                if hidden is not None:
+                    return hidden
+                columns = None if weights is None else columns
             if self._compiled_step is not None and not torch.is_grad_enabled() and self.slot.groups is None:
                 # Inductor's settings as a patch around the call (where compilation happens): torch 2.13
                 # ignores `freezing` given as torch.compile(options=...), and unfrozen weights get no

@@ -1,0 +1,130 @@
+"""The decode step compiled ahead of time (xlora_core/compiled_step.py, server/compiled.py): a server with
+`model.compile: auto` serves eagerly at once, builds the package in a background process, and switches to it
+between two steps with requests running, none dropped or changed; the package lands in the cache, where another
+process finds it under the same key and decodes the same greedy tokens with it; a restart loads it instead of
+compiling; a corrupt package is ignored with a warning.
+
+One package is built for the whole module (the tiny world's model, float32: about a minute on 2 cores)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from server.manager import build_model
+from server.settings import load_settings
+from xlora_core import compiled_step
+from xlora_core.compiled_step import load_package, package_key, package_path
+
+from .conftest import server_config, write_config
+from .test_compile import run_joining_and_leaving
+
+PROMPT = "sort: d b c a"
+
+
+def generate(url: str) -> tuple[int, str]:
+    r = httpx.post(url + "/generate", json={"prompt": PROMPT, "max_new_tokens": 200, "temperature": 0}, timeout=60)
+    return r.status_code, r.json().get("text", r.text)
+
+
+def decode_step(url: str) -> str:
+    return httpx.get(url + "/ready", timeout=10).json()["decode_step"]
+
+
+@pytest.fixture(scope="module")
+def compiling(start_server, world, tmp_path_factory):
+    """A server that starts with an empty compile cache (`model.compile: auto`), and its cache folder."""
+    cache = tmp_path_factory.mktemp("compile-cache")
+    config = server_config(world, model={"compile": "auto"})
+    proc = start_server(config, env=env(cache))
+    return proc, config, cache
+
+
+def env(cache) -> dict[str, str]:
+    # XLORA_COMPILE: the suite's servers have false. No autotuning: 44 s to build instead of 6 minutes (2 cores).
+    return {"XLORA_CACHE_DIR": str(cache), "XLORA_COMPILE": "auto", "XLORA_COMPILE_AUTOTUNE": AUTOTUNE}
+
+
+AUTOTUNE = "none"
+
+
+def test_the_server_serves_eagerly_then_switches_to_the_compiled_step_with_requests_running(compiling):
+    proc, _, _ = compiling
+    assert decode_step(proc.url) == "compiling"
+    eager = generate(proc.url)
+    assert eager[0] == 200
+
+    # Two clients back to back while the package builds, so that rows are running when it is handed over.
+    answers: list[tuple[int, str]] = []
+    done = threading.Event()
+
+    def client() -> None:
+        while not done.is_set():
+            answers.append(generate(proc.url))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 600
+    try:
+        while decode_step(proc.url) != "compiled":
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.5)
+        time.sleep(1)  # some requests wholly after the switch
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert answers and all(a == eager for a in answers)  # none dropped, none changed
+    assert generate(proc.url) == eager
+    log = proc.log()
+    switched = [line for line in log.splitlines() if "decode steps run compiled from now on" in line]
+    assert len(switched) == 1, log
+    assert "(0 requests running" not in switched[0], switched  # the switch happened mid-request
+    assert "xlora_decode_compiled 1.0" in httpx.get(proc.url + "/metrics").text
+
+
+def test_another_process_finds_the_package_under_the_same_key_and_decodes_the_same_tokens(
+    compiling, tmp_path, monkeypatch
+):
+    _, config, cache = compiling
+    monkeypatch.setattr(compiled_step, "AUTOTUNE", AUTOTUNE)
+    threads = torch.get_num_threads()
+    try:
+        model, _, _ = build_model(load_settings(write_config(tmp_path, config)))  # sets the config's 1 thread
+        path = package_path(model, cache)
+        assert path.is_file(), list(cache.rglob("*"))  # built by the server's compile process
+        expected = {flag: run_joining_and_leaving(model, flag) for flag in (False, True)}
+        step = load_package(path)
+        assert step is not None
+        model.use_packaged_step(step)
+        for frozen_row in (False, True):  # batch sizes 1, 2, 3, 2, 1, rows joining and leaving
+            assert run_joining_and_leaving(model, frozen_row) == expected[frozen_row]
+        key = package_key(model)
+        with torch.no_grad():
+            model.classifier.layers[0].weight[0, 0] += 1  # other weights: another package
+        assert package_key(model) != key
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_restart_loads_the_package_instead_of_compiling(compiling, start_server):
+    proc, config, cache = compiling
+    again = start_server(config, env=env(cache))
+    assert decode_step(again.url) == "compiled"
+    assert generate(again.url) == generate(proc.url)
+    log = again.log()
+    assert "decode step compiled: loaded" in log and "in the background" not in log, log
+
+
+def test_a_corrupt_package_is_ignored_with_a_warning_and_removed(tmp_path, caplog):
+    bad = tmp_path / "step-0.pt2"
+    bad.write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="xlora.compiled_step"):
+        assert load_package(bad) is None
+    assert "ignoring the compiled decode step" in caplog.text and not bad.exists()
