@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,11 @@ def test_the_configuration_reference_lists_every_key_of_the_settings(site):
     for section, field in Settings.model_fields.items():
         if field.exclude:
             continue
-        for key, info in field.annotation.model_fields.items():
+        model = field.annotation
+        if typing.get_origin(model) is list:  # a list of entries (models:): rendered as `models[].key`
+            (model,) = typing.get_args(model)
+            section = f"{section}[]"
+        for key, info in model.model_fields.items():
             assert f"<code>{section}.{key}</code>" in html, f"{section}.{key} missing from the reference"
             assert info.description, f"{section}.{key} has no description (a docstring under the field)"
     assert "<!-- settings-reference -->" not in html
