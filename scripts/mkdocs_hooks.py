@@ -3,7 +3,7 @@
 A page asks for a table with an HTML comment on a line of its own:
 
     <!-- settings-reference -->                        every key of the YAML config (server/settings.py)
-    <!-- schema-table: server.schemas:GenerateRequest -->  the fields of one pydantic model
+    <!-- schema-table: server.protocol.schemas:GenerateRequest -->  the fields of one pydantic model
 
 Each row is a field's name, type, default and description, read from the model at build time.
 """

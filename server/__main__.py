@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.port is not None:
         settings.server.port = args.port
 
-    from server.logs import setup_logging
+    from server.observability.logs import setup_logging
 
     setup_logging(settings.logging.level, settings.logging.format)
     if args.download_only:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from sse_starlette.sse import AppStatus
 
     from server.app import create_app
-    from server.routing_state import StateFileError
+    from server.serving.routing_state import StateFileError
     # sse-starlette would end every stream at the first signal; we drain them instead.
     AppStatus.disable_automatic_graceful_drain()
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except StateFileError as exc:
         print(f"xlora-serve: cannot start: {exc}", file=sys.stderr)
         return 1
-    server.manager = app.state.manager
+    server.serving.manager = app.state.manager
     config.app = app
     server.run()
     AppStatus.should_exit = True
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 def _download_only(settings) -> int:
     """Resolve every model of the config (fetching Hub ids, with huggingface_hub's progress bars) and say where
     each one is; load none."""
-    from server.model_sources import resolve_sources
+    from server.serving.model_sources import resolve_sources
     from xlora_core.hub import HubError
 
     try:
@@ -156,9 +156,9 @@ def _download_only(settings) -> int:
 
 
 def _precompile(settings) -> int:
-    """Load the config's model and build its compiled decode step into the cache (server/compiled.py)."""
-    from server.compiled import precompile
-    from server.manager import build_model
+    """Load the config's model and build its compiled decode step into the cache (server/serving/compiled.py)."""
+    from server.serving.compiled import precompile
+    from server.serving.manager import build_model
 
     try:
         model, _, _ = build_model(settings)

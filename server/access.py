@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 
-from server.errors import APIError
+from server.protocol.errors import APIError
 from server.settings import ADMIN_TOKEN_ENV, API_KEY_ENV, AuthSettings, ServerSection
 
 

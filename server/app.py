@@ -13,12 +13,12 @@ from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.access import check_routes, enforce_access, install_openapi, route_levels
-from server.errors import error_body, install_error_handlers
-from server.logs import RequestIdMiddleware
-from server.manager import ModelManager
-from server.metrics import Metrics
+from server.observability.logs import RequestIdMiddleware
+from server.observability.metrics import Metrics
+from server.protocol.errors import error_body, install_error_handlers
 from server.routes import dashboard, docs, generate, health, models, openai, routing, scalings
-from server.routing_state import RoutingSnapshotMiddleware
+from server.serving.manager import ModelManager
+from server.serving.routing_state import RoutingSnapshotMiddleware
 from server.settings import AuthSettings, Settings
 
 log = logging.getLogger("xlora.server")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from server.manager import ModelManager
+from server.serving.manager import ModelManager
 
 
 def get_manager(request: Request) -> ModelManager:

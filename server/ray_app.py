@@ -38,16 +38,16 @@ from ray import serve
 from ray.serve.config import DeploymentActorConfig
 
 from server.app import create_app
-from server.manager import ModelManager
-from server.metrics import Metrics
-from server.routing_state import (
+from server.observability.metrics import Metrics
+from server.observability.scalings_log import ScalingsEntry
+from server.observability.scalings_store import SharedScalingsLog
+from server.serving.manager import ModelManager
+from server.serving.routing_state import (
     RoutingSnapshot,
     StoredRouting,
     config_routing,
     routing_from_dict,
 )
-from server.scalings_log import ScalingsEntry
-from server.scalings_store import SharedScalingsLog
 from server.settings import AuthSettings, Settings, load_settings
 
 log = logging.getLogger("xlora.ray")
@@ -126,7 +126,7 @@ class _DeploymentActor:
 
 
 class RayRoutingState:
-    """A replica's view of `RoutingStateActor` (the RoutingState protocol of server/routing_state.py)."""
+    """A replica's view of `RoutingStateActor` (the RoutingState protocol of server/serving/routing_state.py)."""
 
     def __init__(self, actor: _DeploymentActor) -> None:
         self.actor = actor
@@ -155,7 +155,7 @@ class RayRoutingState:
 
 
 class SharedScalingsStore:
-    """A replica's side of `SharedScalingsLog`: the scalings store interface of server/scalings_store.py."""
+    """A replica's side of `SharedScalingsLog`: the scalings store interface of observability/scalings_store.py."""
 
     def __init__(self, actor: _DeploymentActor, capacity: int, replica: str) -> None:
         self.actor = actor

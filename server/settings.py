@@ -258,7 +258,7 @@ class Settings(_Section):
 
     def model_ref(self, value: str) -> str:
         """A model from the file: a path relative to the file's folder if one is there or `value` cannot be a
-        Hugging Face Hub id, else the id as it is (fetched at start-up: server/model_sources.py)."""
+        Hugging Face Hub id, else the id as it is (fetched at start-up: server/serving/model_sources.py)."""
         from xlora_core.hub import parse_hub_id
 
         path = self.resolve_path(value)

@@ -1,4 +1,4 @@
-"""The decode step compiled ahead of time (xlora_core/compiled_step.py, server/compiled.py): a server with
+"""The decode step compiled ahead of time (xlora_core/compiled_step.py, server/serving/compiled.py): a server with
 `model.compile: auto` serves eagerly at once, builds the package in a background process, and switches to it
 between two steps with requests running, none dropped or changed; the package lands in the cache, where another
 process finds it under the same key and decodes the same greedy tokens with it; a restart loads it instead of
@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from server.manager import build_model
+from server.serving.manager import build_model
 from server.settings import load_settings
 from xlora_core import compiled_step
 from xlora_core.compiled_step import load_package, package_key, package_path

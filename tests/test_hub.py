@@ -21,7 +21,7 @@ import yaml
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from server.model_sources import resolve_model_source, resolve_sources
+from server.serving.model_sources import resolve_model_source, resolve_sources
 from server.settings import ConfigError, load_settings
 from xlora_core import XLoraConfig, XLoraModel
 from xlora_core.base_model import base_model_name, load_base_model

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from server.routing_state import StateFileError, StoredRouting
+from server.serving.routing_state import StateFileError, StoredRouting
 
 from .conftest import ServerProcess, server_config, write_config
 

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from server.jobs import DoneEvent, ErrorEvent, GenerationJob, TokenEvent
-from server.metrics import Metrics
-from server.scalings_log import RequestScalingsLog
-from server.scheduler import Scheduler
+from server.observability.metrics import Metrics
+from server.observability.scalings_log import RequestScalingsLog
+from server.serving.jobs import DoneEvent, ErrorEvent, GenerationJob, TokenEvent
+from server.serving.scheduler import Scheduler
 from xlora_core import PrefixCache, Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel
 
 from .tiny_world import VOCAB, build_world, load_base, make_tiny_tokenizer

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from server.logs import JsonFormatter, RequestIdFilter, TextFormatter
+from server.observability.logs import JsonFormatter, RequestIdFilter, TextFormatter
 
 from .conftest import server_config
 from .tiny_world import POISON

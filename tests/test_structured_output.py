@@ -317,7 +317,7 @@ def test_a_schema_too_slow_to_compile_is_refused_and_the_worker_goes_on(tmp_path
 
 
 # -----------------------------------------------------------------------------
-# function calling: the arguments under the grammar of the tool's schema (server/tools.py)
+# function calling: the arguments under the grammar of the tool's schema (server/protocol/tools.py)
 WEATHER = {
     "type": "function",
     "function": {
@@ -403,7 +403,7 @@ def test_bad_tools_name_their_field(oai, kwargs, param):
 
 
 def test_auto_lets_text_through_but_a_call_once_begun_follows_the_schema(tmp_path):
-    from server.tools import Tool, constraint_for
+    from server.protocol.tools import Tool, constraint_for
     from xlora_core import GrammarCompiler
 
     tok = make_tiny_tokenizer(tmp_path)

@@ -12,8 +12,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from server.errors import APIError
-from server.schemas import AccessInfo
+from server.protocol.errors import APIError
+from server.protocol.schemas import AccessInfo
 from server.settings import AuthSettings
 
 _STATIC = Path(__file__).resolve().parent.parent / "static" / "dashboard"

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from server.errors import APIError
+from server.protocol.errors import APIError
 
 _ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 # Only these files, by name: nothing else under that folder (or outside it) can be asked for.

@@ -8,12 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import ServerSentEvent
 
 from server.deps import ready_manager
-from server.errors import error_body
-from server.jobs import DoneEvent, ErrorEvent, JobGroup, TokenEvent
-from server.logprobs import TokenTexts, generate_logprob, generate_logprobs
-from server.logs import note_generation
-from server.manager import ModelManager
-from server.schemas import (
+from server.observability.logs import note_generation
+from server.protocol.errors import error_body
+from server.protocol.logprobs import TokenTexts, generate_logprob, generate_logprobs
+from server.protocol.schemas import (
     GenerateRequest,
     GenerateResponse,
     StreamDone,
@@ -23,7 +21,9 @@ from server.schemas import (
     error_responses,
     sse_doc,
 )
-from server.streaming import Chunk, stream_response, wait_done
+from server.protocol.streaming import Chunk, stream_response, wait_done
+from server.serving.jobs import DoneEvent, ErrorEvent, JobGroup, TokenEvent
+from server.serving.manager import ModelManager
 
 router = APIRouter(tags=["generation"])
 

@@ -7,8 +7,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.deps import get_manager
-from server.manager import ModelManager
-from server.schemas import Health, Readiness
+from server.protocol.schemas import Health, Readiness
+from server.serving.manager import ModelManager
 
 router = APIRouter(tags=["health"])
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server.deps import ready_manager
-from server.manager import ModelManager
-from server.schemas import LoadModelRequest, ModelInfo, ModelsList, UnloadedModel, error_responses
+from server.protocol.schemas import LoadModelRequest, ModelInfo, ModelsList, UnloadedModel, error_responses
+from server.serving.manager import ModelManager
 from xlora_core.hosted import HostedModel
 
 router = APIRouter(tags=["models"])

@@ -14,12 +14,10 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Request
 
 from server.deps import get_manager, ready_manager
-from server.errors import error_body
-from server.jobs import DoneEvent, ErrorEvent, JobGroup, TokenEvent
-from server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
-from server.logs import note_generation
-from server.manager import ModelManager
-from server.openai_schemas import (
+from server.observability.logs import note_generation
+from server.protocol.errors import error_body
+from server.protocol.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from server.protocol.openai_schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -34,9 +32,11 @@ from server.openai_schemas import (
     ModelList,
     XLoraInfo,
 )
-from server.schemas import TokenScalings, Usage, error_responses, sse_doc
-from server.streaming import Chunk, stream_response, wait_done
-from server.tools import ToolCallDelta, may_begin_a_call, parse_calls
+from server.protocol.schemas import TokenScalings, Usage, error_responses, sse_doc
+from server.protocol.streaming import Chunk, stream_response, wait_done
+from server.protocol.tools import ToolCallDelta, may_begin_a_call, parse_calls
+from server.serving.jobs import DoneEvent, ErrorEvent, JobGroup, TokenEvent
+from server.serving.manager import ModelManager
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -120,7 +120,7 @@ async def chat_completions(
 
 
 def _message(done: DoneEvent, body: ChatCompletionRequest) -> AssistantMessage:
-    """The answer as text, or as the tool calls it makes (server/tools.py)."""
+    """The answer as text, or as the tool calls it makes (server/protocol/tools.py)."""
     mode = body.tool_mode()
     calls = parse_calls(done.text, mode) if mode is not None and done.finish_reason == "stop" else None
     if calls:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 
 from server.deps import ready_manager
-from server.manager import ModelManager
-from server.routing_state import RoutingSnapshot
-from server.schemas import RoutingPatch, RoutingState, error_responses
+from server.protocol.schemas import RoutingPatch, RoutingState, error_responses
+from server.serving.manager import ModelManager
+from server.serving.routing_state import RoutingSnapshot
 
 router = APIRouter(tags=["routing"])
 

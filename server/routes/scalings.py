@@ -6,9 +6,8 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from server.access import TOKEN_TEXT, require
 from server.deps import get_manager
-from server.errors import APIError
-from server.manager import ModelManager
-from server.schemas import (
+from server.protocol.errors import APIError
+from server.protocol.schemas import (
     BucketedScalingsLog,
     Cleared,
     ScalingsDetail,
@@ -16,6 +15,7 @@ from server.schemas import (
     TokenText,
     error_responses,
 )
+from server.serving.manager import ModelManager
 
 router = APIRouter(tags=["scalings"])
 

@@ -1,6 +1,6 @@
 """Where finished requests' scalings go, and where `/scalings` reads them.
 
-- `LocalScalingsStore`: this process's bounded log (server/scalings_log.py), the single-process server's.
+- `LocalScalingsStore`: this process's bounded log (server/observability/scalings_log.py), the single-process server's.
 - `SharedScalingsStore` (server/ray_app.py): every replica of a deployment writes to one bounded log held by
   `SharedScalingsLog`, a Serve deployment-scoped actor, so `/scalings` answers for the whole deployment
   whichever replica receives it. Each replica also keeps its own entries locally, for its metrics gauge.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from server.scalings_log import RequestScalingsLog, ScalingsEntry
+from server.observability.scalings_log import RequestScalingsLog, ScalingsEntry
 
 
 class ScalingsWriter(Protocol):

@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.logprobs import TokenLogprobInfo
+from server.protocol.logprobs import TokenLogprobInfo
 from xlora_core import ConstraintSpec, SamplingParams
 
 FinishReason = Literal["stop", "length"]
@@ -375,7 +375,7 @@ class TokenScalings(BaseModel):
 
     @classmethod
     def of(cls, done: Any, adapter_names: list[str]) -> TokenScalings:
-        """From a finished job's DoneEvent (server.jobs)."""
+        """From a finished job's DoneEvent (server.serving.jobs)."""
         prompt, completion = done.token_scalings()
         return cls(adapter_names=adapter_names, prompt=prompt, completion=completion)
 

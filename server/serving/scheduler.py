@@ -25,12 +25,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from server.errors import APIError
-from server.jobs import DoneEvent, ErrorEvent, GenerationJob, QueueFullError, TokenEvent
-from server.logs import note_request
-from server.metrics import Metrics
-from server.scalings_log import ScalingsEntry
-from server.scalings_store import ScalingsWriter
+from server.observability.logs import note_request
+from server.observability.metrics import Metrics
+from server.observability.scalings_log import ScalingsEntry
+from server.observability.scalings_store import ScalingsWriter
+from server.protocol.errors import APIError
+from server.serving.jobs import DoneEvent, ErrorEvent, GenerationJob, QueueFullError, TokenEvent
 from xlora_core import BatchRow, ConstraintError, DecodeBatch, Generated, XLoraModel
 from xlora_core.prefix_cache import PrefixCache
 

@@ -100,7 +100,7 @@ def read_state_file(path: Path) -> tuple[dict[str, Any], int] | None:
 
 
 def read_state_models(path: Path) -> list[dict[str, Any]]:
-    """The models loaded at run time that `path` keeps (server/manager.py), [] if none or no file."""
+    """The models loaded at run time that `path` keeps (server/serving/manager.py), [] if none or no file."""
     if read_state_file(path) is None:
         return []
     models = json.loads(path.read_text(encoding="utf-8")).get("models", [])
@@ -295,7 +295,7 @@ class RoutingSnapshotMiddleware:
             _request_routing.reset(token)
 
     async def _refuse(self, send: Send, exc: Exception) -> None:
-        from server.errors import error_body
+        from server.protocol.errors import error_body
 
         log.warning("routing state unavailable: %s: %s", type(exc).__name__, exc)
         body = json.dumps(

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.errors import APIError
-from server.logs import current_request_id
+from server.observability.logs import current_request_id
+from server.protocol.errors import APIError
 from xlora_core import Routing, RowDecoder
 from xlora_core.sampling import TokenLogprob
 
@@ -105,7 +105,7 @@ class GenerationJob:
 
 @dataclass
 class JobGroup:
-    """One request's jobs, one per choice, posting onto one queue; what the routes wait on (server.streaming).
+    """One request's jobs, one per choice, posting onto one queue; what the routes wait on (server.protocol.streaming).
     A request with one choice is a group of one."""
 
     id: str

@@ -23,11 +23,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from server.compiled import StepCompiler
-from server.errors import APIError
-from server.jobs import GenerationJob, JobGroup
-from server.metrics import Metrics
-from server.routing_state import (
+from server.observability.metrics import Metrics
+from server.observability.scalings_store import LocalScalingsStore
+from server.protocol.errors import APIError
+from server.protocol.schemas import GenerationRequest, PromptInput, RoutingUpdate
+from server.serving.compiled import StepCompiler
+from server.serving.jobs import GenerationJob, JobGroup
+from server.serving.routing_state import (
     LocalRoutingState,
     RoutingSnapshot,
     RoutingState,
@@ -38,9 +40,7 @@ from server.routing_state import (
     request_snapshot,
     write_state_file,
 )
-from server.scalings_store import LocalScalingsStore
-from server.scheduler import Scheduler
-from server.schemas import GenerationRequest, PromptInput, RoutingUpdate
+from server.serving.scheduler import Scheduler
 from server.settings import Settings
 from xlora_core import CompiledGrammar, ConstraintSpec, GrammarCompiler, ParameterError, Routing, RowDecoder
 from xlora_core.hosted import ExpertLimitError, HostedModel, ModelNameTaken
@@ -95,7 +95,7 @@ class ModelManager:
         self._thread: threading.Thread | None = None
         self.runtime_models: list[dict] = []  # loaded through POST /models: {name, kind, folder}
         self.replicated = routing_state is not None  # a Ray Serve replica: the state is the deployment's
-        self.step_compiler: StepCompiler | None = None  # the compiled decode step (server/compiled.py)
+        self.step_compiler: StepCompiler | None = None  # the compiled decode step (server/serving/compiled.py)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -328,7 +328,7 @@ class ModelManager:
 
     @property
     def routing(self):
-        """The routing in force for this request: the snapshot it started with (server/routing_state.py)."""
+        """The routing in force for this request: the snapshot it started with (server/serving/routing_state.py)."""
         return self.routing_snapshot().routing
 
     def routing_snapshot(self) -> RoutingSnapshot:
@@ -557,7 +557,7 @@ class ModelManager:
 
 def build_model(s: Settings):
     """The config's model: (XLoraModel, base model, tokenizer), in eval mode; raises what loading raises."""
-    from server.model_sources import resolve_sources
+    from server.serving.model_sources import resolve_sources
     from xlora_core import XLoraConfig, XLoraModel
     from xlora_core.base_model import load_base_model
     from xlora_core.quantize import QuantizeError, weight_bytes

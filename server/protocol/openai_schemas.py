@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from server.logprobs import ChatLogprobs, CompletionLogprobs
-from server.schemas import (
+from server.protocol.logprobs import ChatLogprobs, CompletionLogprobs
+from server.protocol.schemas import (
     PromptInput,
     RequestRouting,
     RoutingSettings,
@@ -24,7 +24,7 @@ from server.schemas import (
     sampling_params,
     stop_list,
 )
-from server.tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, constraint_for, mode_of
+from server.protocol.tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice, constraint_for, mode_of
 from xlora_core import ConstraintSpec, SamplingParams
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -120,7 +120,7 @@ class _Common(_Request):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
-    # ---- GenerationRequest (server.schemas) ----
+    # ---- GenerationRequest (server.protocol.schemas) ----
     def token_limit(self) -> int | None:
         return self.max_tokens
 

@@ -15,9 +15,9 @@ from typing import Protocol
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from server.errors import APIError
-from server.jobs import DoneEvent, ErrorEvent, Event, JobGroup, TokenEvent
-from server.logs import note_generation, note_request
+from server.observability.logs import note_generation, note_request
+from server.protocol.errors import APIError
+from server.serving.jobs import DoneEvent, ErrorEvent, Event, JobGroup, TokenEvent
 
 _POLL_S = 0.25  # how often a plain (non-streamed) request checks whether its client is still there
 _BACKSTOP_S = 2.0  # the worker enforces deadlines; this only covers a worker stuck in one long step
