@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except StateFileError as exc:
         print(f"xlora-serve: cannot start: {exc}", file=sys.stderr)
         return 1
-    server.serving.manager = app.state.manager
+    server.manager = app.state.manager
     config.app = app
     server.run()
     AppStatus.should_exit = True
