@@ -95,6 +95,10 @@ class Server:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("XLORA_")}  # no auth for the bench
         env["PYTHONUNBUFFERED"] = "1"
+        # No compiled step built in the background while measuring (it would take the other core): eager,
+        # unless XLORA_COMPILE says otherwise; `XLORA_COMPILE=auto` after `xlora-serve --precompile` measures
+        # the compiled step, loaded from the cache at start (docs/compiled-decoding.md).
+        env["XLORA_COMPILE"] = os.environ.get("XLORA_COMPILE", "false")
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port),
