@@ -159,16 +159,9 @@ class XLoraCache:
     def select(self, rows: list[int]) -> XLoraCache:
         """Keep these rows, in this order; drop leading columns that are now padding in every row.
         The tensors are re-sliced in place: use the returned cache, not this one, afterwards."""
-        device = self.attention_mask.device
-        index = torch.tensor(rows, dtype=torch.long, device=device)
-        mask = self.attention_mask[index]
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else mask.shape[1]
-        position_in_scaling = {row: i for i, row in enumerate(self.granular_rows())}
-        scaling_rows = [position_in_scaling[r] for r in rows if r in position_in_scaling]
+        index, scaling_index, mask, start = self._rows_to_keep(rows)
         scaling = None
-        if scaling_rows and self.scaling is not None:
-            scaling_index = torch.tensor(scaling_rows, dtype=torch.long, device=device)
+        if scaling_index is not None:
             scaling = _map_layers(self.scaling, lambda t: t[scaling_index, :, start:])
         return XLoraCache(
             scaling=scaling,
@@ -180,13 +173,7 @@ class XLoraCache:
     def copy_rows(self, rows: list[int], empty: Callable[[], DynamicCache]) -> XLoraCache:
         """A copy of these rows, in this order, in new caches made by `empty` (this cache is left as it is);
         leading columns that are padding in every one of them are dropped."""
-        device = self.attention_mask.device
-        index = torch.tensor(rows, dtype=torch.long, device=device)
-        mask = self.attention_mask[index]
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else mask.shape[1]
-        position_in_scaling = {row: i for i, row in enumerate(self.granular_rows())}
-        scaling_rows = [position_in_scaling[r] for r in rows if r in position_in_scaling]
+        index, scaling_index, mask, start = self._rows_to_keep(rows)
 
         def copied(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
             out = empty()
@@ -195,10 +182,24 @@ class XLoraCache:
                     target.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
             return out
 
-        scaling = None
-        if scaling_rows and self.scaling is not None:
-            scaling = copied(self.scaling, torch.tensor(scaling_rows, dtype=torch.long, device=device))
+        scaling = None if scaling_index is None else copied(self.scaling, scaling_index)
         return XLoraCache(scaling, copied(self.real, index), mask[:, start:], [self.frozen[r] for r in rows])
+
+    def _rows_to_keep(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """For `select` and `copy_rows`: the rows' index into the real pass's cache, their index into the
+        scaling pass's (granular rows only; None if none of them is there), their mask, and the first column
+        that is not padding in every one of them."""
+        device = self.attention_mask.device
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        mask = self.attention_mask[index]
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        position_in_scaling = {row: i for i, row in enumerate(self.granular_rows())}
+        scaling_rows = [position_in_scaling[r] for r in rows if r in position_in_scaling]
+        scaling_index = None
+        if scaling_rows and self.scaling is not None:
+            scaling_index = torch.tensor(scaling_rows, dtype=torch.long, device=device)
+        return index, scaling_index, mask, start
 
     @staticmethod
     def concat(caches: list[XLoraCache]) -> XLoraCache:
