@@ -5,10 +5,13 @@ modules = 210 LoRA layers, the trained router), greedy, exactly --new-tokens new
 --prompt-tokens prompt (1 by default: mistral.rs 0.9.5's X-LoRA fails on longer prompts on CPU).
 mistral.rs runs first, in its own venv (`../shared/peers/mistralrs/setup.sh build/peers` makes it),
 then ours in this process: the base model alone (transformers' generate with its KV cache, the
-anchor), X-LoRA granular, and X-LoRA with frozen scalings (freeze_after 0), per dtype.
+anchor), X-LoRA granular, and X-LoRA with frozen scalings (freeze_after 0), per dtype, each eagerly and
+as `xlora-serve` runs by default: with the compiled decode step (the package from the cache, built first
+if it is missing; docs/compiled-decoding.md).
 
-    python -m bench.peers --threads 1 --compile            # make bench-peers (eager and compiled)
-    python -m bench.peers --no-mistralrs --dtypes bfloat16 # ours only
+    python -m bench.peers                                   # make bench-peers: the defaults (dtype, threads)
+    python -m bench.peers --threads 1 --dtypes float32,bfloat16
+    python -m bench.peers --no-mistralrs --eager-only       # ours only, eager only
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from pathlib import Path
 import torch
 
 from xlora_core import Routing, XLoraModel
-from xlora_core.base_model import load_base_model
+from xlora_core.base_model import load_base_model, resolve_dtype
+from xlora_core.compiled_step import build_package_once, load_package, package_path, supported
 
 PEERS = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "mistralrs"
 
@@ -49,6 +53,15 @@ def mistralrs_tok_per_s(args: argparse.Namespace) -> dict[str, float]:
     return {r["mode"].removesuffix("-1tok"): r["tok_per_s"] for r in results if "error" not in r}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (what /proc/cpuinfo says), for the table's caption."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -59,9 +72,9 @@ def best_time(fn, repeats: int) -> float:
 
 
 def ours_tok_per_s(args: argparse.Namespace, dtype: str) -> dict[str, float]:
-    """name -> tok/s: the base model alone, X-LoRA granular and frozen (freeze_after 0), eager; with
-    --compile also both compiled ("granular compiled", "frozen compiled") and "compile s", the first
-    compiled generation's seconds."""
+    """name -> tok/s: the base model alone, X-LoRA granular and frozen (freeze_after 0) eagerly, and unless
+    --eager-only also with the packaged decode step ("granular compiled", "frozen compiled"; "build s": what
+    building it took, 0 when it was in the cache)."""
     base, _ = load_base_model(args.base, device="cpu", dtype=dtype)
     model = XLoraModel.from_pretrained(load_base_model(args.base, device="cpu", dtype=dtype)[0], args.checkpoint)
     n = args.new_tokens
@@ -79,13 +92,18 @@ def ours_tok_per_s(args: argparse.Namespace, dtype: str) -> dict[str, float]:
             fn()  # warm-up
             out[name] = n / best_time(fn, args.repeats)
             print(f"ours {dtype} {name}: {out[name]:.2f} tok/s", file=sys.stderr, flush=True)
-        if args.compile:
-            model.compile()
-            out["compile s"] = best_time(runs["granular"], 1)  # the first steps compile
-            runs["frozen"]()
-            for name in ("granular", "frozen"):
-                out[f"{name} compiled"] = n / best_time(runs[name], args.repeats)
-                print(f"ours {dtype} {name} compiled: {out[f'{name} compiled']:.2f} tok/s", file=sys.stderr, flush=True)
+    if args.eager_only or supported(model) is not None:
+        return out
+    path = package_path(model)
+    start = time.perf_counter()
+    built = build_package_once(model, path)
+    out["build s"] = time.perf_counter() - start if built else 0.0
+    model.use_packaged_step(load_package(path))
+    with torch.inference_mode():
+        for name in ("granular", "frozen"):
+            runs[name]()  # warm-up
+            out[f"{name} compiled"] = n / best_time(runs[name], args.repeats)
+            print(f"ours {dtype} {name} compiled: {out[f'{name} compiled']:.2f} tok/s", file=sys.stderr, flush=True)
     return out
 
 
@@ -96,9 +114,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best is reported")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--compile", action="store_true", help="also time ours after XLoraModel.compile()")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: torch's, as xlora-serve")
+    parser.add_argument("--dtypes", default="auto", help="comma-separated; auto: what xlora-serve picks here")
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled decode step")
     parser.add_argument("--peers-dir", default="build/peers", help="where setup.sh put mistral.rs' venv and model")
     parser.add_argument("--peers-source", default=str(PEERS), help="the folder of bench_mrs.py and setup.sh")
     parser.add_argument("--no-mistralrs", action="store_true")
@@ -107,9 +125,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     peer = {} if args.no_mistralrs else mistralrs_tok_per_s(args)
-    ours = {dtype: ours_tok_per_s(args, dtype) for dtype in args.dtypes.split(",")}
+    dtypes = [str(resolve_dtype(d)).removeprefix("torch.") if d == "auto" else d for d in args.dtypes.split(",")]
+    ours = {dtype: ours_tok_per_s(args, dtype) for dtype in dtypes}
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} thread(s), torch "
+    print(f"\nmachine: {cpu_name()}, {args.threads} thread(s), torch "
           f"{torch.__version__}; {args.new_tokens} new tokens from a {args.prompt_tokens}-token prompt, greedy; "
           f"tok/s (best of {args.repeats}); X-LoRA ratios to mistral.rs's X-LoRA in brackets")  # fmt: skip
     mrs = peer.get("xlora")
@@ -117,19 +136,20 @@ def main() -> None:
     def vs(x: float) -> str:
         return f"{x:.1f} ({x / mrs:.2f}x)" if mrs else f"{x:.1f}"
 
-    print("| engine | base alone | X-LoRA granular | X-LoRA frozen | granular / own base |")
-    print("|---|---:|---:|---:|---:|")
+    print("| engine | base alone | X-LoRA granular | X-LoRA frozen | granular / own base | frozen / own base |")
+    print("|---|---:|---:|---:|---:|---:|")
     if peer:
         print(f"| mistral.rs (fp32) | {peer.get('base', float('nan')):.1f} | {mrs:.1f} (1.00x) | - | "
-              f"{mrs / peer['base']:.2f}x |")  # fmt: skip
+              f"{mrs / peer['base']:.2f}x | - |")  # fmt: skip
     for dtype, r in ours.items():
-        for suffix in ("", " compiled") if args.compile else ("",):
+        for suffix in ("", " compiled") if "granular compiled" in r else ("",):
             granular, frozen = r[f"granular{suffix}"], r[f"frozen{suffix}"]
-            print(f"| xlora_core ({dtype}{suffix}) | {r['base']:.1f} | {vs(granular)} | {vs(frozen)} | "
-                  f"{granular / r['base']:.2f}x |")  # fmt: skip
+            print(f"| xlora_core ({dtype}{suffix or ' eager'}) | {r['base']:.1f} | {vs(granular)} | {vs(frozen)} | "
+                  f"{granular / r['base']:.2f}x | {frozen / r['base']:.2f}x |")  # fmt: skip
     for dtype, r in ours.items():
-        if args.compile:
-            print(f"{dtype}: the first compiled generation took {r['compile s']:.0f} s (compilation included)")
+        if "build s" in r:
+            built = f"built in {r['build s']:.0f} s" if r["build s"] else "loaded from the cache"
+            print(f"{dtype}: the compiled decode step was {built}")
     if args.json:
         args.json.write_text(json.dumps({"mistralrs": peer, "ours": ours, "new_tokens": args.new_tokens}, indent=1))
 

@@ -199,8 +199,10 @@ def run_bash(block: Block, base_url: str, cwd: Path, timeout: float = 300) -> li
         is_error = isinstance(output, dict) and "error" in output
         script += [f"DOCS_EXPECT_ERROR={int(is_error)}", with_url(command.text, base_url),
                    f'printf "\\n{SEPARATOR} %s\\n" "$?"']  # fmt: skip
-    # `python` and the project's commands (xlora-serve) are the test's own environment's, as after `make install`.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # `python` and the project's commands (xlora-serve) are the test's own environment's, as after `make install`;
+    # a server an example starts builds no compiled decode step (minutes of CPU, killed with the example).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "XLORA_COMPILE": "false"}  # fmt: skip
     result = subprocess.run(["bash", "-c", "\n".join(script)], cwd=cwd, capture_output=True, text=True,
                             timeout=timeout, env=env)  # fmt: skip
     parts = result.stdout.split(SEPARATOR)

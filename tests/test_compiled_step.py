@@ -1,6 +1,7 @@
 """The decode step compiled ahead of time (xlora_core/compiled_step.py, server/serving/compiled.py): a server with
 `model.compile: auto` serves eagerly at once, builds the package in a background process, and switches to it
-between two steps with requests running, none dropped or changed; the package lands in the cache, where another
+once no request is running (holding new ones back if need be), none dropped or changed; the package lands in the
+cache, where another
 process finds it under the same key and decodes the same greedy tokens with it; a restart loads it instead of
 compiling; a corrupt package is ignored with a warning.
 
@@ -59,7 +60,8 @@ def test_the_server_serves_eagerly_then_switches_to_the_compiled_step_with_reque
     eager = generate(proc.url)
     assert eager[0] == 200
 
-    # Two clients back to back while the package builds, so that rows are running when it is handed over.
+    # Three clients back to back, staggered, while the package builds: rows are running when it is handed over,
+    # and the batch seldom empties by itself.
     answers: list[tuple[int, str]] = []
     done = threading.Event()
 
@@ -67,9 +69,10 @@ def test_the_server_serves_eagerly_then_switches_to_the_compiled_step_with_reque
         while not done.is_set():
             answers.append(generate(proc.url))
 
-    threads = [threading.Thread(target=client) for _ in range(2)]
+    threads = [threading.Thread(target=client) for _ in range(3)]
     for t in threads:
         t.start()
+        time.sleep(0.2)
     deadline = time.monotonic() + 600
     try:
         while decode_step(proc.url) != "compiled":
@@ -83,9 +86,12 @@ def test_the_server_serves_eagerly_then_switches_to_the_compiled_step_with_reque
     assert answers and all(a == eager for a in answers)  # none dropped, none changed
     assert generate(proc.url) == eager
     log = proc.log()
-    switched = [line for line in log.splitlines() if "decode steps run compiled from now on" in line]
-    assert len(switched) == 1, log
-    assert "(0 requests running" not in switched[0], switched  # the switch happened mid-request
+    lines = log.splitlines()
+    ready = [i for i, line in enumerate(lines) if "switching to it once no request is running" in line]
+    switched = [i for i, line in enumerate(lines) if "decode steps run compiled from now on" in line]
+    assert len(ready) == 1 and len(switched) == 1 and ready[0] < switched[0], log
+    held = [line for line in lines[ready[0]:switched[0]] if "new requests wait until" in line]
+    print("held back new requests before the switch:", held)  # the batch did not empty by itself within 5 s
     assert "xlora_decode_compiled 1.0" in httpx.get(proc.url + "/metrics").text
 
 
@@ -100,8 +106,9 @@ def test_another_process_finds_the_package_under_the_same_key_and_decodes_the_sa
         path = package_path(model, cache)
         assert path.is_file(), list(cache.rglob("*"))  # built by the server's compile process
         expected = {flag: run_joining_and_leaving(model, flag) for flag in (False, True)}
+        assert compiled_step.split_faithfully(model, compiled_step.PARTS)
         step = load_package(path)
-        assert step is not None
+        assert step is not None and len(step.runners) == compiled_step.PARTS  # one layer each, built side by side
         model.use_packaged_step(step)
         for frozen_row in (False, True):  # batch sizes 1, 2, 3, 2, 1, rows joining and leaving
             assert run_joining_and_leaving(model, frozen_row) == expected[frozen_row]

@@ -22,11 +22,20 @@ its weights), so a later start loads it instead of compiling (docs/compiled-deco
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import gc
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +58,12 @@ log = logging.getLogger("xlora.compiled_step")
 MAX_BATCH = ROWS_PER_CALL
 
 # Bump when the exported function's inputs or outputs change: older packages are then not loaded.
-FORMAT = 1
+FORMAT = 2
+
+# The step's layers are compiled as this many graphs, each in a process of its own at the same time: a cold
+# build takes about the time of one part (docs/compiled-decoding.md). A constant, not the machine's cores, so
+# that a package built ahead (a Docker build) is found where it runs.
+PARTS = 2
 
 # The sources whose code is traced into the package.
 _SOURCES = ("model.py", "lora.py", "batch_invariant.py", "cache.py", "compiled_step.py", "classifier.py")
@@ -77,15 +91,18 @@ class BufferLayer(DynamicLayer):
 
 
 class OneTokenStep(nn.Module):
-    """The one-token pass of `model` as a function of plain tensors (what is exported)."""
+    """Layers [first, end) of `model`'s one-token pass as a function of plain tensors (what is exported). The
+    first part takes the token ids, a later one the hidden states of the part before it (`inputs`); only the
+    last applies the final norm. `keys` and `values` are the buffers of its own layers."""
 
-    def __init__(self, model: XLoraModel) -> None:
+    def __init__(self, model: XLoraModel, first: int = 0, end: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.first, self.end = first, model.base.config.num_hidden_layers if end is None else end
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        inputs: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         spans: torch.Tensor,
@@ -93,14 +110,39 @@ class OneTokenStep(nn.Module):
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
-        cache = DynamicCache(config=self.model.base.config)
         length = attention_mask.shape[1] - 1  # the new token's column
-        cache.layers = [BufferLayer(k, v, length) for k, v in zip(keys, values, strict=True)]
+        own = [BufferLayer(k, v, length) for k, v in zip(keys, values, strict=True)]
+        # The decoder layers index the cache by their own numbers; the entries of other parts' layers are
+        # never updated, only asked the length (for the mask).
+        cache = DynamicCache(config=self.model.base.config)
+        cache.layers = [own[i - self.first] if self.first <= i < self.end else own[0] for i in range(len(cache.layers))]
+        ids, embeds = (inputs, None) if self.first == 0 else (None, inputs)
         self.model.slot.inductor = True  # the matmuls as inductor should see them (batch_invariant.linear)
         try:
-            return self.model._one_token_pass(input_ids, attention_mask, position_ids, cache, columns, spans)
+            with _only_layers(self.model.base.get_decoder(), self.first, self.end):
+                return self.model._one_token_pass(ids, attention_mask, position_ids, cache, columns, spans, embeds)
         finally:
             self.model.slot.inductor = False
+
+
+@contextlib.contextmanager
+def _only_layers(decoder: nn.Module, first: int, end: int) -> Iterator[None]:
+    """The decoder with only its layers [first, end), and no final norm unless `end` is its last layer."""
+    layers, norm = decoder.layers, decoder.norm
+    if (first, end) != (0, len(layers)):
+        decoder.layers = nn.ModuleList(layers[first:end])
+        if end < len(layers):
+            decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def part_bounds(layers: int, parts: int) -> list[tuple[int, int]]:
+    """The layers of each of `parts` parts: [first, end) ranges as even as can be."""
+    cuts = [round(i * layers / parts) for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def supported(model: XLoraModel) -> str | None:
@@ -111,46 +153,83 @@ def supported(model: XLoraModel) -> str | None:
         return "the base model has sliding-window or other non-global attention layers"
     if any(isinstance(m, QuantizedLinear) for m in model.base.modules()):
         return "the base model is quantized (model.quantize): not packaged yet"
+    decoder = model.base.get_decoder()
+    if not (isinstance(getattr(decoder, "layers", None), nn.ModuleList) and hasattr(decoder, "norm")):
+        return f"the base model's decoder ({type(decoder).__name__}) has no `layers` list and `norm`"
     return None
 
 
-def example_inputs(model: XLoraModel, batch: int = 2, width: int = 5, capacity: int = 9) -> tuple[Any, ...]:
-    """Inputs of `OneTokenStep` for tracing: `batch` rows, `width` mask columns, buffers of `capacity`."""
+def example_inputs(
+    model: XLoraModel, first: int = 0, end: int | None = None, batch: int = 2, width: int = 5, capacity: int = 9
+) -> tuple[Any, ...]:
+    """Inputs of `OneTokenStep(model, first, end)` for tracing: `batch` rows, `width` mask columns, buffers of
+    `capacity`."""
+    from .batch_invariant import left_padded_spans
+
     config = model.base.config
+    end = config.num_hidden_layers if end is None else end
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     mask = torch.ones(batch, width, dtype=torch.long)
     mask[0, :2] = 0  # a left-padded row
-    from .batch_invariant import left_padded_spans
-
     kv = dict(dtype=model.kv_dtype, device=model.device)
-    layers = config.num_hidden_layers
+    if first == 0:
+        inputs = torch.ones(batch, 1, dtype=torch.long, device=model.device)
+    else:
+        hidden = torch.randn(batch, 1, config.hidden_size, generator=torch.Generator().manual_seed(0))
+        inputs = hidden.to(model.device, model.dtype)
     return (
-        torch.ones(batch, 1, dtype=torch.long, device=model.device),
+        inputs,
         mask.to(model.device),
         (mask.sum(dim=1, keepdim=True) - 1).to(model.device),
         left_padded_spans(mask, 1),
         torch.zeros(batch, 1, model.layer_of_column.numel(), dtype=model.dtype, device=model.device),
-        [torch.zeros(batch, heads, capacity, head_dim, **kv) for _ in range(layers)],
-        [torch.zeros(batch, heads, capacity, head_dim, **kv) for _ in range(layers)],
+        [torch.zeros(batch, heads, capacity, head_dim, **kv) for _ in range(first, end)],
+        [torch.zeros(batch, heads, capacity, head_dim, **kv) for _ in range(first, end)],
     )
 
 
-def export_step(model: XLoraModel) -> torch.export.ExportedProgram:
-    """`model`'s one-token pass, exported with a dynamic batch, sequence length and cache capacity."""
+def export_step(model: XLoraModel, first: int = 0, end: int | None = None) -> torch.export.ExportedProgram:
+    """Layers [first, end) of `model`'s one-token pass, exported with a dynamic batch, sequence length and
+    cache capacity."""
+    step = OneTokenStep(model, first, end)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     width = torch.export.Dim("width", min=2, max=1 << 20)
     capacity = torch.export.Dim("capacity", min=2, max=1 << 20)
-    layers = model.base.config.num_hidden_layers
-    kv = [{0: batch, 2: capacity}] * layers
+    kv = [{0: batch, 2: capacity}] * (step.end - step.first)
     dynamic = ({0: batch}, {0: batch, 1: width}, {0: batch}, {0: batch}, {0: batch}, kv, kv)
     with torch.inference_mode(False), torch.no_grad():
-        return torch.export.export(OneTokenStep(model), example_inputs(model), dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(step, example_inputs(model, first, end), dynamic_shapes=dynamic, strict=False)
 
 
-# The GEMM kernels inductor autotunes among ("CPP,ATEN": what XLoraModel.compile() does), or "none": frozen
-# weights with oneDNN's packed matmuls, no autotuning.
-AUTOTUNE = os.environ.get("XLORA_COMPILE_AUTOTUNE", "CPP,ATEN")
+def split_faithfully(model: XLoraModel, parts: int) -> bool:
+    """Whether the pass run as `parts` parts one after the other gives exactly the whole pass's hidden states
+    and caches, eagerly (a decoder that does more than embed, run its layers and norm would not)."""
+    whole = example_inputs(model)
+    chained = copy.deepcopy(whole)
+    with torch.inference_mode(False), torch.no_grad():
+        expected = OneTokenStep(model)(*whole)
+        hidden = chained[0]
+        for first, end in part_bounds(model.base.config.num_hidden_layers, parts):
+            own = [buffers[first:end] for buffers in chained[5:]]
+            hidden = OneTokenStep(model, first, end)(hidden, *chained[1:5], *own)
+    return torch.equal(hidden, expected) and all(
+        torch.equal(a, b) for a, b in zip(whole[5] + whole[6], chained[5] + chained[6], strict=True)
+    )
+
+
+def default_autotune() -> str:
+    """The GEMM kernels inductor chooses among. With AMX, inductor's C++ micro-GEMMs beat oneDNN's (ATEN) on
+    every matmul shape of the step, 4 to 10x (docs/compiled-decoding.md), so they are taken without
+    benchmarking both (which costs a third of a cold build); elsewhere both are benchmarked."""
+    import torch.cpu
+
+    return "CPP" if torch.cpu._is_amx_tile_supported() else "CPP,ATEN"
+
+
+# "CPP", "CPP,ATEN" (what XLoraModel.compile() does) or "none": frozen weights with oneDNN's packed matmuls,
+# no C++ GEMM kernels.
+AUTOTUNE = os.environ.get("XLORA_COMPILE_AUTOTUNE") or default_autotune()
 
 
 def inductor_configs(model: XLoraModel) -> dict[str, Any]:
@@ -187,6 +266,7 @@ def package_key(model: XLoraModel) -> str:
         "kv_dtype": str(model.kv_dtype),
         "base": model.base.config.to_json_string(use_diff=False),
         "inductor": inductor_configs(model),
+        "parts": PARTS,
         "sources": {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _SOURCES},
     }
     h.update(json.dumps(facts, sort_keys=True, default=str).encode())
@@ -211,19 +291,82 @@ def package_path(model: XLoraModel, cache_dir: str | os.PathLike | None = None) 
 
 def build_package(model: XLoraModel, path: str | os.PathLike) -> Path:
     """Export and compile `model`'s decode step into the package at `path` (minutes for a real model). The
-    file appears whole or not at all (written beside it, then renamed)."""
+    file appears whole or not at all (written beside it, then renamed).
+
+    The step is exported as PARTS graphs of consecutive layers (one if splitting would change its numbers);
+    this process compiles the last while one process each compiles the others, and one package holds them."""
+    from torch._inductor.package import package_aoti
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    exported = export_step(model)
+    layers = model.base.config.num_hidden_layers
+    parts = PARTS if PARTS > 1 and layers >= PARTS and split_faithfully(model, PARTS) else 1
+    configs = {**inductor_configs(model), "aot_inductor.package": True}
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".partial-", suffix=".pt2", dir=path.parent)
     os.close(fd)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: fork and torch's threads do not mix
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=inductor_configs(model))
+        with tempfile.TemporaryDirectory() as folder, ProcessPoolExecutor(max(parts - 1, 1), context) as pool:
+            if parts > 1:
+                pool.submit(part_bounds, 1, 1)  # the workers import torch meanwhile
+            others, bounds = [], part_bounds(layers, parts)
+            for i, (first, end) in enumerate(bounds[:-1]):  # each exported, saved and handed to a worker
+                with _no_gc():
+                    torch.export.save(export_step(model, first, end), f"{folder}/part{i}.pt2")
+                others.append(pool.submit(_compile, f"{folder}/part{i}.pt2", configs, torch.get_num_threads()))
+            with _no_gc():
+                program = export_step(model, *bounds[-1])
+            last = _compile(program, configs)  # while the workers compile theirs
+            files = [other.result() for other in others] + [last]
+        package_aoti(tmp, {f"part{i}": part_files for i, part_files in enumerate(files)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _compile(program: torch.export.ExportedProgram | str, configs: dict[str, Any], threads: int = 0) -> list[str]:
+    """AOTInductor's files for one part (`program`, or the file it was saved to by another process)."""
+    started = time.monotonic()
+    name = program if isinstance(program, str) else "the last part"
+    if isinstance(program, str):
+        torch.set_num_threads(threads)  # the GEMM kernels are built for the serving process's thread count
+        program = torch.export.load(program)
+    with _no_gc(), _templates_parsed_once():
+        args, kwargs = program.example_inputs
+        files = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs, options=configs)
+    print(f"compiled {name} in {time.monotonic() - started:.0f} s", flush=True)
+    return files
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Python's collector off while inductor builds millions of short-lived objects: 5% of a cold build."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@contextlib.contextmanager
+def _templates_parsed_once() -> Iterator[None]:
+    """Inductor parses its jinja GEMM template again for each of the step's ~600 matmuls (torch 2.13:
+    `KernelTemplate._template_from_string`, uncached): a quarter of a cold build. A template is the same for
+    the same text, so each text is parsed once while this lasts; the generated code is the same."""
+    from torch._inductor.codegen.common import KernelTemplate
+
+    original = KernelTemplate.__dict__.get("_template_from_string")
+    if not isinstance(original, staticmethod):  # another torch: leave it be
+        yield
+        return
+    KernelTemplate._template_from_string = staticmethod(functools.lru_cache(maxsize=None)(original.__func__))
+    try:
+        yield
+    finally:
+        KernelTemplate._template_from_string = original
 
 
 def build_package_once(model: XLoraModel, path: str | os.PathLike) -> bool:
@@ -237,16 +380,26 @@ def build_package_once(model: XLoraModel, path: str | os.PathLike) -> bool:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if load_package(path) is not None:
             return False
+        for partial in path.parent.glob(path.stem + ".partial-*"):  # left by a builder that was killed
+            partial.unlink(missing_ok=True)
         build_package(model, path)
         return True
 
 
 class PackagedStep:
-    """A loaded package, called where `XLoraModel._backbone` would run the one-token pass."""
+    """A loaded package, called where `XLoraModel._backbone` would run the one-token pass: its parts one after
+    the other, each on its own layers' caches."""
 
     def __init__(self, path: str | os.PathLike) -> None:
+        from torch._inductor.package import load_package as load_part
+
         self.path = Path(path)
-        self.runner = torch._inductor.aoti_load_package(str(self.path))
+        with zipfile.ZipFile(self.path) as archive:  # the parts' names: <archive>/data/aotinductor/<part>/...
+            names = {Path(n).parts[3] for n in archive.namelist() if Path(n).parts[1:3] == ("data", "aotinductor")}
+        parts = [f"part{i}" for i in range(len(names))]
+        if not names or names != set(parts):
+            raise ValueError(f"expected models part0, part1, ... in the package, found {sorted(names)}")
+        self.runners = [load_part(str(self.path), name) for name in parts]
 
     def __call__(
         self,
@@ -268,7 +421,9 @@ class PackagedStep:
             return None
         keys = [layer.buffers[0] for layer in layers]
         values = [layer.buffers[1] for layer in layers]
-        hidden = self.runner(input_ids, attention_mask, position_ids, spans, columns, keys, values)
+        hidden = input_ids
+        for runner, (first, end) in zip(self.runners, part_bounds(len(layers), len(self.runners)), strict=True):
+            hidden = runner(hidden, attention_mask, position_ids, spans, columns, keys[first:end], values[first:end])
         for layer, k, v in zip(layers, keys, values, strict=True):
             layer.length = width
             layer.keys, layer.values = k[:, :, :width], v[:, :, :width]

@@ -538,33 +538,37 @@ class XLoraModel(nn.Module):
 
     def _one_token_pass(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         cache: DynamicCache | None,
         columns: torch.Tensor | None,
         spans: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One token per row through the backbone, the experts weighted by `columns` [batch, 1, all
-        rank columns] (None: off). This is the step `compile()` compiles."""
+        rank columns] (None: off). This is the step `compile()` compiles. `inputs_embeds` instead of
+        `input_ids`: hidden states to start from (a compiled_step part after the first)."""
         self.slot.columns = columns
         try:
-            return self._decoder(input_ids, attention_mask, position_ids, cache, spans)
+            return self._decoder(input_ids, attention_mask, position_ids, cache, spans, inputs_embeds)
         finally:
             self.slot.columns = None
 
     def _decoder(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         cache: DynamicCache | None,
         spans: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The base model's decoder stack, with whatever expert weights the slot holds."""
         by_rows = {} if spans is None else {"row_spans": spans}  # read by batch_invariant.row_attention
         out = self.base.get_decoder()(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,

@@ -4,7 +4,7 @@
 - `auto` (the default): if the cache (~/.cache/xlora-server/compiled) has this model's package, load it
   before serving (seconds). Otherwise serve eagerly at once and build the package in a separate process
   (`xlora-serve --config FILE --precompile`, at nice 19: a thread of this process would starve the eager
-  worker of the GIL), then load it and switch between two decode steps.
+  worker of the GIL), then load it and switch to it once no request is running (Scheduler.use_packaged_step).
 - `true`: the same, but a missing package is built before serving (start-up waits for it).
 - `false`: eager, nothing compiled.
 
@@ -135,7 +135,8 @@ class StepCompiler:
                         code, log_path, " | ".join(tail))  # fmt: skip
             return
         self.built_in_s = time.monotonic() - started
-        log.info("decode step compiled in the background in %.0f s; switching to it", self.built_in_s)
+        log.info("decode step compiled in the background in %.0f s; switching to it once no request is running",
+                 self.built_in_s)  # fmt: skip
         hand_over(step)
 
     def switched(self) -> None:

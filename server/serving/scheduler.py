@@ -36,6 +36,10 @@ from xlora_core.prefix_cache import PrefixCache
 
 log = logging.getLogger("xlora.scheduler")
 
+# How long a compiled step that is ready waits for the batch to empty by itself before new requests are held
+# back so that it empties (Scheduler.use_packaged_step).
+SWITCH_WAIT_S = 5.0
+
 
 class Scheduler:
     def __init__(
@@ -70,7 +74,9 @@ class Scheduler:
         self._running = 0  # rows in the batch; read by the event loop for draining
         self._thread = threading.Thread(target=self._work, name="xlora-worker", daemon=True)
         self.on_fatal: Callable[[BaseException], None] | None = None
-        self._next_step: Any = None  # a compiled decode step to switch to between two steps
+        self._next_step: Any = None  # a compiled decode step to switch to once no row is running
+        self._next_step_since = 0.0
+        self._draining = False  # admissions held so that the running rows finish and the switch can happen
         self.on_switched: Callable[[], None] | None = None
 
     # ---- event-loop side -------------------------------------------------------------------
@@ -113,9 +119,12 @@ class Scheduler:
         return waiting + sum(1 for batch in batches for row in batch.rows if row.routing.model == name)
 
     def use_packaged_step(self, step: Any) -> None:
-        """Decode with `step` (a compiled_step.PackagedStep) from the next step on; rows running go on with it."""
+        """Decode with `step` (a compiled_step.PackagedStep) as soon as no row is running. Its kernels round
+        differently from eager ones (bfloat16), so a row switched halfway could end with other tokens than
+        it would have alone: rows that started eagerly finish eagerly. If the batch does not empty by itself
+        within SWITCH_WAIT_S, new requests wait in the queue until the running ones finish."""
         with self._cond:
-            self._next_step = step
+            self._next_step, self._next_step_since = step, time.monotonic()
             self._cond.notify()
 
     @property
@@ -142,11 +151,11 @@ class Scheduler:
                 admitted = self._wait_for_work([batch, filling])
                 if admitted is None:
                     break
-                if self._next_step is not None:  # between two steps: no row is halfway through one
+                if self._next_step is not None and not (batch or filling):  # the admitted have not started
                     self.model.use_packaged_step(self._next_step)
-                    self._next_step = None
+                    self._next_step, self._draining = None, False
                     self.separate_prefill = self.separate_prefill or self.model.compiled  # keep running rows compiled
-                    log.info("decode steps run compiled from now on (%d requests running switched over)", len(batch))
+                    log.info("decode steps run compiled from now on (%d requests start with it)", len(admitted))
                     if self.on_switched is not None:
                         self.on_switched()
                 self._drop_gone(batch)
@@ -206,7 +215,12 @@ class Scheduler:
                     future.set_exception(exc)
             admitted = []
             now = time.monotonic()
-            while self._pending and running + len(admitted) < self.max_batch_size:
+            if running and self._next_step is not None and now - self._next_step_since > SWITCH_WAIT_S:
+                if not self._draining:
+                    log.info("the compiled decode step is ready: new requests wait until the %d running finish",
+                             running)  # fmt: skip
+                self._draining = True
+            while self._pending and running + len(admitted) < self.max_batch_size and not self._draining:
                 job = self._pending.popleft()
                 if job.cancelled:
                     continue
