@@ -37,11 +37,12 @@ bench: $(STAMP)
 bench-report: $(STAMP)
 	$(PY) -m bench.report
 
-# Per-token speed against mistral.rs's X-LoRA on the embedded default (docs/benchmarks.md, "Against mistral.rs").
+# Per-token speed against mistral.rs's X-LoRA on the embedded default, as xlora-serve runs it by default (dtype,
+# threads, the compiled decode step; docs/benchmarks.md, "Against mistral.rs").
 # ../shared/peers/mistralrs/setup.sh builds mistral.rs' venv and model into build/peers once.
 bench-peers: $(STAMP)
 	[ -x build/peers/venv-mistralrs/bin/python ] || ../shared/peers/mistralrs/setup.sh build/peers
-	$(PY) -m bench.peers --threads 1 --dtypes float32,bfloat16 --compile
+	$(PY) -m bench.peers
 
 bench-load: $(STAMP)
 	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --max-new-tokens 32 --torch-threads 1

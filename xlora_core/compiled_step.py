@@ -10,7 +10,9 @@ with the KV caches as one key and one value buffer per layer ([batch, heads, cap
 `attention_mask.shape[1] - 1`; the row spans bound the keys each row reads, so the room beyond is never
 read. Batch (1 to `MAX_BATCH`), sequence length and capacity are dynamic: one graph serves every step.
 `columns` always holds the experts' rank-column weights; a pass with the experts off gives zeros (adding
-an exact 0, the same numbers as skipping them), so the scaling and real passes share the graph.
+an exact 0, the same numbers as skipping them), so the scaling and real passes share the graph. The step is
+exported as `PARTS` graphs of consecutive layers (the second starts from the first's hidden states), compiled
+side by side in as many processes: compiling is single-threaded, so that halves a cold build on 2 cores.
 
 AOTInductor compiles it with the weights frozen (on CPU: oneDNN-packed constants and inductor's autotuned C++
 GEMM kernels, what makes `XLoraModel.compile()` fast) into a .pt2 package that holds the kernels and the
