@@ -48,6 +48,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .batch_invariant import ROWS_PER_CALL
 from .cache import GrowingLayer
+from .lora import FusedLoraLinear
 from .quantize import QuantizedLinear
 
 if TYPE_CHECKING:
@@ -200,8 +201,27 @@ def export_step(model: XLoraModel, first: int = 0, end: int | None = None) -> to
     capacity = torch.export.Dim("capacity", min=2, max=1 << 20)
     kv = [{0: batch, 2: capacity}] * (step.end - step.first)
     dynamic = ({0: batch}, {0: batch, 1: width}, {0: batch}, {0: batch}, {0: batch}, kv, kv)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), joint_weights(model):
         return torch.export.export(step, example_inputs(model, first, end), dynamic_shapes=dynamic, strict=False)
+
+
+@contextlib.contextmanager
+def joint_weights(model: XLoraModel) -> Iterator[None]:
+    """Each fused layer over a plain linear without bias gets its base weight and its experts' A stacked
+    (`FusedLoraLinear.joint_weight`) while this lasts: the exported step then runs one matmul for both, and
+    reads and pads its input once (a constant concatenation inside the graph would not get inductor's C++
+    GEMM: its weight must be a constant)."""
+    layers = [
+        m for m in model.modules()
+        if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear) and m.base_layer.bias is None
+    ]  # fmt: skip
+    for m in layers:
+        m.joint_weight = torch.cat([m.base_layer.weight, m.lora_A]).detach()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.joint_weight = None
 
 
 def split_faithfully(model: XLoraModel, parts: int) -> bool:

@@ -197,6 +197,9 @@ class FusedLoraLinear(nn.Module):
         )
         self.ranks = {e: a.shape[0] for e, a, _, _ in experts}
         self.first_column = 0  # where this layer's columns start in slot.columns (set by attach_experts)
+        # [base weight; A], only while the compiled step is exported (compiled_step.joint_weights): a constant
+        # of the package, not a second copy of the weights in the model.
+        self.joint_weight: torch.Tensor | None = None
         self._runs: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
 
     def add_experts(self, experts: list[tuple[int, torch.Tensor, torch.Tensor, float]]) -> None:
@@ -246,6 +249,9 @@ class FusedLoraLinear(nn.Module):
         return self._runs[experts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = self.slot.columns
+        if self.joint_weight is not None and self.slot.inductor and columns is not None and self.slot.groups is None:
+            return self._joint(x, columns[:, :, self.first_column : self.first_column + self.lora_A.shape[0]])
         result = self.base_layer(x)
         if self.slot.columns is not None:  # a one-token step: gathered for every layer at once
             column_weights = self.slot.columns[:, :, self.first_column : self.first_column + self.lora_A.shape[0]]
@@ -262,6 +268,14 @@ class FusedLoraLinear(nn.Module):
             return result
         hidden = linear(x, self.lora_A, inductor=self.slot.inductor) * column_weights.to(x.dtype)
         return result + linear(hidden, self.lora_B, inductor=self.slot.inductor)
+
+    def _joint(self, x: torch.Tensor, column_weights: torch.Tensor) -> torch.Tensor:
+        """The same for the compiled step: the base weight and the experts' A in one matmul (`joint_weight`), so
+        `x` is read, padded and multiplied once."""
+        out = self.base_layer.weight.shape[0]
+        both = linear(x, self.joint_weight, inductor=True)
+        hidden = both[..., out:] * column_weights.to(x.dtype)
+        return both[..., :out] + linear(hidden, self.lora_B, inductor=True)
 
     def expert_matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This module's (A, B) of one expert, as stored by PEFT (for saving and inspection)."""
