@@ -3,7 +3,8 @@
 once no request is running (holding new ones back if need be), none dropped or changed; the package lands in the
 cache, where another
 process finds it under the same key and decodes the same greedy tokens with it; a restart loads it instead of
-compiling; a corrupt package is ignored with a warning.
+compiling; a corrupt package is ignored with a warning; a server stopped mid-build ends the build and the process
+compiling a part beside it.
 
 One package is built for the whole module (the tiny world's model, float32: about a minute on 2 cores)."""
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -135,3 +137,47 @@ def test_a_corrupt_package_is_ignored_with_a_warning_and_removed(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="xlora.compiled_step"):
         assert load_package(bad) is None
     assert "ignoring the compiled decode step" in caplog.text and not bad.exists()
+
+
+def _sessions_of_builds() -> dict[int, list[int]]:
+    """session id -> its processes, for every session led by an `xlora-serve --precompile` build (procfs)."""
+    processes = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            sid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):  # not a process, or it ended meanwhile
+            continue
+        processes.append((int(entry.name), sid, cmdline))
+    leaders = {pid for pid, sid, cmdline in processes if pid == sid and "--precompile" in cmdline}
+    return {sid: [pid for pid, s, _ in processes if s == sid] for sid in leaders}
+
+
+def test_stopping_the_server_mid_build_ends_the_build_and_its_part_compilers(start_server, world, tmp_path):
+    before = set(_sessions_of_builds())
+    proc = start_server(server_config(world, model={"compile": "auto"}), env=env(tmp_path / "cache"))
+    deadline = time.monotonic() + 120
+    while True:  # the build (a session of its own) and the process compiling a part beside it
+        builds = {sid: pids for sid, pids in _sessions_of_builds().items() if sid not in before}
+        if builds and max(len(pids) for pids in builds.values()) >= 2:
+            break
+        assert time.monotonic() < deadline, (builds, proc.log())
+        time.sleep(0.1)
+    proc.stop()
+    deadline = time.monotonic() + 15
+    while any(sid in _sessions_of_builds() or _alive(pids) for sid, pids in builds.items()):
+        assert time.monotonic() < deadline, builds
+        time.sleep(0.2)
+
+
+def _alive(pids: list[int]) -> bool:
+    """Whether any of `pids` still runs (a zombie waiting to be reaped does not)."""
+    for pid in pids:
+        try:
+            if (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        except OSError:
+            continue
+    return False

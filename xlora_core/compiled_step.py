@@ -243,7 +243,7 @@ def split_faithfully(model: XLoraModel, parts: int) -> bool:
 def default_autotune() -> str:
     """The GEMM kernels inductor chooses among. With AMX, inductor's C++ micro-GEMMs beat oneDNN's (ATEN) on
     every matmul shape of the step, 4 to 10x (docs/compiled-decoding.md), so they are taken without
-    benchmarking both (which costs a third of a cold build); elsewhere both are benchmarked."""
+    benchmarking both (which cost a fifth of a cold build); elsewhere both are benchmarked."""
     import torch.cpu
 
     return "CPP" if torch.cpu._is_amx_tile_supported() else "CPP,ATEN"
@@ -375,7 +375,7 @@ def _no_gc() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _templates_parsed_once() -> Iterator[None]:
-    """Inductor parses its jinja GEMM template again for each of the step's ~600 matmuls (torch 2.13:
+    """Inductor parses its jinja GEMM template again for each of the step's hundreds of matmuls (torch 2.13:
     `KernelTemplate._template_from_string`, uncached): a quarter of a cold build. A template is the same for
     the same text, so each text is parsed once while this lasts; the generated code is the same."""
     from torch._inductor.codegen.common import KernelTemplate

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -113,9 +114,11 @@ class StepCompiler:
         env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
         command = [sys.executable, "-m", "server", "--config", str(self.settings.source), "--precompile"]
         with open(log_path, "wb") as out:
+            # A session of its own: stop() ends it with the processes it spawns to compile parts side by side.
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: os.nice(19)
-            )
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: os.nice(19),
+                start_new_session=True,
+            )  # fmt: skip
         self.building = True
         log.info("serving eagerly; compiling the decode step in the background (process %d, log %s)",
                  self.process.pid, log_path)  # fmt: skip
@@ -146,11 +149,13 @@ class StepCompiler:
     def stop(self) -> None:
         """End the background build, if one is running (at shutdown)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
             try:
+                os.killpg(self.process.pid, signal.SIGTERM)  # the build and its part compilers
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
 
 
 def precompile(settings: Settings, model) -> int:
