@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import torch
 from xlora_core import Routing, XLoraModel
 from xlora_core.base_model import load_base_model, resolve_dtype
 from xlora_core.compiled_step import build_package_once, load_package, package_path, supported
+
+from .report import machine
 
 PEERS = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "mistralrs"
 
@@ -51,15 +52,6 @@ def mistralrs_tok_per_s(args: argparse.Namespace) -> dict[str, float]:
         subprocess.run(cmd, check=True)
         results = json.load(open(out.name))["results"]
     return {r["mode"].removesuffix("-1tok"): r["tok_per_s"] for r in results if "error" not in r}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (what /proc/cpuinfo says), for the table's caption."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def best_time(fn, repeats: int) -> float:
@@ -128,7 +120,7 @@ def main() -> None:
     dtypes = [str(resolve_dtype(d)).removeprefix("torch.") if d == "auto" else d for d in args.dtypes.split(",")]
     ours = {dtype: ours_tok_per_s(args, dtype) for dtype in dtypes}
 
-    print(f"\nmachine: {cpu_name()}, {args.threads} thread(s), torch "
+    print(f"\nmachine: {machine()}, {args.threads} thread(s), torch "
           f"{torch.__version__}; {args.new_tokens} new tokens from a {args.prompt_tokens}-token prompt, greedy; "
           f"tok/s (best of {args.repeats}); X-LoRA ratios to mistral.rs's X-LoRA in brackets")  # fmt: skip
     mrs = peer.get("xlora")

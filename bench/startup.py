@@ -30,7 +30,7 @@ import httpx
 
 from xlora_core.base_model import default_cache_dir
 
-from .peers import cpu_name
+from .report import machine
 
 
 def free_port() -> int:
@@ -106,7 +106,7 @@ def main() -> None:
             print(f"{kind}: {results[kind]}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{args.config} on {cpu_name()}, {os.cpu_count()} cores; seconds from process start")
+    print(f"\n{args.config} on {machine()}; seconds from process start")
     print("| start | /ready | compiled step | tok/s after (greedy, one request) |")
     print("|---|---:|---:|---:|")
     for kind, r in results.items():

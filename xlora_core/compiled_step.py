@@ -422,6 +422,7 @@ class PackagedStep:
         if not names or names != set(parts):
             raise ValueError(f"expected models part0, part1, ... in the package, found {sorted(names)}")
         self.runners = [load_part(str(self.path), name) for name in parts]
+        self.bounds: list[tuple[int, int]] = []  # each part's layers, known at the first call
 
     def __call__(
         self,
@@ -443,8 +444,10 @@ class PackagedStep:
             return None
         keys = [layer.buffers[0] for layer in layers]
         values = [layer.buffers[1] for layer in layers]
+        if not self.bounds:
+            self.bounds = part_bounds(len(layers), len(self.runners))
         hidden = input_ids
-        for runner, (first, end) in zip(self.runners, part_bounds(len(layers), len(self.runners)), strict=True):
+        for runner, (first, end) in zip(self.runners, self.bounds, strict=True):
             hidden = runner(hidden, attention_mask, position_ids, spans, columns, keys[first:end], values[first:end])
         for layer, k, v in zip(layers, keys, values, strict=True):
             layer.length = width

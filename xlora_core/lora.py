@@ -249,16 +249,15 @@ class FusedLoraLinear(nn.Module):
         return self._runs[experts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        columns = self.slot.columns
-        if self.joint_weight is not None and self.slot.inductor and columns is not None and self.slot.groups is None:
-            return self._joint(x, columns[:, :, self.first_column : self.first_column + self.lora_A.shape[0]])
-        result = self.base_layer(x)
         if self.slot.columns is not None:  # a one-token step: gathered for every layer at once
             column_weights = self.slot.columns[:, :, self.first_column : self.first_column + self.lora_A.shape[0]]
+            if self.joint_weight is not None and self.slot.inductor and self.slot.groups is None:
+                return self._joint(x, column_weights)
         elif self.slot.weights is not None:  # [batch, seq, n_experts] -> one weight per rank column
             column_weights = self.slot.weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
         else:  # the experts are off (a scaling pass at value 0)
-            return result
+            return self.base_layer(x)
+        result = self.base_layer(x)
         if self.slot.groups is not None:  # several models in the batch: each set of experts for its own rows
             for mask, experts in self.slot.groups:
                 for a, b, lo, hi in self.runs(experts):
