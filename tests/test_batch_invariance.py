@@ -10,13 +10,25 @@ It runs on its float weights and on its weights quantized to int8 and int4 (xlor
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from xlora_core import BatchRow, DecodeBatch, Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel
+from xlora_core import BatchRow, DecodeBatch, Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel, native
 from xlora_core.base_model import resolve_dtype
-from xlora_core.batch_invariant import ROWS_PER_CALL, linear, rows_fixed
+from xlora_core.batch_invariant import (
+    ROWS_PER_CALL,
+    left_padded_spans,
+    linear,
+    one_query_attention,
+    ragged_spans,
+    rows_fixed,
+)
 from xlora_core.prefix_cache import PrefixCache
 from xlora_core.quantize import quantize_base
 
@@ -138,3 +150,81 @@ def test_linear_gives_each_row_the_same_bits_for_any_number_of_rows():
             one_by_one = torch.cat([linear(x[i : i + 1], weight) for i in range(40)])
             for n in (2, 3, 8, ROWS_PER_CALL, ROWS_PER_CALL + 1, 40):
                 assert torch.equal(linear(x[:n], weight), one_by_one[:n]), (out_features, in_features, n)
+
+
+needs_kernel = pytest.mark.skipif(not native.load(), reason="the C++ attention kernel cannot be built here")
+
+
+def sdpa_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """One row's one query [heads, dim] over its keys [kv heads, keys, dim], by PyTorch's SDPA."""
+    out = F.scaled_dot_product_attention(query[None, :, None], key[None], value[None], scale=0.125, enable_gqa=True)
+    return out[0, :, 0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [64, 40])
+def test_the_one_query_kernel_agrees_with_sdpa_and_gives_each_row_the_same_bits(dim):
+    """A left-padded decode step of 8 rows (3 to 300 keys) and a ragged one (cached keys, then new ones): each
+    row within 1e-5 of SDPA, and bit for bit what it gets alone, with 1 or 2 threads."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 17, 33, 64, 300, 129, 3, 77]
+    width = max(lengths)
+    query = torch.randn(8, 9, 1, dim, generator=g)
+    key, value = torch.randn(2, 8, 3, width + 5, dim, generator=g)  # 5 columns of room, never read
+    mask = torch.zeros(8, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, width - n :] = 1
+    together = one_query_attention(query, key, value, left_padded_spans(mask, 1), 0.125)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for i, n in enumerate(lengths):
+                k, v = key[i : i + 1, :, width - n : width].clone(), value[i : i + 1, :, width - n : width].clone()
+                alone = one_query_attention(query[i : i + 1], k, v, left_padded_spans(torch.ones(1, n), 1), 0.125)
+                assert torch.equal(alone[0], together[i]), (i, n_threads)
+                assert (together[i, 0] - sdpa_row(query[i, :, 0], k[0], v[0])).abs().max() < 1e-5
+    finally:
+        torch.set_num_threads(threads)
+
+    # Ragged: row r's keys are its cached ones, then its new one (ragged_spans); here 3 rows, one token each.
+    cached = [4, 0, 11]
+    flat = torch.randn(2, 1, 3, sum(cached) + 3, dim, generator=g)
+    q = torch.randn(1, 9, 3, dim, generator=g)
+    out = one_query_attention(q, flat[0], flat[1], ragged_spans(cached, [1, 1, 1]), 0.125)
+    at = 0
+    for r, c in enumerate(cached):
+        columns = [*range(at, at + c), sum(cached) + r]
+        expected = sdpa_row(q[0, :, r], flat[0, 0][:, columns], flat[1, 0][:, columns])
+        assert (out[0, r] - expected).abs().max() < 1e-5, r
+        at += c
+
+
+@needs_kernel
+def test_the_one_query_kernel_rejects_spans_it_cannot_run():
+    q, k = torch.randn(1, 9, 2, 64), torch.randn(1, 3, 8, 64)
+    with pytest.raises(RuntimeError, match="must hold one query"):
+        one_query_attention(q, k, k, torch.tensor([[0, 0, 2, 0, 8, 8, 8]]), 0.125)
+    with pytest.raises(RuntimeError, match="key ranges must lie within the 8 columns"):
+        one_query_attention(q, k, k, torch.tensor([[0, 0, 1, 0, 9, 9, 9]]), 0.125)
+    with pytest.raises(RuntimeError, match="float32"):
+        one_query_attention(q.bfloat16(), k, k, torch.tensor([[0, 0, 1, 0, 8, 8, 8]]), 0.125)
+
+
+def test_without_the_kernel_decode_steps_attend_through_sdpa():
+    """XLORA_NATIVE_KERNELS=false (or no compiler): the decode step's attention is attention_by_rows over SDPA."""
+    code = (
+        "import torch\n"
+        "from xlora_core import native\n"
+        "from xlora_core.batch_invariant import attention_by_rows, left_padded_spans, row_attention\n"
+        "q = torch.randn(2, 9, 1, 64)\n"
+        "k, v = torch.randn(2, 2, 3, 9, 64).unbind(0)\n"
+        "spans = left_padded_spans(torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 9]), 1)\n"
+        "out, _ = row_attention(None, q, k, v, None, scaling=0.125, row_spans=spans)\n"
+        "assert not native.load()\n"
+        "assert torch.equal(out, attention_by_rows(q, k, v, spans, 0.125))\n"
+        "print('sdpa')\n"
+    )
+    env = {**os.environ, "XLORA_NATIVE_KERNELS": "false"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "sdpa", done.stderr[-2000:]

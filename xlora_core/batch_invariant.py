@@ -13,7 +13,9 @@ which bfloat16 then rounds into different tokens:
   every call: the whole decode step costs 5% more at batch 1 (`python -m bench.batch_invariance`).
 - attention over a padded batch: the padding shifts where a row's keys fall in the kernel's vector lanes.
   `row_attention` runs each row's queries over its own keys only (`left_padded_spans`, `ragged_spans`), the same call
-  with the same shapes as when the row is alone.
+  with the same shapes as when the row is alone. A single query (every row of a decode step) goes to our C++
+  kernel (`one_query_attention`, csrc/one_query_attention.cpp), which computes each (row, head) alone in one loop
+  over that row's keys; longer queries block by block through SDPA.
 
 Elsewhere (float32, or a GPU) `linear` is plain `F.linear`: float32 kernels differ by batch size in the
 last bit (about 1e-7), which has not changed a greedy token in our tests, but is not a guarantee.
@@ -30,6 +32,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import native
 
 # The rows of every prepacked matmul call (AMX tiles are 16 rows high).
 ROWS_PER_CALL = 16
@@ -177,6 +181,7 @@ def attention_by_rows(
     its queries, which are its last keys), its queries QUERY_BLOCK by QUERY_BLOCK along its row's grid."""
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
     gqa = key.shape[1] != query.shape[1]
+    one_query = _one_query_kernel(key)
     for b, qs, qe, ks1, ke1, ks2, ke2 in spans.tolist():
         k, v = key[b : b + 1, :, ks1:ke1], value[b : b + 1, :, ks1:ke1]
         if ke2 > ks2:
@@ -188,9 +193,14 @@ def attention_by_rows(
         while begin < total:  # queries begin..end: on the grid, or the span's own ends
             end = min((begin // QUERY_BLOCK + 1) * QUERY_BLOCK, total) if qe - qs > 1 else total
             n, mask = end - begin, None
+            rows = slice(qs + begin - first, qs + end - first)
+            if n == 1 and one_query:  # the kernel a decode step uses: the same bits for the same query and keys
+                span = torch.tensor([[0, 0, 1, 0, end, 0, 0]])
+                out[b, rows] = one_query_attention(query[b : b + 1, :, rows], k, v, span, scaling)[0]
+                begin = end
+                continue
             if n > 1:  # query i sees keys up to end - n + i
                 mask = torch.ones(n, end, dtype=torch.bool, device=query.device).tril(end - n)
-            rows = slice(qs + begin - first, qs + end - first)
             o = F.scaled_dot_product_attention(
                 query[b : b + 1, :, rows], k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=scaling, enable_gqa=gqa
             )
@@ -202,6 +212,20 @@ def attention_by_rows(
 @attention_by_rows.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, scaling: float) -> torch.Tensor:
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+
+
+def _one_query_kernel(key: torch.Tensor) -> bool:
+    """Whether single queries over these keys go to the C++ kernel: float32 keys on a CPU where it is built."""
+    return ENABLED and key.dtype == torch.float32 and key.device.type == "cpu" and native.load()
+
+
+def one_query_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """attention_by_rows for spans of one query each, in C++ (native.py): [batch, heads, queries, dim] ->
+    [batch, queries, heads, dim]. Each (row, head) is one loop over its row's keys, so a row's result does not
+    depend on the other rows, nor on how the work is split among threads."""
+    return torch.ops.xlora_native.one_query_attention(query, key, value, spans, scaling)
 
 
 def row_attention(
@@ -228,6 +252,8 @@ def row_attention(
         )
         return out.to(dtype), None
     scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    if query.shape[2] == 1 and _one_query_kernel(key):  # a decode step: every row's query in one C++ call
+        return one_query_attention(query.to(key.dtype), key, value, row_spans, scaling).to(dtype), None
     return attention_by_rows(query.to(key.dtype), key, value, row_spans, scaling).to(dtype), None
 
 

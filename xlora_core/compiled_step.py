@@ -46,6 +46,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import native
 from .batch_invariant import ROWS_PER_CALL
 from .cache import GrowingLayer
 from .lora import FusedLoraLinear
@@ -69,7 +70,8 @@ FORMAT = 2
 PARTS = 2
 
 # The sources whose code is traced into the package.
-_SOURCES = ("model.py", "lora.py", "batch_invariant.py", "cache.py", "compiled_step.py", "classifier.py")
+_SOURCES = ("model.py", "lora.py", "batch_invariant.py", "cache.py", "compiled_step.py", "classifier.py", "native.py",
+            "csrc/one_query_attention.cpp")
 
 
 class BufferLayer(DynamicLayer):
@@ -289,6 +291,7 @@ def package_key(model: XLoraModel) -> str:
         "base": model.base.config.to_json_string(use_diff=False),
         "inductor": inductor_configs(model),
         "parts": PARTS,
+        "native": native.load(),  # the decode step's attention: our C++ kernel, or SDPA where it cannot be built
         "sources": {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _SOURCES},
     }
     h.update(json.dumps(facts, sort_keys=True, default=str).encode())
@@ -354,6 +357,7 @@ def _compile(program: torch.export.ExportedProgram | str, configs: dict[str, Any
     name = program if isinstance(program, str) else "the last part"
     if isinstance(program, str):
         torch.set_num_threads(threads)  # the GEMM kernels are built for the serving process's thread count
+        native.load()  # the step calls our C++ attention: its op must be known to load the program
         program = torch.export.load(program)
     with _no_gc(), _templates_parsed_once():
         args, kwargs = program.example_inputs
@@ -416,6 +420,7 @@ class PackagedStep:
         from torch._inductor.package import load_package as load_part
 
         self.path = Path(path)
+        native.load()  # the step calls our C++ attention kernel, which must be registered before loading
         with zipfile.ZipFile(self.path) as archive:  # the parts' names: <archive>/data/aotinductor/<part>/...
             names = {Path(n).parts[3] for n in archive.namelist() if Path(n).parts[1:3] == ("data", "aotinductor")}
         parts = [f"part{i}" for i in range(len(names))]

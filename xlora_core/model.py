@@ -20,6 +20,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import native
 from .batch_invariant import ROW_SDPA, left_padded_spans, ragged_spans, use_row_invariant_linears
 from .cache import RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
@@ -53,6 +54,8 @@ class XLoraModel(nn.Module):
         self.base = base
         if base.config._attn_implementation == "sdpa":  # the same, row by row in cached steps, wider KV caches
             base.set_attn_implementation(ROW_SDPA)
+            if base.device.type == "cpu":
+                native.load()  # its C++ kernel for decode steps: built now (once per machine), not in a request
         self.slot = ExpertWeightsSlot()
         experts = [read_expert(name, folder) for name, folder in config.adapters.items()]
         # A plain list: the fused layers are already registered as submodules of `base`.
