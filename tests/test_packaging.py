@@ -294,6 +294,8 @@ def test_install_script_in_a_fresh_venv(tmp_path):
         "import fastapi_offline; from server.routes import dashboard, docs; "
         "assert all((dashboard._STATIC / n).is_file() for n in ('index.html', *dashboard._ASSETS)); "
         "assert all((docs._ASSETS_DIR / n).is_file() for n in docs._ASSETS); "
+        # the C++ kernel's source is package data too, and the install built it
+        "from xlora_core import native; assert native.SOURCE.is_file() and native.load(); "
         "print(torch.__version__, pathlib.Path(xlora_core.__file__).parent, sep='\\n')"
     )
     # cwd is neither the checkout nor the copy, so the imports come from the venv

@@ -42,7 +42,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// exp(x) for x <= 0 (a softmax's scores less their maximum), to about 1 ulp: x = k ln2 + r, exp(r) by its Taylor
+// exp(x) for x <= 0 (a softmax's scores less their maximum), to a few ulp: x = k ln2 + r, exp(r) by its Taylor
 // series to r^7 (|r| <= ln2 / 2), times 2^k put into the exponent bits. Below -87 it gives exp(-87) (about
 // 1e-38), which changes no sum of these weights.
 inline Lanes exp_lanes(Lanes x) {
@@ -51,7 +51,7 @@ inline Lanes exp_lanes(Lanes x) {
   const IntLanes k = __builtin_convertvector(scaled, IntLanes) - (scaled < 0.f ? 1 : 0);  // floor(x / ln2 + 1/2)
   const Lanes kf = __builtin_convertvector(k, Lanes);
   const Lanes r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;
-  Lanes p = 1.f / 5040.f + r * 0.f;
+  Lanes p = Lanes{} + 1.f / 5040.f;
   p = 1.f / 720.f + r * p;
   p = 1.f / 120.f + r * p;
   p = 1.f / 24.f + r * p;
@@ -145,7 +145,7 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
         acc[d] = a;
       }
       float* o = op + ((b * queries + query_at) * heads + h) * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = acc[d] / total;
+      for (int64_t e = 0; e < dim; ++e) o[e] = acc[e] / total;
     }
   });
   return out;
