@@ -220,6 +220,27 @@ def test_cache_dir_from_env(tmp_path, monkeypatch):
     assert bm.gguf_cache_path(gguf, tmp_path / "other").parent == tmp_path / "other"
 
 
+def test_a_new_conversion_removes_those_no_key_can_reach_again(tmp_path):
+    """Beside a new conversion of m.gguf: the conversions of a deleted m.gguf (another venv) and of this file
+    before it was replaced go; those of another existing m.gguf, and folders without a source note, stay."""
+    gguf, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for f in (gguf, other):
+        f.parent.mkdir()
+        f.write_bytes(b"x")
+    cache = tmp_path / "cache"
+    sources = {"m-gone": tmp_path / "deleted" / "m.gguf", "m-older": gguf, "m-other": other, "m-legacy": None}
+    for name, source in sources.items():
+        (cache / name).mkdir(parents=True)
+        if source is not None:
+            (cache / name / bm.SOURCE_NOTE).write_text(str(source))
+    out = bm.gguf_cache_path(gguf, cache)
+    out.mkdir()
+    (out / bm.SOURCE_NOTE).write_text(str(gguf.resolve()))
+    removed = bm.prune_stale_conversions(out, gguf)
+    assert sorted(p.name for p in removed) == ["m-gone", "m-older"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["m-legacy", "m-other", out.name])
+
+
 # -----------------------------------------------------------------------------
 # training
 

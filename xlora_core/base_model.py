@@ -113,6 +113,28 @@ def gguf_cache_path(gguf_path: Path, cache_dir: str | os.PathLike | None = None)
     return root / f"{gguf_path.stem}-{digest}"
 
 
+# In each converted folder: the GGUF file it was converted from (prune_stale_conversions reads it).
+SOURCE_NOTE = "source.txt"
+
+
+def prune_stale_conversions(out: Path, gguf_path: Path) -> list[Path]:
+    """Remove the other conversions of `gguf_path`'s stem beside `out` that no key can reach again: their GGUF
+    file is gone (a deleted venv: every fresh install of the embedded default is another path), or it is this
+    file at another size or mtime (replaced). Folders without a source note (older ones, other files) are kept.
+    Returns the folders removed."""
+    source = str(gguf_path.resolve())
+    removed = []
+    for folder in out.parent.glob(f"{gguf_path.stem}-*"):
+        note = folder / SOURCE_NOTE
+        if folder == out or ".tmp-" in folder.name or not note.is_file():
+            continue
+        origin = note.read_text(encoding="utf-8").strip()
+        if origin == source or not Path(origin).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def _gguf_chat_template(gguf_path: Path) -> str | None:
     """Read `tokenizer.chat_template` straight from the GGUF metadata."""
     from gguf import GGUFReader
@@ -143,6 +165,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_NOTE).write_text(str(gguf_path.resolve()), encoding="utf-8")
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process finished first: keep theirs
@@ -179,6 +202,8 @@ def resolve_model_folder(
     if not (out / "config.json").is_file():
         print(f"converting {gguf_path.name} to {out} (once; later loads use the cache)", flush=True)
         convert_gguf(gguf_path, out)
+        for folder in prune_stale_conversions(out, gguf_path):
+            print(f"removed {folder}: a conversion of a GGUF file that is gone or was replaced", flush=True)
     return out
 
 
