@@ -3,7 +3,8 @@
 One kernel so far: `xlora_native::one_query_attention`, the attention of a decode step (one query per row), each
 row on its own keys (batch_invariant.row_attention). Row by row through PyTorch's SDPA that is a Python loop of
 several calls per row in every layer, and inside the compiled decode step a trip back into Python per layer:
-about a tenth of a decode step at batch 1, most of it at batch 8 (docs/compiled-decoding.md).
+about a tenth of a decode step's time at batch 1 by a profile, and the default decoded 1.3x as fast without it
+(docs/compiled-decoding.md).
 
 `load()` builds it once per machine (about 10 s, with the C++ compiler inductor uses too; `-march=native`, so the
 build is keyed by the CPU) into <cache>/native/, and loads it. Where it cannot be built (no compiler), or with
