@@ -16,17 +16,21 @@
 # A slim Python 3.11 image, or a CUDA image (which has no Python: the base stage installs one).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- base: Python + venv support; both later stages start here, so the venv's interpreter path matches
+# ---- base: Python + venv support and a C++ compiler; both later stages start here, so the venv's interpreter
+# path matches. The compiler is not optional: the compiled decode step (AOTInductor; Triton on CUDA) and our C++
+# attention kernel are compiled on the machine that runs them, and without one the server decodes eagerly, at
+# about half the speed (docs/compiled-decoding.md). The CUDA image's apt Python also needs its headers.
 FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \
-        apt-get update \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+RUN apt-get update \
+    && if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv python3-dev; \
+    fi \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 
 # ---- builder: the venv at /opt/venv, made by the shared install script (no extras, not editable)
 FROM base AS builder
@@ -63,11 +67,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/huggingface \
     HF_HUB_OFFLINE=1
 WORKDIR /app
-# Convert the embedded GGUF now (about 30 s) so the container serves within seconds of start. A named or
+# Convert the embedded GGUF now (about 30 s) and build the C++ attention kernel (about 10 s; keyed by the CPU, so
+# a container on another CPU builds its own at start) so the container serves within seconds of start. A named or
 # anonymous volume on /cache starts with this content; an empty bind mount converts once at first start.
 RUN python -c "import os; from xlora_core.base_model import default_gguf_path; \
 assert os.stat(default_gguf_path()).st_mtime_ns % 10**9 == 0, 'GGUF mtime is not whole seconds'" \
     && python -c "from xlora_core.base_model import load_base_model; load_base_model('default', device='cpu')" \
+    && python -c "from xlora_core import native; assert native.load(), 'the C++ attention kernel did not build'" \
     && chown -R xlora:xlora /cache
 # Optional: the Hugging Face Hub ids of one of configs/ (e.g. gpu-xlora-paper.yaml) fetched into the image's
 # Hugging Face cache (HF_HOME), so it serves them offline; none by default (the GPU configs' models are GBs).

@@ -122,6 +122,14 @@ def test_dockerfile_shape():
     assert "XLORA_CACHE_DIR=/cache" in env
     # the default model is converted at build time
     assert any("load_base_model('default'" in a for w, a in instructions if w == "RUN")
+    # A C++ compiler in the stage every other starts from: without one the compiled decode step and the attention
+    # kernel cannot be built where the image runs, and it decodes eagerly (docs/compiled-decoding.md).
+    first = words.index("FROM")
+    base_runs = [a for w, a in instructions[first : words.index("FROM", first + 1)] if w == "RUN"]
+    assert any(re.search(r"apt-get install [^;&]*\bg\+\+", a) for a in base_runs), "the base stage installs no g++"
+    assert all(a.endswith(" AS base") or a.startswith("base ") for a in stages[1:]), stages
+    # the kernel is built into the image's cache (/cache), and a failed build fails the image
+    assert any("native.load()" in a and "assert" in a for w, a in instructions if w == "RUN")
     # tokens come from the environment at run time, never from the image
     for word, text in instructions:
         if word in ("ENV", "ARG"):
