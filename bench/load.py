@@ -2,13 +2,17 @@
 
     python -m bench.load --config configs/default.yaml                  # C = 1,4,8,16; 4 requests per client
     python -m bench.load --config X.yaml --concurrency 1,4,8 --requests 2 --max-new-tokens 32
+    python -m bench.load --concurrency 1,8 --torch-threads 1 --compiled  # both servers on the compiled step
 
 Starts `python -m server --config X` on 127.0.0.1 (a free port), waits for /ready, runs each C in turn
 (every client sends --requests requests one after another; half of them streamed, alternating, unless
 --stream says otherwise) against it and against a second server with `server.max_batch_size: 1` (a
 temporary copy of the config with its paths made absolute), in turn. Both servers are up for the whole
 run and idle while the other is measured. Greedy, fixed prompts, fixed max_new_tokens. Server logs go
-to runs/load-<mode>-server.log.
+to runs/load-<mode>-server.log. Both servers decode eagerly (a compiled step built in the background would take
+the other core while measuring); with --compiled, the compiled decode step is built first (`xlora-serve
+--precompile` on the batched config, kept in the cache: minutes the first time on a machine, seconds after) and
+both servers load it at start, and each must say `decode_step: compiled` on /ready.
 
 Reports per C and mode: aggregate generated tokens/s (sum of completion_tokens / wall time of the round),
 p50/p99 latency, p50/p99 time to first token (streamed requests), and every error (status + body). One
@@ -89,16 +93,17 @@ def config_copy(config: Path, folder: Path, overrides: dict[str, dict] | None = 
 class Server:
     """`python -m server --config X --host 127.0.0.1 --port P`, output to a log file; SIGTERM (then kill) on stop."""
 
-    def __init__(self, config: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, config: Path, log_path: Path, extra_args: list[str] | None = None, compile_mode: str | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("XLORA_")}  # no auth for the bench
         env["PYTHONUNBUFFERED"] = "1"
         # No compiled step built in the background while measuring (it would take the other core): eager,
-        # unless XLORA_COMPILE says otherwise; `XLORA_COMPILE=auto` after `xlora-serve --precompile` measures
-        # the compiled step, loaded from the cache at start (docs/compiled-decoding.md).
-        env["XLORA_COMPILE"] = os.environ.get("XLORA_COMPILE", "false")
+        # unless `compile_mode` (--compiled: "auto", the package built before) or XLORA_COMPILE says otherwise.
+        env["XLORA_COMPILE"] = compile_mode or os.environ.get("XLORA_COMPILE", "false")
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port),
@@ -273,11 +278,15 @@ def run_all(configs: dict[str, Path], args, log_dir: Path) -> dict[str, list[Rou
         servers = {}
         for mode, config in configs.items():
             log_path = log_dir / f"load-{mode}-server.log"
-            servers[mode] = stack.enter_context(Server(config, log_path))
+            compile_mode = "auto" if args.compiled else None
+            servers[mode] = stack.enter_context(Server(config, log_path, compile_mode=compile_mode))
             t0 = time.perf_counter()
             servers[mode].wait_ready(args.ready_timeout)
-            print(f"{mode}: ready after {time.perf_counter() - t0:.1f} s (pid {servers[mode].pid}, log {log_path})",
-                  flush=True)  # fmt: skip
+            step = httpx.get(servers[mode].url + "/ready", timeout=5).json().get("decode_step")
+            print(f"{mode}: ready after {time.perf_counter() - t0:.1f} s, decode step {step} (pid {servers[mode].pid}, "
+                  f"log {log_path})", flush=True)  # fmt: skip
+            if args.compiled and step != "compiled":
+                raise RuntimeError(f"{mode}: --compiled, but the server decodes {step} (log {log_path})")
             warm_up(servers[mode].url, args.max_new_tokens, args.timeout)
         for c in args.concurrency:
             for mode, server in servers.items():
@@ -290,6 +299,20 @@ def run_all(configs: dict[str, Path], args, log_dir: Path) -> dict[str, list[Rou
                 for err in rnd.errors:
                     print(f"  error: {err}", flush=True)
     return results
+
+
+def precompile(config: Path, log_path: Path) -> None:
+    """`xlora-serve --config config --precompile`: the config's compiled decode step into the cache (built once per
+    machine, threads and model; found at once after). The servers' configs differ only in what the step does not
+    depend on (the batch size), so both load it."""
+    started = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLORA_")}  # as the servers get it (Server)
+    with open(log_path, "wb") as log:
+        done = subprocess.run([sys.executable, "-m", "server", "--config", str(config), "--precompile"],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"xlora-serve --precompile failed (exit {done.returncode}), log {log_path}")
+    print(f"compiled decode step ready after {time.perf_counter() - started:.0f} s (log {log_path})", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -344,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--log-dir", type=Path, default=REPO / "runs", help="where the servers' logs go")
     parser.add_argument("--torch-threads", type=int, help="override model.torch_threads in both servers")
+    parser.add_argument("--compiled", action="store_true",
+                        help="both servers on the compiled decode step (xlora-serve --precompile first)")  # fmt: skip
     args = parser.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     modes = args.modes.split(",")
@@ -353,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.torch_threads or (settings.get("model") or {}).get("torch_threads") or "torch's default"
     print(f"# bench.load: {args.config}\nmachine: {machine()}\n"
           f"C={args.concurrency}, {args.requests} requests per client, max_new_tokens {args.max_new_tokens}, "
-          f"greedy, stream={args.stream}, torch threads per server: {threads}", flush=True)  # fmt: skip
+          f"greedy, stream={args.stream}, torch threads per server: {threads}, "
+          f"decode step: {'compiled' if args.compiled else 'eager'}", flush=True)  # fmt: skip
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xlora-bench-load-") as tmp:
@@ -363,11 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             "batched": config_copy(args.config, folder, model, name="batched.yaml"),
             "single": config_copy(args.config, folder, {**model, "server": {"max_batch_size": 1}}, name="single.yaml"),
         }
+        if args.compiled:
+            precompile(configs["batched"], args.log_dir / "load-precompile.log")
         results = run_all({mode: configs[mode] for mode in modes}, args, args.log_dir)
 
     batched, single = results.get("batched", []), results.get("single", [])
     print(f"\n## results ({args.config}, {args.requests} requests per client, max_new_tokens "
-          f"{args.max_new_tokens}, stream={args.stream}, torch threads {threads})\nmachine: {machine()}\n")  # fmt: skip
+          f"{args.max_new_tokens}, stream={args.stream}, torch threads {threads}, "
+          f"{'compiled' if args.compiled else 'eager'} decode step)\nmachine: {machine()}\n")  # fmt: skip
     print(table(batched or single, single if batched else [], batch_size))
     errors = [e for rounds in results.values() for r in rounds for e in r.errors]
     print(f"\nerrors: {len(errors)}")
