@@ -428,13 +428,15 @@ class XLoraModel(nn.Module):
             log.warning("decoding eagerly from now on: %s, and the compiled decode step holds the old ones", why)
             self._packaged_step = None
 
-    def compile(self, enabled: bool = True) -> None:
+    def compile(self, enabled: bool = True, mode: str | None = None) -> None:
         """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
 
         The weights are frozen into the graph; on CPU the matmuls use inductor's autotuned C++ GEMM
         kernels, which stream a step's weights faster than eager torch's GEMV. Prefill and training stay
         eager. The compilation itself happens on the first steps, and again for a new batch size until
-        torch treats the size as dynamic (README "Compiled decoding"). `enabled=False`: eager again."""
+        torch treats the size as dynamic (README "Compiled decoding"). `enabled=False`: eager again.
+        `mode`: torch.compile's (None: its default; "reduce-overhead" adds CUDA graphs on a GPU, measured by
+        bench.cuda_check, not yet tried on one)."""
         if not enabled:
             self._compiled_step = None
             return
@@ -443,7 +445,7 @@ class XLoraModel(nn.Module):
         self._inductor_config = {"freezing": True}
         if self.device.type == "cpu":
             self._inductor_config |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-        self._compiled_step = torch.compile(self._one_token_pass)
+        self._compiled_step = torch.compile(self._one_token_pass, mode=mode)
 
     # ---- scalings inspection -------------------------------------------------------------------
     def get_latest_scalings(self) -> torch.Tensor | None:
