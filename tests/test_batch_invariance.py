@@ -19,7 +19,17 @@ import torch
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from xlora_core import BatchRow, DecodeBatch, Routing, RowDecoder, SamplingParams, XLoraConfig, XLoraModel, native
+from xlora_core import (
+    BatchRow,
+    DecodeBatch,
+    Routing,
+    RowDecoder,
+    SamplingParams,
+    XLoraConfig,
+    XLoraModel,
+    compiled_step,
+    native,
+)
 from xlora_core.base_model import resolve_dtype
 from xlora_core.batch_invariant import (
     ROWS_PER_CALL,
@@ -136,6 +146,72 @@ def test_a_row_gets_the_same_tokens_alone_together_joining_mid_step_in_chunks_an
             assert (other.all_scalings() - a.all_scalings()).abs().max() <= 1e-3, f"row {i} scalings"
 
 
+def test_with_the_compiled_step_prompts_fed_a_token_a_row_get_the_same_tokens_in_any_batch(model, tmp_path_factory):
+    """With the packaged compiled step, prompts go into the running rows' steps a token a row
+    (XLoraModel.decode_rows): each of the 8 rows alone, all together, joining a running batch at three steps, 7
+    tokens a step, and from a prefix cache that other prompts filled: the same tokens and scalings."""
+    if reason := compiled_step.supported(model):
+        pytest.skip(reason)
+    if not native.load():
+        pytest.skip("the C++ attention kernel cannot be built here")
+    autotune, compiled_step.AUTOTUNE = compiled_step.AUTOTUNE, "none"  # seconds to build; not what is tested
+    try:
+        path = compiled_step.package_path(model, tmp_path_factory.mktemp("compiled"))
+        compiled_step.build_package_once(model, path)
+    finally:
+        compiled_step.AUTOTUNE = autotune
+    model.use_packaged_step(compiled_step.load_package(path))
+    try:
+        with torch.inference_mode():
+            alone = []
+            for row in rows():
+                batch = DecodeBatch(model, [], None)
+                batch.step(joining=[row])
+                finish(batch)
+                alone.append(row)
+
+            together = rows()
+            batch = DecodeBatch(model, [], None)
+            batch.step(joining=together)
+            finish(batch)
+
+            joining = rows()
+            batch = DecodeBatch(model, [], None)
+            batch.step(joining=joining[:2])
+            batch.step()
+            batch.step(joining=joining[2:5])
+            batch.step()
+            batch.step(joining=joining[5:])
+            finish(batch)
+
+            budget = rows()
+            batch = DecodeBatch(model, [], None)
+            batch.step(joining=budget[:3], max_tokens=7)
+            batch.step(max_tokens=7)
+            batch.step(joining=budget[3:], max_tokens=7)
+            finish(batch, max_tokens=7)
+
+            prefix_cache = PrefixCache(1 << 30)
+            batch = DecodeBatch(model, [], None, prefix_cache)
+            batch.step(joining=[BatchRow(RowDecoder(SamplingParams(max_new_tokens=1), None, p[:-2] + [4]), r)
+                                for p, r in requests()])  # fmt: skip
+            finish(batch)
+            cached = rows()
+            batch = DecodeBatch(model, [], None, prefix_cache)
+            batch.step(joining=cached[:2])
+            batch.step(joining=cached[2:])
+            finish(batch)
+    finally:
+        model.use_packaged_step(None)
+
+    # The 90-token prompt alone took 6 steps of 16 tokens; with 7 tokens a step, more (an eager prefill: 1).
+    assert alone[2].chunks == 6 and budget[2].chunks > 6 and prefix_cache.hits == 3
+    for i, a in enumerate(alone):
+        for name, other in (("together", together), ("joining", joining), ("7 a step", budget), ("prefix", cached)):
+            assert other[i].decoder.completion_ids == a.decoder.completion_ids, f"row {i} {name}"
+            assert torch.equal(other[i].all_scalings(), a.all_scalings()), f"row {i} {name} scalings"
+
+
 @pytest.mark.skipif(
     not rows_fixed(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16)),
     reason="this CPU has no native bfloat16: linear is F.linear",
@@ -201,6 +277,34 @@ def test_the_one_query_kernel_agrees_with_sdpa_and_gives_each_row_the_same_bits(
 
 
 @needs_kernel
+def test_the_one_query_kernel_gives_a_prompts_tokens_and_a_row_with_a_gap_the_bits_of_contiguous_keys():
+    """What XLoraModel.decode_rows asks of it: query rows that read another cache row (a prompt's tokens, each a
+    row of its own over its cache row's keys up to its own), and a row whose keys are two ranges with padding
+    between (a prompt, then the tokens decoded after it): bit for bit the row alone with its keys side by side."""
+    g = torch.Generator().manual_seed(5)
+    key, value = torch.randn(2, 2, 3, 40, 64, generator=g)  # cache rows 0 and 1, 40 columns
+    query = torch.randn(6, 9, 1, 64, generator=g)
+    # Rows 0-3: tokens at columns 10..13 of cache row 1 (a prompt begun at column 10); row 4: cache row 0, keys
+    # 5..20 then 30..35 (a gap of padding); row 5: cache row 0, keys 5..35 all.
+    mask = torch.zeros(2, 36, dtype=torch.long)
+    mask[0, 5:20] = mask[0, 30:36] = 1
+    gap = left_padded_spans(mask, 1)[0].tolist()
+    assert gap == [0, 0, 1, 5, 20, 30, 36]
+    spans = torch.tensor([[1, 0, 1, 10, 11 + i, 11 + i, 11 + i] for i in range(4)] + [gap, [0, 0, 1, 5, 36, 36, 36]])
+    out = one_query_attention(query, key, value, spans, 0.125)
+    for i in range(4):
+        k, v = key[1:2, :, 10 : 11 + i].clone(), value[1:2, :, 10 : 11 + i].clone()
+        alone = one_query_attention(query[i : i + 1], k, v, torch.tensor([[0, 0, 1, 0, i + 1, i + 1, i + 1]]), 0.125)
+        assert torch.equal(out[i], alone[0]), i
+    columns = [*range(5, 20), *range(30, 36)]
+    k, v = key[0:1, :, columns].clone(), value[0:1, :, columns].clone()
+    alone = one_query_attention(query[4:5], k, v, torch.tensor([[0, 0, 1, 0, 21, 21, 21]]), 0.125)
+    assert torch.equal(out[4], alone[0])
+    assert (out[4, 0] - sdpa_row(query[4, :, 0], k[0], v[0])).abs().max() < 1e-5
+    assert not torch.equal(out[4], out[5])  # the padding between was not read
+
+
+@needs_kernel
 def test_the_one_query_kernel_rejects_spans_it_cannot_run():
     q, k = torch.randn(1, 9, 2, 64), torch.randn(1, 3, 8, 64)
     with pytest.raises(RuntimeError, match="must hold one query"):
@@ -209,6 +313,8 @@ def test_the_one_query_kernel_rejects_spans_it_cannot_run():
         one_query_attention(q, k, k, torch.tensor([[0, 0, 1, 0, 9, 9, 9]]), 0.125)
     with pytest.raises(RuntimeError, match="float32"):
         one_query_attention(q.bfloat16(), k, k, torch.tensor([[0, 0, 1, 0, 8, 8, 8]]), 0.125)
+    with pytest.raises(RuntimeError, match="one query and one cache row"):
+        one_query_attention(q, k, k, torch.tensor([[1, 0, 1, 0, 8, 8, 8]]), 0.125)
 
 
 def test_without_the_kernel_decode_steps_attend_through_sdpa():

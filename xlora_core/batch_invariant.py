@@ -147,13 +147,19 @@ def use_row_invariant_linears(module: nn.Module, slot: Any) -> None:
 
 def left_padded_spans(mask: torch.Tensor, new: int) -> torch.Tensor:
     """The spans [rows, 7] of a left-padded batch (`mask` [batch, keys], 1 on real tokens) whose last `new`
-    columns are this forward's queries."""
+    columns are this forward's queries. A row may have one gap of padding (its keys are then two ranges): a
+    prompt fed token by token in the compiled step ends before the column where its row decodes
+    (`XLoraModel.decode_rows`)."""
     keys = mask.shape[1]
-    first = (keys - mask.long().sum(dim=1)).cpu()  # leading padding of each row
+    valid = mask.bool().cpu()
+    column = torch.arange(keys)
+    first = torch.where(valid, column, keys).min(dim=1).values  # leading padding of each row
+    gap = torch.where(~valid & (column >= first[:, None]), column, keys).min(dim=1).values
+    second = torch.where(valid & (column >= gap[:, None]), column, keys).min(dim=1).values
     rows = torch.arange(mask.shape[0])
     q_first = (first - (keys - new)).clamp(min=0)
     end, all_keys = torch.full_like(rows, new), torch.full_like(rows, keys)
-    return torch.stack([rows, q_first, end, first, all_keys, all_keys, all_keys], dim=1)
+    return torch.stack([rows, q_first, end, first, gap, second, all_keys], dim=1)
 
 
 def ragged_spans(cached: list[int], new: list[int]) -> torch.Tensor:

@@ -215,6 +215,34 @@ class XLoraCache:
             frozen=[f for c in caches for f in c.frozen],
         )
 
+    @staticmethod
+    def for_prompts(
+        config: PretrainedConfig, dtype: torch.dtype, device: torch.device, width: int,
+        frozen: list[torch.Tensor | None],
+    ) -> XLoraCache:  # fmt: skip
+        """Rows with nothing in them yet, `width` columns of padding each (room for prompts that
+        `XLoraModel.decode_rows` fills in), a scaling-cache row for each granular one (`frozen` None)."""
+        heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+        def empty(rows: int) -> DynamicCache:
+            cache = growing_cache(config, dtype)
+            for layer in _layers(cache):
+                layer.replace(*(torch.zeros(rows, heads, width, head_dim, dtype=dtype, device=device) for _ in "kv"))
+            return cache
+
+        granular = sum(f is None for f in frozen)
+        mask = torch.zeros((len(frozen), width), dtype=torch.long, device=device)
+        return XLoraCache(empty(granular) if granular else None, empty(len(frozen)), mask, list(frozen))
+
+    def padded(self, left: int = 0, right: int = 0) -> XLoraCache:
+        """This cache with columns of padding on the left and on the right (room for the rest of a prompt whose
+        beginning it holds: a prefix from the prefix cache). The input is consumed."""
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, left, right))  # noqa: E731
+        scaling = None if self.scaling is None else _map_layers(self.scaling, pad)
+        mask = torch.nn.functional.pad(self.attention_mask, (left, right))
+        return XLoraCache(scaling, _map_layers(self.real, pad), mask, self.frozen)
+
     def reserve(self, tokens: int) -> None:
         """Room for `tokens` more tokens in every layer of both caches, before a step writes them."""
         for cache in (self.scaling, self.real):

@@ -3,12 +3,15 @@
 Every decode step runs the one-token pass (`XLoraModel._one_token_pass`) once or twice. Here that pass is
 exported (`torch.export`) as a function of plain tensors:
 
-    hidden = step(input_ids, attention_mask, position_ids, spans, columns, keys, values)
+    hidden = step(input_ids, attention_mask, position_ids, spans, columns, slots, keys, values)
 
-with the KV caches as one key and one value buffer per layer ([batch, heads, capacity, head_dim], the
-`cache.GrowingLayer` buffers themselves), into which the step writes its token in place at column
-`attention_mask.shape[1] - 1`; the row spans bound the keys each row reads, so the room beyond is never
-read. Batch (1 to `MAX_BATCH`), sequence length and capacity are dynamic: one graph serves every step.
+with the KV caches as one key and one value buffer per layer ([cache rows, heads, capacity, head_dim], the
+`cache.GrowingLayer` buffers themselves). Each input row is one token; the step writes its key and value in
+place at its slot (cache row, column), and it attends to the keys its span bounds in that cache row, so the
+room beyond is never read. A decode step has one input row per cache row, each writing at column
+`attention_mask.shape[1] - 1`; a step that also feeds prompts gives each prompt token an input row of its
+own, writing into its prompt's cache row (`XLoraModel.decode_rows`). Input rows (1 to `MAX_BATCH`), cache
+rows, sequence length and capacity are dynamic: one graph serves every step.
 `columns` always holds the experts' rank-column weights; a pass with the experts off gives zeros (adding
 an exact 0, the same numbers as skipping them), so the scaling and real passes share the graph. The step is
 exported as `PARTS` graphs of consecutive layers (the second starts from the first's hidden states), compiled
@@ -62,7 +65,7 @@ log = logging.getLogger("xlora.compiled_step")
 MAX_BATCH = ROWS_PER_CALL
 
 # Bump when the exported function's inputs or outputs change: older packages are then not loaded.
-FORMAT = 2
+FORMAT = 3
 
 # The step's layers are compiled as this many graphs, each in a process of its own at the same time: a cold
 # build takes about the time of one part (docs/compiled-decoding.md). A constant, not the machine's cores, so
@@ -75,12 +78,13 @@ _SOURCES = ("model.py", "lora.py", "batch_invariant.py", "cache.py", "compiled_s
 
 
 class BufferLayer(DynamicLayer):
-    """A cache layer over given key and value buffers that hold `length` tokens: `update` writes the new
-    token in place at column `length` and returns the whole buffers (the row spans bound what is read)."""
+    """A cache layer over given key and value buffers that hold `length` columns: `update` writes each input
+    row's key and value in place at its slot [rows, 2] (cache row, column) and returns the whole buffers (the
+    row spans bound what is read)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, slots: torch.Tensor) -> None:
         super().__init__()
-        self.keys, self.values, self.length = keys, values, length
+        self.keys, self.values, self.length, self.slots = keys, values, length, slots
         self.is_initialized, self.device = True, keys.device
 
     def get_seq_length(self) -> int:
@@ -89,9 +93,9 @@ class BufferLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        column = torch.arange(self.length, self.length + 1, device=self.keys.device)
-        self.keys.index_copy_(2, column, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, column, value_states.to(self.values.dtype))
+        rows, columns = self.slots[:, 0], self.slots[:, 1]
+        self.keys[rows, :, columns] = key_states[:, :, 0].to(self.keys.dtype)
+        self.values[rows, :, columns] = value_states[:, :, 0].to(self.values.dtype)
         return self.keys, self.values
 
 
@@ -112,11 +116,12 @@ class OneTokenStep(nn.Module):
         position_ids: torch.Tensor,
         spans: torch.Tensor,
         columns: torch.Tensor,
+        slots: torch.Tensor,
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
-        length = attention_mask.shape[1] - 1  # the new token's column
-        own = [BufferLayer(k, v, length) for k, v in zip(keys, values, strict=True)]
+        length = attention_mask.shape[1] - 1  # the columns before this step's
+        own = [BufferLayer(k, v, length, slots) for k, v in zip(keys, values, strict=True)]
         # The decoder layers index the cache by their own numbers; the entries of other parts' layers are
         # never updated, only asked the length (for the mask).
         cache = DynamicCache(config=self.model.base.config)
@@ -165,18 +170,24 @@ def supported(model: XLoraModel) -> str | None:
 
 
 def example_inputs(
-    model: XLoraModel, first: int = 0, end: int | None = None, batch: int = 2, width: int = 5, capacity: int = 9
+    model: XLoraModel, first: int = 0, end: int | None = None, batch: int = 3, width: int = 5, capacity: int = 9
 ) -> tuple[Any, ...]:
-    """Inputs of `OneTokenStep(model, first, end)` for tracing: `batch` rows, `width` mask columns, buffers of
-    `capacity`."""
-    from .batch_invariant import left_padded_spans
-
+    """Inputs of `OneTokenStep(model, first, end)` for tracing: `batch` input rows (the last two tokens of the
+    last cache row's prompt), `width` mask columns, `batch - 1` cache rows with buffers of `capacity`."""
     config = model.base.config
     end = config.num_hidden_layers if end is None else end
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rows = batch - 1
     mask = torch.ones(batch, width, dtype=torch.long)
     mask[0, :2] = 0  # a left-padded row
+    # Each input row's cache row and the columns it writes and reads: the first rows decode (the new column),
+    # the last two are tokens of one prompt in the last cache row's earlier columns.
+    cache_row = torch.tensor([*range(rows - 1), rows - 1, rows - 1])
+    column = torch.tensor([width - 1] * (rows - 1) + [width - 3, width - 2])
+    start = torch.tensor([2] + [0] * (rows - 2) + [0, 0])
+    slots = torch.stack([cache_row, column], dim=1)
+    spans = torch.stack([cache_row, 0 * column, 0 * column + 1, start, column + 1, column + 1, column + 1], dim=1)
     kv = dict(dtype=model.kv_dtype, device=model.device)
     if first == 0:
         inputs = torch.ones(batch, 1, dtype=torch.long, device=model.device)
@@ -186,23 +197,25 @@ def example_inputs(
     return (
         inputs,
         mask.to(model.device),
-        (mask.sum(dim=1, keepdim=True) - 1).to(model.device),
-        left_padded_spans(mask, 1),
+        (column - start).view(-1, 1).to(model.device),
+        spans,
         torch.zeros(batch, 1, model.layer_of_column.numel(), dtype=model.dtype, device=model.device),
-        [torch.zeros(batch, heads, capacity, head_dim, **kv) for _ in range(first, end)],
-        [torch.zeros(batch, heads, capacity, head_dim, **kv) for _ in range(first, end)],
+        slots.to(model.device),
+        [torch.zeros(rows, heads, capacity, head_dim, **kv) for _ in range(first, end)],
+        [torch.zeros(rows, heads, capacity, head_dim, **kv) for _ in range(first, end)],
     )
 
 
 def export_step(model: XLoraModel, first: int = 0, end: int | None = None) -> torch.export.ExportedProgram:
-    """Layers [first, end) of `model`'s one-token pass, exported with a dynamic batch, sequence length and
-    cache capacity."""
+    """Layers [first, end) of `model`'s one-token pass, exported with dynamic numbers of input rows and cache
+    rows, sequence length and cache capacity."""
     step = OneTokenStep(model, first, end)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    rows = torch.export.Dim("rows", min=1, max=1 << 16)
     width = torch.export.Dim("width", min=2, max=1 << 20)
     capacity = torch.export.Dim("capacity", min=2, max=1 << 20)
-    kv = [{0: batch, 2: capacity}] * (step.end - step.first)
-    dynamic = ({0: batch}, {0: batch, 1: width}, {0: batch}, {0: batch}, {0: batch}, kv, kv)
+    kv = [{0: rows, 2: capacity}] * (step.end - step.first)
+    dynamic = ({0: batch}, {0: batch, 1: width}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, kv, kv)
     with torch.inference_mode(False), torch.no_grad(), joint_weights(model):
         return torch.export.export(step, example_inputs(model, first, end), dynamic_shapes=dynamic, strict=False)
 
@@ -235,10 +248,10 @@ def split_faithfully(model: XLoraModel, parts: int) -> bool:
         expected = OneTokenStep(model)(*whole)
         hidden = chained[0]
         for first, end in part_bounds(model.base.config.num_hidden_layers, parts):
-            own = [buffers[first:end] for buffers in chained[5:]]
-            hidden = OneTokenStep(model, first, end)(hidden, *chained[1:5], *own)
+            own = [buffers[first:end] for buffers in chained[6:]]
+            hidden = OneTokenStep(model, first, end)(hidden, *chained[1:6], *own)
     return torch.equal(hidden, expected) and all(
-        torch.equal(a, b) for a, b in zip(whole[5] + whole[6], chained[5] + chained[6], strict=True)
+        torch.equal(a, b) for a, b in zip(whole[6] + whole[7], chained[6] + chained[7], strict=True)
     )
 
 
@@ -437,9 +450,12 @@ class PackagedStep:
         cache: DynamicCache,
         columns: torch.Tensor,
         spans: torch.Tensor,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The hidden states of the step, its token written into `cache`; None if this step is not one the
-        package runs (a batch over MAX_BATCH, a cache not of buffers in step with the mask): run it eagerly."""
+        """The hidden states of the step, its tokens written into `cache` at their `slots` [rows, 2] (cache
+        row, column; None: a decode step, row i at column width - 1 of cache row i); None if this step is not
+        one the package runs (over MAX_BATCH tokens, a cache not of buffers in step with the mask): run it
+        eagerly."""
         batch, width = attention_mask.shape
         layers = cache.layers
         if batch > MAX_BATCH or not all(
@@ -449,11 +465,15 @@ class PackagedStep:
             return None
         keys = [layer.buffers[0] for layer in layers]
         values = [layer.buffers[1] for layer in layers]
+        if slots is None:
+            rows = torch.arange(batch, device=input_ids.device)
+            slots = torch.stack([rows, torch.full_like(rows, width - 1)], dim=1)
         if not self.bounds:
             self.bounds = part_bounds(len(layers), len(self.runners))
         hidden = input_ids
         for runner, (first, end) in zip(self.runners, self.bounds, strict=True):
-            hidden = runner(hidden, attention_mask, position_ids, spans, columns, keys[first:end], values[first:end])
+            hidden = runner(hidden, attention_mask, position_ids, spans, columns, slots, keys[first:end],
+                            values[first:end])  # fmt: skip
         for layer, k, v in zip(layers, keys, values, strict=True):
             layer.length = width
             layer.keys, layer.values = k[:, :, :width], v[:, :, :width]

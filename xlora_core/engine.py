@@ -18,6 +18,11 @@ Chunked prefill: under a token budget (`step(max_tokens=...)`), a row whose prom
 a chunk per step, in the running rows' forwards, so that they go on getting tokens meanwhile; it chooses its
 first token in the step that feeds its prompt's last chunk (`BatchRow.prefilling` until then).
 
+With the packaged compiled step (compiled_step.py), `step` feeds prompts in the compiled step itself, a token a
+row (XLoraModel.decode_rows): newcomers join with room for their prompt, and decoding rows and prompt tokens
+share the step's 16 rows. A prompt then gets the same bits however it is split, and running rows never wait
+for an eager prefill. The caller prefills prompts over MAX_PROMPT_IN_STEPS tokens apart.
+
 With a `PrefixCache` (prefix_cache.py), a row that joins in a `step` starts from the stored keys, values and
 scalings of the longest stored prefix of its prompt, and every row's prompt is stored once it is done.
 
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .batch_invariant import QUERY_BLOCK
+from .batch_invariant import ROWS_PER_CALL as MAX_BATCH
 from .cache import XLoraCache, growing_cache
 from .classifier import Routing
 from .config import ConstraintError
@@ -97,6 +103,12 @@ class Generated:
     error: ConstraintError | None = None
 
 
+# Prompts up to this many tokens go into the compiled step a token a row (`step` with the packaged step); the
+# caller prefills longer ones apart (the server, `run`): 16 tokens a step, each over every key before it, is slower
+# for a long prompt than an eager prefill. A rule on the prompt alone: a request goes the same way in any batch.
+MAX_PROMPT_IN_STEPS = 256
+
+
 class DecodeBatch:
     def __init__(
         self, model: XLoraModel, rows: list[BatchRow], cache: XLoraCache | None, prefix_cache: PrefixCache | None = None
@@ -105,6 +117,8 @@ class DecodeBatch:
         self.rows = rows
         self.cache = cache
         self.prefix_cache = prefix_cache
+        # False: prompts are fed eagerly even with the packaged step (a batch that prefills long prompts apart)
+        self.prompts_in_steps = True
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -151,9 +165,10 @@ class DecodeBatch:
         being prefilled share what is left in order (`_chunk`: each at least up to its next 16-token grid
         point), the rest of their prompts waits for the next steps. Only rows that were fed their prompt's
         last token choose one. If the forward fails, the batch is as it was. Rows that ask for prompt
-        logprobs come in through `prefill`. The joint forward is eager: with a compiled model, prefill
-        newcomers in a batch of their own (in chunks too) and move them over with `split_off_prefilled` and
-        `concatenate`, so that running rows keep the compiled kernels (the server does)."""
+        logprobs come in through `prefill`. With the packaged compiled step, prompts go into it a token a row
+        (`_step_token_rows`). Otherwise the joint forward is eager: with a model compiled by `compile()`,
+        prefill newcomers in a batch of their own (in chunks too) and move them over with `split_off_prefilled`
+        and `concatenate`, so that running rows keep the compiled kernels (the server does)."""
         joining = list(joining or [])
         assert self.rows or joining, "step() on an empty batch"
         assert not any(row.decoder.params.prompt_logprobs is not None for row in joining), "prefill them"
@@ -164,6 +179,9 @@ class DecodeBatch:
             for i, row in enumerate(self.rows):
                 row.scalings.append(self.model.own_scalings(row.routing, on_cpu[i]))
             return self._advance(logits, scalings[:, -1])
+
+        if self.prompts_in_steps and self.model.feeds_prompts_in_steps([row.routing for row in self.rows + joining]):
+            return self._step_token_rows(joining, max_tokens)
 
         before = len(self.rows)
         fresh = [row for row in joining if not self._join_from_prefix_cache(row)]
@@ -197,6 +215,72 @@ class DecodeBatch:
         self.rows, self.cache = rows, cache
         self._store_prompts(done)
         return self._advance(logits, torch.stack([s[-1] for s in scalings]))
+
+    def _step_token_rows(self, joining: list[BatchRow], max_tokens: int | None) -> list[Generated]:
+        """`step` with the packaged compiled step: every token a row of its own (XLoraModel.decode_rows). The
+        newcomers join with room for their whole prompt (from their longest prefix in the prefix cache if there
+        is one); decoding rows take one token each, rows being prefilled share what is left of `max_tokens` and
+        of the step's MAX_BATCH rows, in order, at least one token a step."""
+        before = len(self.rows)
+        try:
+            if joining:
+                self._join_with_room(joining)
+            decoding = sum(not row.prefilling for row in self.rows)
+            budget = min(MAX_BATCH, max_tokens if max_tokens is not None else MAX_BATCH)
+            left = max(budget - decoding, 1 if decoding < MAX_BATCH else 0)
+            fed, prompts = [], []
+            for row in self.rows:
+                if not row.prefilling:
+                    fed.append([row.next_token])
+                    prompts.append(None)
+                    continue
+                n = max(min(left, len(row.prompt_ids) - row.prefilled), 0)
+                left -= n
+                fed.append(row.prompt_ids[row.prefilled : row.prefilled + n])
+                prompts.append(len(row.prompt_ids))
+            # A row none of whose prompt is in yet has its room in the last columns: there must be enough.
+            room = max((len(r.prompt_ids) for r in self.rows if r.prefilling and not r.prefilled), default=0)
+            if room > self.cache.seq_len:
+                self.cache = self.cache.padded(left=room - self.cache.seq_len)
+            logits, scalings = self.model.decode_rows(fed, self.cache, [row.routing for row in self.rows], prompts)
+        except BaseException:
+            for row in self.rows[before:]:  # the newcomers leave again
+                row.prefilled, row.scalings, row.reused_tokens = 0, [], 0
+            self.filter(list(range(before)))
+            raise
+        done, last = [], torch.zeros(len(self.rows), *scalings[0].shape[1:], dtype=scalings[0].dtype)
+        for i, (row, part, s) in enumerate(zip(self.rows, fed, scalings, strict=True)):
+            if not part:
+                continue
+            row.scalings.append(self.model.own_scalings(row.routing, s.float().cpu()))
+            last[i] = s[-1]
+            if row.prefilling:
+                row.prefilled += len(part)
+                row.chunks += 1
+                if not row.prefilling:
+                    done.append(row)
+        self._store_prompts(done)
+        return self._advance(logits, last)
+
+    def _join_with_room(self, rows: list[BatchRow]) -> None:
+        """Take these rows into the batch, each with a cache row of room for its whole prompt (for
+        XLoraModel.decode_rows), holding its longest stored prefix from the prefix cache if there is one."""
+        caches, reused, fresh = [], [], []
+        for row in rows:
+            hit = self.prefix_cache.lookup(self.model, row.routing, row.prompt_ids) if self.prefix_cache else None
+            if hit is None:
+                fresh.append(row)
+                continue
+            row.prefilled = row.reused_tokens = hit.tokens
+            row.scalings = [hit.scalings]
+            reused.append(row)
+            caches.append(hit.cache.padded(right=len(row.prompt_ids) - hit.tokens))
+        rows = reused + fresh  # the order of `caches`
+        if fresh:
+            width = max(len(row.prompt_ids) for row in fresh)
+            caches.append(self.model.rows_for_prompts([row.routing for row in fresh], width))
+        self.rows = self.rows + rows
+        self.cache = XLoraCache.concat(([self.cache] if self.cache is not None else []) + caches)
 
     def _join_from_prefix_cache(self, row: BatchRow) -> bool:
         """Take the row into the batch with its prompt's longest stored prefix as its cache row, if there is
@@ -304,16 +388,21 @@ def run(
     """The decode loop of a fixed set of rows: what each step gave, until every row has finished. A row's
     constraint that cannot go on raises its ConstraintError. With a prefix cache the prompts start from their
     stored prefixes (rows asking for prompt logprobs: every position is computed, and stored)."""
-    if prefix_cache is None or any(row.decoder.params.prompt_logprobs is not None for row in rows):
+    scored = any(row.decoder.params.prompt_logprobs is not None for row in rows)
+    in_steps = model.feeds_prompts_in_steps([row.routing for row in rows]) and all(
+        len(row.prompt_ids) <= MAX_PROMPT_IN_STEPS for row in rows
+    )
+    if scored or (prefix_cache is None and not in_steps):
         batch, out = DecodeBatch.prefill(model, rows, pad_id, prefix_cache)
     else:
         batch = DecodeBatch(model, [], None, prefix_cache)
-        out = batch.step(joining=rows)  # no budget: every prompt in this one forward
+        out = batch.step(joining=rows)  # no budget: every prompt in this one forward (compiled: in steps)
     while True:
         for generated in out:
             if generated.error is not None:
                 raise generated.error
-        yield out
+        if out:  # a step that only fed prompts gave nothing yet
+            yield out
         if not batch:
             return
         out = batch.step()

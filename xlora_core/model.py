@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import native
+from . import batch_invariant, native
 from .batch_invariant import ROW_SDPA, left_padded_spans, ragged_spans, use_row_invariant_linears
 from .cache import RaggedRows, XLoraCache, growing_cache
 from .classifier import Routing, XLoraClassifier, expert_weights
@@ -827,6 +827,136 @@ class XLoraModel(nn.Module):
         mask = real.unflatten(flat, real_cache, width)
         joined = XLoraCache(scaling_cache, real_cache, mask, frozen)
         return logits, list(scalings[0].split(new)), joined
+
+    def feeds_prompts_in_steps(self, routing: list[Routing]) -> bool:
+        """Whether rows with this routing take their prompts in compiled steps (`decode_rows`): the packaged
+        step is loaded, with our attention kernel, and the rows are this X-LoRA model's alone."""
+        return self._packaged_step is not None and batch_invariant.ENABLED and native.load() and self._plain(routing)
+
+    def rows_for_prompts(self, routing: list[Routing], width: int) -> XLoraCache:
+        """Empty cache rows for prompts that `decode_rows` feeds: `width` columns of room each, a scaling-cache
+        row for each row a classifier routes."""
+        frozen = [self._fixed_scalings(r) for r in self._resolve(routing)]
+        return XLoraCache.for_prompts(self.base.config, self.kv_dtype, self.device, width, frozen)
+
+    @torch.inference_mode()
+    def decode_rows(
+        self, fed: list[list[int]], cache: XLoraCache, routing: list[Routing], prompts: list[int | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One compiled step in which every token is a row of its own: each row of `cache` adds the tokens
+        `fed[r]` (none, one or several). A decoding row (`prompts[r]` None) adds its last token at a new
+        column, as in `decode`. A row being prefilled (`prompts[r]`: its prompt's length) adds the next tokens
+        of its prompt in the columns before that one, which its prompt fills in order: its cache row holds its
+        whole prompt's room, ending at the column where it will decode (`XLoraCache.for_prompts`; the gap
+        between is padding). A token attends to its row's keys, its own prompt's written in the same step
+        included, in the same C++ kernel call as a decode step: so it gets the same bits however its prompt is
+        split over steps and whatever else is in the step, and the tokens of a batch's prompts ride in the
+        running rows' compiled step instead of stopping them for an eager prefill. At most
+        compiled_step.MAX_BATCH tokens in all (`feeds_prompts_in_steps` must hold). Returns (logits of each
+        row's last token [rows, vocab] in float32, zeros for a row fed nothing; each row's scalings [its
+        tokens, layers, experts]). If the step fails, the cache still holds what it held."""
+        from .compiled_step import MAX_BATCH
+
+        device, width = self.device, cache.seq_len
+        mask = cache.attention_mask
+        cached = mask.sum(dim=1).tolist()
+        first_valid = torch.where(mask.bool(), torch.arange(width, device=mask.device), width).min(dim=1).values
+        token_row, token_column, token_start, positions, ids = [], [], [], [], []
+        for r, (tokens, prompt) in enumerate(zip(fed, prompts, strict=True)):
+            if prompt is None:  # decoding: at the new column, over every key of its row
+                assert len(tokens) == 1, "a decoding row adds one token"
+                begin, columns = None, [width]
+            else:  # its prompt's room ends at the new column
+                begin = int(first_valid[r]) if cached[r] else width - prompt
+                columns = list(range(begin + cached[r], begin + cached[r] + len(tokens)))
+                assert not columns or columns[-1] < width, "the row has no room for its prompt"
+            for i, (token, column) in enumerate(zip(tokens, columns, strict=True)):
+                token_row.append(r)
+                token_column.append(column)
+                token_start.append(begin)  # None: the row's spans from its mask
+                positions.append(cached[r] + i)
+                ids.append(token)
+        n = len(ids)
+        if not 0 < n <= MAX_BATCH:
+            raise ValueError(f"a step feeds 1 to {MAX_BATCH} tokens, not {n}")
+
+        decoding = torch.tensor([p is None for p in prompts], dtype=mask.dtype, device=mask.device)
+        new_mask = torch.cat([mask, decoding[:, None]], dim=1)
+        row_spans = left_padded_spans(new_mask, 1)
+        spans = []
+        for r, column, begin in zip(token_row, token_column, token_start, strict=True):
+            end = column + 1
+            spans.append(row_spans[r].tolist() if begin is None else [r, 0, 1, begin, end, end, end])
+        spans = torch.tensor(spans, dtype=torch.long)
+        slots = torch.tensor([token_row, token_column], dtype=torch.long, device=device).T.contiguous()
+        ids = torch.tensor(ids, dtype=torch.long, device=device).view(-1, 1)
+        positions = torch.tensor(positions, dtype=torch.long, device=device).view(-1, 1)
+        rows = [routing[r] for r in token_row]
+        ones = torch.ones((n, width + 1), dtype=torch.long, device=device)  # read for its width only
+        cache.reserve(1)
+
+        # Scaling pass: the tokens of granular rows, on their rows of the scaling cache.
+        shape = (n, 1, self.n_lora_layers, self.n_experts_loaded)
+        scalings = torch.zeros(shape, device=device, dtype=self.dtype)
+        in_scaling = {row: i for i, row in enumerate(cache.granular_rows())}
+        granular = [i for i, r in enumerate(token_row) if r in in_scaling]
+        for i, r in enumerate(token_row):
+            if r not in in_scaling:
+                scalings[i, 0] = cache.frozen[r]
+        if granular:
+            index = torch.tensor(granular, device=device)
+            to_scaling = torch.tensor([in_scaling[token_row[i]] for i in granular])
+            sub_spans = spans[granular].clone()
+            sub_spans[:, 0] = to_scaling
+            sub_slots = slots[index].clone()
+            sub_slots[:, 0] = to_scaling.to(device)
+            sub_rows = [rows[i] for i in granular]
+            dummy = self._scaling_pass_weights(len(granular), 1, sub_rows)
+            hidden = self._packaged_pass(ids[index], ones[index], positions[index], cache.scaling, dummy, sub_spans,
+                                         sub_slots)  # fmt: skip
+            scalings[index] = self._classify(hidden, sub_rows)
+
+        # Real pass: every token. If it fails, the scaling cache forgets this step's column again.
+        try:
+            hidden = self._packaged_pass(ids, ones, positions, cache.real, self._weights(scalings, rows), spans,
+                                         slots)  # fmt: skip
+        except BaseException:
+            for layer in cache.scaling.layers if granular else []:
+                layer.length, layer.keys, layer.values = width, layer.keys[:, :, :width], layer.values[:, :, :width]
+            raise
+        counts = [len(tokens) for tokens in fed]
+        last = [max(sum(counts[: r + 1]) - 1, 0) for r in range(len(fed))]
+        logits = self.base.get_output_embeddings()(hidden[last, -1]).float()
+        for r, count in enumerate(counts):
+            if not count:
+                logits[r] = 0
+        prompt_columns = [(r, c) for r, c, b in zip(token_row, token_column, token_start, strict=True) if b is not None]
+        if prompt_columns:
+            where = torch.tensor(prompt_columns, dtype=torch.long, device=mask.device)
+            new_mask[where[:, 0], where[:, 1]] = 1
+        cache.attention_mask = new_mask
+        return logits, list(scalings[:, 0].split(counts))
+
+    def _packaged_pass(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        weights: torch.Tensor | None,
+        spans: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One pass of `decode_rows` through the packaged step: the experts weighted by `weights` [tokens, 1,
+        layers, experts] (None: off, exact zeros)."""
+        if weights is None:
+            columns = ids.new_zeros(*ids.shape, self.layer_of_column.numel(), dtype=self.dtype)
+        else:
+            columns = weights[:, :, self.layer_of_column, self.expert_of_column] * self.scale_of_column
+        hidden = self._packaged_step(ids, mask, positions, cache, columns, spans, slots)
+        if hidden is None:
+            raise RuntimeError("the compiled decode step cannot run this step (its cache is not in step)")
+        return hidden
 
     def _ragged_weights(
         self, scalings: torch.Tensor | None, rows: RaggedRows, routing: list[Routing], scaling_pass: bool = False

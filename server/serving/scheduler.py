@@ -32,6 +32,8 @@ from server.observability.scalings_store import ScalingsWriter
 from server.protocol.errors import APIError
 from server.serving.jobs import DoneEvent, ErrorEvent, GenerationJob, QueueFullError, TokenEvent
 from xlora_core import BatchRow, ConstraintError, DecodeBatch, Generated, XLoraModel
+from xlora_core.compiled_step import MAX_BATCH
+from xlora_core.engine import MAX_PROMPT_IN_STEPS
 from xlora_core.prefix_cache import PrefixCache
 
 log = logging.getLogger("xlora.scheduler")
@@ -57,8 +59,9 @@ class Scheduler:
         self.model = model
         self.max_step_tokens = max_step_tokens  # None: no budget, every prompt whole
         self.prefix_cache = prefix_cache
-        # Prefill newcomers in forwards of their own, not in the running rows' step: a compiled model's
-        # joint step is eager, and running rows would get their tokens from other kernels than alone.
+        # Prefill newcomers in forwards of their own, not in the running rows' step, when the model is compiled
+        # but cannot feed prompts in its compiled step (`_feeds_prompts_in_steps`): its joint step is eager, and
+        # running rows would get their tokens from other kernels than alone.
         self.separate_prefill = model.compiled
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -143,9 +146,11 @@ class Scheduler:
     # ---- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
         batch = DecodeBatch(self.model, [], None, self.prefix_cache)
-        # Newcomers with long prompts (with `separate_prefill`, every one) are prefilled in a batch of their
-        # own, eagerly, in chunks, and join the running batch once their prompt is done.
+        # Newcomers with long prompts (with `separate_prefill`, every one; with prompts in the compiled step,
+        # those over MAX_PROMPT_IN_STEPS) are prefilled in a batch of their own, eagerly, in chunks, and join the
+        # running batch once their prompt is done.
         filling = DecodeBatch(self.model, [], None, self.prefix_cache)
+        filling.prompts_in_steps = False
         try:
             while True:
                 admitted = self._wait_for_work([batch, filling])
@@ -160,7 +165,8 @@ class Scheduler:
                         self.on_switched()
                 self._drop_gone(batch)
                 self._drop_gone(filling)
-                if admitted and _prefill_apart(admitted):
+                in_steps = self._feeds_prompts_in_steps(batch, admitted)
+                if admitted and _prefill_apart(admitted, shared=not in_steps):
                     batch.concatenate(self._prefill(admitted))
                     admitted = []
                 # Under the budget, prompts that fit in what the running rows leave of it join their step;
@@ -169,7 +175,10 @@ class Scheduler:
                 # rows: nothing to stall, every prompt goes whole.
                 budget = self.max_step_tokens
                 room = max(budget - len(batch), 1) if budget and batch else None
-                long = [j for j in admitted if self.separate_prefill or (room and len(j.prompt_ids) > room)]
+                if in_steps:  # every prompt in the running rows' compiled step, but the longest
+                    long = [j for j in admitted if len(j.prompt_ids) > MAX_PROMPT_IN_STEPS]
+                else:
+                    long = [j for j in admitted if self.separate_prefill or (room and len(j.prompt_ids) > room)]
                 short = [j for j in admitted if not any(j is other for other in long)]
                 if filling or long:
                     self._step(filling, long, room)
@@ -255,6 +264,14 @@ class Scheduler:
         batch.filter(keep)
 
     # ---- model steps -------------------------------------------------------------------------
+    def _feeds_prompts_in_steps(self, batch: DecodeBatch, admitted: list[GenerationJob]) -> bool:
+        """Whether newcomers' prompts go into the running rows' compiled step, a token a row
+        (XLoraModel.decode_rows): the packaged step is loaded, every row fits in it, and the rows are the
+        X-LoRA model's alone. A token then gets the same bits alone, together or joining, and the running rows
+        do not wait for an eager prefill."""
+        routing = [row.routing for row in batch.rows] + [job.routing for job in admitted]
+        return self.max_batch_size <= MAX_BATCH and self.model.feeds_prompts_in_steps(routing)
+
     def _prefill(self, jobs: list[GenerationJob]) -> list[DecodeBatch]:
         """Prefill the newcomers together; if that fails, alone, so one bad request fails alone."""
         try:
@@ -391,13 +408,13 @@ class Scheduler:
         job.post(ErrorEvent(500, f"the model failed on this request: {type(exc).__name__}: {exc}", "model_error"))
 
 
-def _prefill_apart(jobs: list[GenerationJob]) -> bool:
+def _prefill_apart(jobs: list[GenerationJob], shared: bool = True) -> bool:
     """Whether newcomers are prefilled whole, on their own, rather than in the steps: prompts to score (only a
-    prefill gives every position's logits) and prompts shared by several choices (their prefill runs once,
-    DecodeBatch.prefill)."""
-    return (
-        any(j.decoder.params.prompt_logprobs is not None for j in jobs)
-        or len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)
+    prefill gives every position's logits) and, with `shared`, prompts shared by several choices (their prefill
+    runs once, DecodeBatch.prefill). Not `shared` where prompts go into the compiled step a token a row: there a
+    prompt runs the same way whoever else asks for it."""
+    return any(j.decoder.params.prompt_logprobs is not None for j in jobs) or (
+        shared and len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)
     )
 
 

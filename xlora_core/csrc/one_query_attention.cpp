@@ -65,9 +65,13 @@ inline Lanes exp_lanes(Lanes x) {
   return p * scale;
 }
 
-// query [batch, heads, queries, dim], key and value [batch, kv heads, columns, dim], all float32; spans [rows, 7]
-// int64 (batch index, first query, end of queries, key ranges 1 and 2 as start, end), one query each. Returns
-// [batch, queries, heads, dim]: each span's query over its keys (range 1, then range 2), zeros elsewhere.
+// query [batch, heads, queries, dim], key and value [cache rows, kv heads, columns, dim], all float32; spans
+// [rows, 7] int64 (the cache row of its keys, its query, end of queries, key ranges 1 and 2 as start, end), one
+// query each. With a query row per span (batch == rows), span r's query is query[r, :, its query] and its keys
+// those of its cache row: a step that feeds a prompt's tokens as rows of their own points them all at the
+// prompt's cache row (compiled_step.py). Otherwise the query's row is the cache row's (a ragged row's queries
+// in one batch row). Returns [batch, queries, heads, dim]: each span's query over its keys (range 1, then range
+// 2), zeros elsewhere.
 at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const at::Tensor& spans, double scale) {
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, "query, key and value must be 4-D");
@@ -79,16 +83,18 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
   const int64_t batch = query.size(0), heads = query.size(1), queries = query.size(2), dim = query.size(3);
   const int64_t kv_heads = key.size(1), columns = key.size(2);
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && value.size(1) == kv_heads, "heads must be a multiple of kv heads");
-  TORCH_CHECK(key.size(0) == batch && value.size(0) == batch && value.size(2) == columns && key.size(3) == dim &&
-                  value.size(3) == dim, "key and value must match the query's batch and head dim");
+  const int64_t cache_rows = key.size(0);
+  TORCH_CHECK(value.size(0) == cache_rows && value.size(2) == columns && key.size(3) == dim && value.size(3) == dim,
+              "key and value must match each other and the query's head dim");
   const at::Tensor q = query.contiguous(), k = key.stride(3) == 1 ? key : key.contiguous(),
                    v = value.stride(3) == 1 ? value : value.contiguous(), s = spans.contiguous();
   const int64_t rows = s.size(0);
+  const bool row_per_span = rows == batch;
   const int64_t* span = s.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t* p = span + 7 * r;
-    TORCH_CHECK(p[0] >= 0 && p[0] < batch && p[1] >= 0 && p[2] == p[1] + 1 && p[2] <= queries,
-                "span ", r, " must hold one query of the batch");
+    TORCH_CHECK(p[0] >= 0 && p[0] < cache_rows && (row_per_span || p[0] < batch) && p[1] >= 0 && p[2] == p[1] + 1 &&
+                    p[2] <= queries, "span ", r, " must hold one query and one cache row");
     TORCH_CHECK(0 <= p[3] && p[3] <= p[4] && p[4] <= columns && 0 <= p[5] && p[5] <= p[6] && p[6] <= columns,
                 "span ", r, "'s key ranges must lie within the ", columns, " columns");
   }
@@ -108,8 +114,8 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
     std::vector<float> acc(dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t* p = span + 7 * (item / heads);
-      const int64_t b = p[0], query_at = p[1], h = item % heads, kv = h / group;
-      const float* qv = qp + ((b * heads + h) * queries + query_at) * dim;
+      const int64_t b = p[0], r = row_per_span ? item / heads : b, query_at = p[1], h = item % heads, kv = h / group;
+      const float* qv = qp + ((r * heads + h) * queries + query_at) * dim;
       const int64_t n1 = p[4] - p[3], n = n1 + (p[6] - p[5]);
       if (n == 0) continue;
       auto column = [&](int64_t i) { return i < n1 ? p[3] + i : p[5] + (i - n1); };
@@ -144,7 +150,7 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
         for (int64_t i = 0; i < n; ++i) a += weights[i] * vp[b * vs0 + kv * vs1 + column(i) * vs2 + d];
         acc[d] = a;
       }
-      float* o = op + ((b * queries + query_at) * heads + h) * dim;
+      float* o = op + ((r * queries + query_at) * heads + h) * dim;
       for (int64_t e = 0; e < dim; ++e) o[e] = acc[e] / total;
     }
   });
