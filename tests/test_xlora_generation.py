@@ -341,8 +341,16 @@ def test_decode_writes_into_the_caches_room_and_reallocates_only_when_it_is_full
         for i, r in enumerate(rows):
             expected = model(torch.cat([r, fed[i : i + 1]], dim=1)).logits[0, -1]
             assert (logits[i] - expected).abs().max() <= TOL, i
-    # Selecting rows gives fresh buffers with room again.
+    # Rows that leave are dropped in place: the row kept moves up in the same buffers, nothing else is copied.
+    layer = cache.real.layers[0]
+    storage, kept = layer.buffers[0].data_ptr(), layer.keys[1].clone()
     cache = cache.select([1])
+    layer = cache.real.layers[0]
+    assert layer.buffers[0].data_ptr() == storage and layer.buffers[0].shape[0] == cache.batch_size == 1
+    assert torch.equal(layer.keys[0], kept)
+    # Rows out of order (or leading padding as wide as the room) are copied into fresh buffers with room again.
+    cache = XLoraCache.concat([cache, model.prefill(*left_pad(prompts(1, 5, seed=19)))[2]])
+    cache = cache.select([1, 0])
     assert cache.real.layers[0].capacity == cache.seq_len + ROOM
 
 

@@ -41,6 +41,8 @@ class GrowingLayer(DynamicLayer):
         super().__init__()
         self.dtype = dtype  # None: the model's
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The allocation the buffers are the first rows of: rows that left leave room for rows that join.
+        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
         self.length = 0
 
     @property
@@ -100,11 +102,45 @@ class GrowingLayer(DynamicLayer):
         if self.length:
             keys[:, :, : self.length] = self.keys
             values[:, :, : self.length] = self.values
-        self.buffers = (keys, values)
+        self.buffers = self._storage = (keys, values)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep these rows (indices in increasing order), in place: each moves up to its new index; the rows
+        that stay where they are are not copied."""
+        keys, values = self.buffers
+        n = self.length
+        with torch.inference_mode():  # the buffers are inference tensors; the server's worker is not in that mode
+            for new, old in enumerate(rows):
+                if new != old:
+                    keys[new, :, :n] = keys[old, :, :n]
+                    values[new, :, :n] = values[old, :, :n]
+        self._set_rows(len(rows))
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append these rows [rows, heads, at most `length` columns, dim], right-aligned (zeros before them), into
+        the storage's free rows; without enough of them, into a new storage with room for as many more."""
+        if self.dtype is not None:
+            keys, values = keys.to(self.dtype), values.to(self.dtype)
+        have, new, n, width = self.buffers[0].shape[0], keys.shape[0], self.length, keys.shape[2]
+        with torch.inference_mode():  # as keep_rows
+            if self._storage[0].shape[0] < have + new:
+                shape = (2 * (have + new),) + self._storage[0].shape[1:]
+                storage = tuple(torch.empty(shape, dtype=t.dtype, device=t.device) for t in self._storage)
+                for target, source in zip(storage, self.buffers, strict=True):
+                    target[:have, :, :n] = source[:, :, :n]
+                self._storage = storage
+            for target, source in zip(self._storage, (keys, values), strict=True):
+                target[have : have + new, :, : n - width] = 0
+                target[have : have + new, :, n - width : n] = source
+        self._set_rows(have + new)
+
+    def _set_rows(self, rows: int) -> None:
+        self.buffers = (self._storage[0][:rows], self._storage[1][:rows])
+        self.keys, self.values = self.buffers[0][:, :, : self.length], self.buffers[1][:, :, : self.length]
 
     def nbytes(self) -> int:
-        """Memory held, the room included."""
-        return sum(t.numel() * t.element_size() for t in self.buffers) if self.buffers is not None else 0
+        """Memory held, the room and the free rows included."""
+        return sum(t.numel() * t.element_size() for t in self._storage) if self._storage is not None else 0
 
 
 def growing_cache(config: PretrainedConfig, dtype: torch.dtype | None = None) -> DynamicCache:
@@ -158,8 +194,17 @@ class XLoraCache:
 
     def select(self, rows: list[int]) -> XLoraCache:
         """Keep these rows, in this order; drop leading columns that are now padding in every row.
-        The tensors are re-sliced in place: use the returned cache, not this one, afterwards."""
+        The tensors are re-sliced in place: use the returned cache, not this one, afterwards. Rows that merely
+        leave (the others kept in order) are dropped in place, without copying the others; the leading padding
+        then stays until it is ROOM columns wide."""
         index, scaling_index, mask, start = self._rows_to_keep(rows)
+        if start < ROOM and rows == sorted(set(rows)) and _all_allocated(self.scaling, self.real):
+            for cache, kept in ((self.real, index), (self.scaling, scaling_index)):
+                if cache is not None and kept is not None:
+                    for layer in _layers(cache):
+                        layer.keep_rows(kept.tolist())
+            scaling = self.scaling if scaling_index is not None else None
+            return XLoraCache(scaling, self.real, mask, [self.frozen[r] for r in rows])
         scaling = None
         if scaling_index is not None:
             scaling = _map_layers(self.scaling, lambda t: t[scaling_index, :, start:])
@@ -204,8 +249,23 @@ class XLoraCache:
     @staticmethod
     def concat(caches: list[XLoraCache]) -> XLoraCache:
         """Join the rows of several caches into one batch, left-padding the shorter ones.
-        The inputs are consumed: use only the returned cache afterwards."""
+        The inputs are consumed: use only the returned cache afterwards. Rows no longer than the first cache's
+        go into its storage's free rows (`GrowingLayer.add_rows`), without copying its rows."""
         length = max(c.seq_len for c in caches)
+        first, others = caches[0], caches[1:]
+        if (
+            others and first.seq_len == length and _all_allocated(first.real, *(c.real for c in others))
+            and (first.scaling is not None or all(c.scaling is None for c in others))
+            and _all_allocated(*(c.scaling for c in caches if c.scaling is not None))
+        ):  # fmt: skip
+            for name in ("real", "scaling"):
+                for other in (getattr(c, name) for c in others):
+                    if other is not None:
+                        for target, layer in zip(_layers(getattr(first, name)), _layers(other), strict=True):
+                            target.add_rows(layer.keys, layer.values)
+            masks = [torch.nn.functional.pad(c.attention_mask, (length - c.seq_len, 0)) for c in caches]
+            frozen = [f for c in caches for f in c.frozen]
+            return XLoraCache(first.scaling, first.real, torch.cat(masks), frozen)
         masks = [torch.nn.functional.pad(c.attention_mask, (length - c.seq_len, 0)) for c in caches]
         scaling = [c.scaling for c in caches if c.scaling is not None]
         return XLoraCache(
@@ -324,6 +384,14 @@ def _layers(cache: DynamicCache) -> list[GrowingLayer]:
         if not isinstance(layer, GrowingLayer):
             raise NotImplementedError(f"joining or selecting rows of a {type(layer).__name__} is not supported")
     return cache.layers
+
+
+def _all_allocated(*caches: DynamicCache | None) -> bool:
+    """Whether every layer of these caches holds buffers (an empty cache's layers may not yet)."""
+    return all(
+        isinstance(layer, GrowingLayer) and layer.buffers is not None
+        for cache in caches if cache is not None for layer in cache.layers
+    )  # fmt: skip
 
 
 def _map_layers(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> DynamicCache:
