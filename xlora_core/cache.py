@@ -105,8 +105,8 @@ class GrowingLayer(DynamicLayer):
         self.buffers = self._storage = (keys, values)
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Keep these rows (indices in increasing order), in place: each moves up to its new index; the rows
-        that stay where they are are not copied."""
+        """Keep these rows, in place: each moves to its new index, one after the other (`_moves_in_place`: none
+        reads a row already written); the rows that stay where they are are not copied."""
         keys, values = self.buffers
         n = self.length
         with torch.inference_mode():  # the buffers are inference tensors; the server's worker is not in that mode
@@ -116,12 +116,14 @@ class GrowingLayer(DynamicLayer):
                     values[new, :, :n] = values[old, :, :n]
         self._set_rows(len(rows))
 
-    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append these rows [rows, heads, at most `length` columns, dim], right-aligned (zeros before them), into
-        the storage's free rows; without enough of them, into a new storage with room for as many more."""
-        if self.dtype is not None:
+    def add_rows(self, keys: torch.Tensor | None, values: torch.Tensor | None, count: int = 0) -> None:
+        """Append these rows [rows, heads, at most `length` columns, dim], right-aligned (zeros before them), or
+        `count` rows of zeros if they are None, into the storage's free rows; without enough of them, into a new
+        storage with room for as many more."""
+        if keys is not None and self.dtype is not None:
             keys, values = keys.to(self.dtype), values.to(self.dtype)
-        have, new, n, width = self.buffers[0].shape[0], keys.shape[0], self.length, keys.shape[2]
+        new = count if keys is None else keys.shape[0]
+        have, n, width = self.buffers[0].shape[0], self.length, 0 if keys is None else keys.shape[2]
         with torch.inference_mode():  # as keep_rows
             if self._storage[0].shape[0] < have + new:
                 shape = (2 * (have + new),) + self._storage[0].shape[1:]
@@ -131,7 +133,8 @@ class GrowingLayer(DynamicLayer):
                 self._storage = storage
             for target, source in zip(self._storage, (keys, values), strict=True):
                 target[have : have + new, :, : n - width] = 0
-                target[have : have + new, :, n - width : n] = source
+                if source is not None:
+                    target[have : have + new, :, n - width : n] = source
         self._set_rows(have + new)
 
     def _set_rows(self, rows: int) -> None:
@@ -195,10 +198,11 @@ class XLoraCache:
     def select(self, rows: list[int]) -> XLoraCache:
         """Keep these rows, in this order; drop leading columns that are now padding in every row.
         The tensors are re-sliced in place: use the returned cache, not this one, afterwards. Rows that merely
-        leave (the others kept in order) are dropped in place, without copying the others; the leading padding
-        then stays until it is ROOM columns wide."""
+        leave (the others kept in order, or the last ones moved into their places) are dropped in place,
+        without copying the others; the leading padding then stays until it is ROOM columns wide."""
         index, scaling_index, mask, start = self._rows_to_keep(rows)
-        if start < ROOM and rows == sorted(set(rows)) and _all_allocated(self.scaling, self.real):
+        in_place = _moves_in_place(rows) and (scaling_index is None or _moves_in_place(scaling_index.tolist()))
+        if start < ROOM and in_place and _all_allocated(self.scaling, self.real):
             for cache, kept in ((self.real, index), (self.scaling, scaling_index)):
                 if cache is not None and kept is not None:
                     for layer in _layers(cache):
@@ -295,6 +299,19 @@ class XLoraCache:
         mask = torch.zeros((len(frozen), width), dtype=torch.long, device=device)
         return XLoraCache(empty(granular) if granular else None, empty(len(frozen)), mask, list(frozen))
 
+    def with_empty_rows(self, frozen: list[torch.Tensor | None]) -> XLoraCache | None:
+        """This cache with rows of padding added (one per `frozen`, as `for_prompts` makes them), in its buffers'
+        free rows; None if it cannot take them so (the input is then untouched)."""
+        granular = sum(f is None for f in frozen)
+        if not _all_allocated(self.scaling, self.real) or (granular and self.scaling is None):
+            return None
+        for cache, count in ((self.real, len(frozen)), (self.scaling, granular)):
+            if count:
+                for layer in _layers(cache):
+                    layer.add_rows(None, None, count)
+        mask = self.attention_mask.new_zeros(len(frozen), self.seq_len)
+        return XLoraCache(self.scaling, self.real, torch.cat([self.attention_mask, mask]), self.frozen + list(frozen))
+
     def padded(self, left: int = 0, right: int = 0) -> XLoraCache:
         """This cache with columns of padding on the left and on the right (room for the rest of a prompt whose
         beginning it holds: a prefix from the prefix cache). The input is consumed."""
@@ -384,6 +401,17 @@ def _layers(cache: DynamicCache) -> list[GrowingLayer]:
         if not isinstance(layer, GrowingLayer):
             raise NotImplementedError(f"joining or selecting rows of a {type(layer).__name__} is not supported")
     return cache.layers
+
+
+def _moves_in_place(rows: list[int]) -> bool:
+    """Whether copying row rows[i] to row i, for i in order, never reads a row already written."""
+    written = set()
+    for new, old in enumerate(rows):
+        if old in written:
+            return False
+        if new != old:
+            written.add(new)
+    return len(set(rows)) == len(rows)
 
 
 def _all_allocated(*caches: DynamicCache | None) -> bool:

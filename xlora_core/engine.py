@@ -275,12 +275,13 @@ class DecodeBatch:
             row.scalings = [hit.scalings]
             reused.append(row)
             caches.append(hit.cache.padded(right=len(row.prompt_ids) - hit.tokens))
-        rows = reused + fresh  # the order of `caches`
+        caches = ([self.cache] if self.cache is not None else []) + caches
+        cache = XLoraCache.concat(caches) if len(caches) > 1 else next(iter(caches), None)
         if fresh:
             width = max(len(row.prompt_ids) for row in fresh)
-            caches.append(self.model.rows_for_prompts([row.routing for row in fresh], width))
-        self.rows = self.rows + rows
-        self.cache = XLoraCache.concat(([self.cache] if self.cache is not None else []) + caches)
+            cache = self.model.rows_for_prompts([row.routing for row in fresh], width, cache)
+        self.rows = self.rows + reused + fresh
+        self.cache = cache
 
     def _join_from_prefix_cache(self, row: BatchRow) -> bool:
         """Take the row into the batch with its prompt's longest stored prefix as its cache row, if there is
@@ -359,8 +360,15 @@ class DecodeBatch:
                 freeze[i] = last_scalings[i]
         if freeze:
             self.cache.freeze(freeze)
-        self.filter(keep)
+        self.filter(_last_into_gaps(keep))
         return out
+
+
+def _last_into_gaps(keep: list[int]) -> list[int]:
+    """The rows `keep` (in increasing order), the last ones moved into the places of those that left: the cache
+    then copies one row per row that left, where keeping the order would move every row after it."""
+    kept, tail = set(keep), [row for row in keep if row >= len(keep)]
+    return [row if row in kept else tail.pop() for row in range(len(keep))]
 
 
 def _chunk(done: int, prompt: int, budget: int) -> int:

@@ -833,11 +833,18 @@ class XLoraModel(nn.Module):
         step is loaded, with our attention kernel, and the rows are this X-LoRA model's alone."""
         return self._packaged_step is not None and batch_invariant.ENABLED and native.load() and self._plain(routing)
 
-    def rows_for_prompts(self, routing: list[Routing], width: int) -> XLoraCache:
-        """Empty cache rows for prompts that `decode_rows` feeds: `width` columns of room each, a scaling-cache
-        row for each row a classifier routes."""
+    def rows_for_prompts(self, routing: list[Routing], width: int, cache: XLoraCache | None = None) -> XLoraCache:
+        """Empty cache rows for prompts that `decode_rows` feeds, `width` columns of room each, a scaling-cache
+        row for each row a classifier routes: `cache` with them added (consumed), or a cache of them alone."""
         frozen = [self._fixed_scalings(r) for r in self._resolve(routing)]
-        return XLoraCache.for_prompts(self.base.config, self.kv_dtype, self.device, width, frozen)
+        if cache is not None:
+            if width > cache.seq_len:
+                cache = cache.padded(left=width - cache.seq_len)
+            joined = cache.with_empty_rows(frozen)  # in the free rows of its buffers: no copy of its rows
+            if joined is not None:
+                return joined
+        rows = XLoraCache.for_prompts(self.base.config, self.kv_dtype, self.device, width, frozen)
+        return rows if cache is None else XLoraCache.concat([cache, rows])
 
     @torch.inference_mode()
     def decode_rows(
