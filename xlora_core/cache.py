@@ -116,10 +116,12 @@ class GrowingLayer(DynamicLayer):
                     values[new, :, :n] = values[old, :, :n]
         self._set_rows(len(rows))
 
-    def add_rows(self, keys: torch.Tensor | None, values: torch.Tensor | None, count: int = 0) -> None:
-        """Append these rows [rows, heads, at most `length` columns, dim], right-aligned (zeros before them), or
-        `count` rows of zeros if they are None, into the storage's free rows; without enough of them, into a new
-        storage with room for as many more."""
+    def add_rows(
+        self, keys: torch.Tensor | None, values: torch.Tensor | None, count: int = 0, end: int | None = None
+    ) -> None:
+        """Append these rows [rows, heads, columns, dim], their columns ending at column `end` (None: `length`;
+        zeros around them), or `count` rows of zeros if they are None, into the storage's free rows; without
+        enough of them, into a new storage with room for as many more."""
         if keys is not None and self.dtype is not None:
             keys, values = keys.to(self.dtype), values.to(self.dtype)
         new = count if keys is None else keys.shape[0]
@@ -131,10 +133,11 @@ class GrowingLayer(DynamicLayer):
                 for target, source in zip(storage, self.buffers, strict=True):
                     target[:have, :, :n] = source[:, :, :n]
                 self._storage = storage
+            end = n if end is None else end
             for target, source in zip(self._storage, (keys, values), strict=True):
-                target[have : have + new, :, : n - width] = 0
+                target[have : have + new, :, :n] = 0
                 if source is not None:
-                    target[have : have + new, :, n - width : n] = source
+                    target[have : have + new, :, end - width : end] = source
         self._set_rows(have + new)
 
     def _set_rows(self, rows: int) -> None:
@@ -256,20 +259,11 @@ class XLoraCache:
         The inputs are consumed: use only the returned cache afterwards. Rows no longer than the first cache's
         go into its storage's free rows (`GrowingLayer.add_rows`), without copying its rows."""
         length = max(c.seq_len for c in caches)
-        first, others = caches[0], caches[1:]
-        if (
-            others and first.seq_len == length and _all_allocated(first.real, *(c.real for c in others))
-            and (first.scaling is not None or all(c.scaling is None for c in others))
-            and _all_allocated(*(c.scaling for c in caches if c.scaling is not None))
-        ):  # fmt: skip
-            for name in ("real", "scaling"):
-                for other in (getattr(c, name) for c in others):
-                    if other is not None:
-                        for target, layer in zip(_layers(getattr(first, name)), _layers(other), strict=True):
-                            target.add_rows(layer.keys, layer.values)
-            masks = [torch.nn.functional.pad(c.attention_mask, (length - c.seq_len, 0)) for c in caches]
-            frozen = [f for c in caches for f in c.frozen]
-            return XLoraCache(first.scaling, first.real, torch.cat(masks), frozen)
+        joined = caches[0]
+        if joined.seq_len == length and all(joined.can_take(c) for c in caches[1:]):
+            for other in caches[1:]:
+                joined = joined.with_rows(other, length)
+            return joined
         masks = [torch.nn.functional.pad(c.attention_mask, (length - c.seq_len, 0)) for c in caches]
         scaling = [c.scaling for c in caches if c.scaling is not None]
         return XLoraCache(
@@ -298,6 +292,25 @@ class XLoraCache:
         granular = sum(f is None for f in frozen)
         mask = torch.zeros((len(frozen), width), dtype=torch.long, device=device)
         return XLoraCache(empty(granular) if granular else None, empty(len(frozen)), mask, list(frozen))
+
+    def can_take(self, other: XLoraCache) -> bool:
+        """Whether `with_rows` can put the rows of `other` in this cache's buffers."""
+        return (
+            other.seq_len <= self.seq_len and _all_allocated(self.real, other.real, self.scaling, other.scaling)
+            and (self.scaling is not None or other.scaling is None)
+        )  # fmt: skip
+
+    def with_rows(self, other: XLoraCache, end: int) -> XLoraCache:
+        """This cache with the rows of `other` added in its buffers' free rows (`can_take`), their columns
+        ending at column `end` (padding before and after them). Both inputs are consumed."""
+        for mine, theirs in ((self.real, other.real), (self.scaling, other.scaling)):
+            if theirs is not None:
+                for target, layer in zip(_layers(mine), _layers(theirs), strict=True):
+                    target.add_rows(layer.keys, layer.values, end=end)
+        mask = other.attention_mask.new_zeros(other.batch_size, self.seq_len)
+        mask[:, end - other.seq_len : end] = other.attention_mask
+        frozen = self.frozen + other.frozen
+        return XLoraCache(self.scaling, self.real, torch.cat([self.attention_mask, mask]), frozen)
 
     def with_empty_rows(self, frozen: list[torch.Tensor | None]) -> XLoraCache | None:
         """This cache with rows of padding added (one per `frozen`, as `for_prompts` makes them), in its buffers'

@@ -265,7 +265,7 @@ class DecodeBatch:
     def _join_with_room(self, rows: list[BatchRow]) -> None:
         """Take these rows into the batch, each with a cache row of room for its whole prompt (for
         XLoraModel.decode_rows), holding its longest stored prefix from the prefix cache if there is one."""
-        caches, reused, fresh = [], [], []
+        cache, reused, fresh = self.cache, [], []
         for row in rows:
             hit = self.prefix_cache.lookup(self.model, row.routing, row.prompt_ids) if self.prefix_cache else None
             if hit is None:
@@ -274,9 +274,14 @@ class DecodeBatch:
             row.prefilled = row.reused_tokens = hit.tokens
             row.scalings = [hit.scalings]
             reused.append(row)
-            caches.append(hit.cache.padded(right=len(row.prompt_ids) - hit.tokens))
-        caches = ([self.cache] if self.cache is not None else []) + caches
-        cache = XLoraCache.concat(caches) if len(caches) > 1 else next(iter(caches), None)
+            prompt = len(row.prompt_ids)
+            if cache is not None and cache.seq_len < prompt:
+                cache = cache.padded(left=prompt - cache.seq_len)
+            if cache is not None and cache.can_take(hit.cache):  # its prefix where its prompt's room begins
+                cache = cache.with_rows(hit.cache, cache.seq_len - prompt + hit.tokens)
+            else:
+                room = hit.cache.padded(right=prompt - hit.tokens)
+                cache = room if cache is None else XLoraCache.concat([cache, room])
         if fresh:
             width = max(len(row.prompt_ids) for row in fresh)
             cache = self.model.rows_for_prompts([row.routing for row in fresh], width, cache)
