@@ -265,28 +265,29 @@ class DecodeBatch:
     def _join_with_room(self, rows: list[BatchRow]) -> None:
         """Take these rows into the batch, each with a cache row of room for its whole prompt (for
         XLoraModel.decode_rows), holding its longest stored prefix from the prefix cache if there is one."""
-        cache, reused, fresh = self.cache, [], []
+        # Rows and cache rows are added together (the caches change in place): if this fails, the rows in so
+        # far are the batch's, and `_step_token_rows` takes them out again.
+        fresh = []
         for row in rows:
             hit = self.prefix_cache.lookup(self.model, row.routing, row.prompt_ids) if self.prefix_cache else None
             if hit is None:
                 fresh.append(row)
                 continue
-            row.prefilled = row.reused_tokens = hit.tokens
-            row.scalings = [hit.scalings]
-            reused.append(row)
-            prompt = len(row.prompt_ids)
+            prompt, cache = len(row.prompt_ids), self.cache
             if cache is not None and cache.seq_len < prompt:
-                cache = cache.padded(left=prompt - cache.seq_len)
+                cache = self.cache = cache.padded(left=prompt - cache.seq_len)
             if cache is not None and cache.can_take(hit.cache):  # its prefix where its prompt's room begins
                 cache = cache.with_rows(hit.cache, cache.seq_len - prompt + hit.tokens)
             else:
                 room = hit.cache.padded(right=prompt - hit.tokens)
                 cache = room if cache is None else XLoraCache.concat([cache, room])
+            row.prefilled = row.reused_tokens = hit.tokens
+            row.scalings = [hit.scalings]
+            self.rows, self.cache = self.rows + [row], cache
         if fresh:
             width = max(len(row.prompt_ids) for row in fresh)
-            cache = self.model.rows_for_prompts([row.routing for row in fresh], width, cache)
-        self.rows = self.rows + reused + fresh
-        self.cache = cache
+            cache = self.model.rows_for_prompts([row.routing for row in fresh], width, self.cache)
+            self.rows, self.cache = self.rows + fresh, cache
 
     def _join_from_prefix_cache(self, row: BatchRow) -> bool:
         """Take the row into the batch with its prompt's longest stored prefix as its cache row, if there is
