@@ -88,6 +88,21 @@ def finish(batch: DecodeBatch, max_tokens: int | None = None) -> None:
         batch.step(max_tokens=max_tokens)
 
 
+def from_prefix_cache(model: XLoraModel, max_tokens: int | None = None) -> tuple[list[BatchRow], PrefixCache]:
+    """Other prompts that begin as these do fill a prefix cache; then these join a running batch from it."""
+    prefix_cache = PrefixCache(1 << 30)
+    batch = DecodeBatch(model, [], None, prefix_cache)
+    batch.step(joining=[BatchRow(RowDecoder(SamplingParams(max_new_tokens=1), None, p[:-2] + [4]), r)
+                        for p, r in requests()])  # fmt: skip
+    finish(batch)
+    cached = rows()
+    batch = DecodeBatch(model, [], None, prefix_cache)
+    batch.step(joining=cached[:2])
+    batch.step(joining=cached[2:], max_tokens=max_tokens)
+    finish(batch, max_tokens=max_tokens)
+    return cached, prefix_cache
+
+
 def test_a_row_gets_the_same_tokens_alone_together_joining_mid_step_in_chunks_and_from_the_prefix_cache(model):
     with torch.inference_mode():
         alone = []
@@ -122,17 +137,7 @@ def test_a_row_gets_the_same_tokens_alone_together_joining_mid_step_in_chunks_an
             batch.step(joining=[row], max_tokens=16)
             finish(batch, max_tokens=16)
 
-        # Other prompts that begin as these do fill a prefix cache; then these join a running batch from it.
-        prefix_cache = PrefixCache(1 << 30)
-        batch = DecodeBatch(model, [], None, prefix_cache)
-        batch.step(joining=[BatchRow(RowDecoder(SamplingParams(max_new_tokens=1), None, p[:-2] + [4]), r)
-                            for p, r in requests()])  # fmt: skip
-        finish(batch)
-        cached = rows()
-        batch = DecodeBatch(model, [], None, prefix_cache)
-        batch.step(joining=cached[:2])
-        batch.step(joining=cached[2:], max_tokens=40)
-        finish(batch, max_tokens=40)
+        cached, prefix_cache = from_prefix_cache(model, max_tokens=40)
 
     assert max(row.chunks for row in chunked) > 3 and prefix_cache.hits == 3
     assert max(row.chunks for row in lone) == 6  # 90 tokens
@@ -191,16 +196,7 @@ def test_with_the_compiled_step_prompts_fed_a_token_a_row_get_the_same_tokens_in
             batch.step(joining=budget[3:], max_tokens=7)
             finish(batch, max_tokens=7)
 
-            prefix_cache = PrefixCache(1 << 30)
-            batch = DecodeBatch(model, [], None, prefix_cache)
-            batch.step(joining=[BatchRow(RowDecoder(SamplingParams(max_new_tokens=1), None, p[:-2] + [4]), r)
-                                for p, r in requests()])  # fmt: skip
-            finish(batch)
-            cached = rows()
-            batch = DecodeBatch(model, [], None, prefix_cache)
-            batch.step(joining=cached[:2])
-            batch.step(joining=cached[2:])
-            finish(batch)
+            cached, prefix_cache = from_prefix_cache(model)
     finally:
         model.use_packaged_step(None)
 
