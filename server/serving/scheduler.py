@@ -166,9 +166,13 @@ class Scheduler:
                 self._drop_gone(batch)
                 self._drop_gone(filling)
                 in_steps = self._feeds_prompts_in_steps(batch, admitted)
-                if admitted and _prefill_apart(admitted, shared=not in_steps):
-                    batch.concatenate(self._prefill(admitted))
-                    admitted = []
+                if in_steps:  # only the prompts to score: the others go the same way whoever comes with them
+                    apart = [j for j in admitted if j.decoder.params.prompt_logprobs is not None]
+                else:
+                    apart = admitted if admitted and _prefill_apart(admitted) else []
+                if apart:
+                    batch.concatenate(self._prefill(apart))
+                    admitted = [j for j in admitted if not any(j is other for other in apart)]
                 # Under the budget, prompts that fit in what the running rows leave of it join their step;
                 # longer ones are fed in chunks, in forwards of their own (a lone long prompt's cache then
                 # grows in place, where a joint step would copy every row's cache every step). No running
@@ -408,13 +412,13 @@ class Scheduler:
         job.post(ErrorEvent(500, f"the model failed on this request: {type(exc).__name__}: {exc}", "model_error"))
 
 
-def _prefill_apart(jobs: list[GenerationJob], shared: bool = True) -> bool:
+def _prefill_apart(jobs: list[GenerationJob]) -> bool:
     """Whether newcomers are prefilled whole, on their own, rather than in the steps: prompts to score (only a
-    prefill gives every position's logits) and, with `shared`, prompts shared by several choices (their prefill
-    runs once, DecodeBatch.prefill). Not `shared` where prompts go into the compiled step a token a row: there a
-    prompt runs the same way whoever else asks for it."""
-    return any(j.decoder.params.prompt_logprobs is not None for j in jobs) or (
-        shared and len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)
+    prefill gives every position's logits) and prompts shared by several choices (their prefill runs once,
+    DecodeBatch.prefill)."""
+    return (
+        any(j.decoder.params.prompt_logprobs is not None for j in jobs)
+        or len({tuple(j.prompt_ids) for j in jobs}) < len(jobs)
     )
 
 
