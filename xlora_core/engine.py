@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .batch_invariant import QUERY_BLOCK
-from .batch_invariant import ROWS_PER_CALL as MAX_BATCH
 from .cache import XLoraCache, growing_cache
 from .classifier import Routing
+from .compiled_step import MAX_BATCH
 from .config import ConstraintError
 from .prefix_cache import PrefixCache
 from .sampling import RowDecoder, TokenLogprob, token_logprobs

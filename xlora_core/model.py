@@ -867,14 +867,16 @@ class XLoraModel(nn.Module):
         device, width = self.device, cache.seq_len
         mask = cache.attention_mask
         cached = mask.sum(dim=1).tolist()
-        first_valid = torch.where(mask.bool(), torch.arange(width, device=mask.device), width).min(dim=1).values
+        decoding = torch.tensor([p is None for p in prompts], dtype=mask.dtype, device=mask.device)
+        new_mask = torch.cat([mask, decoding[:, None]], dim=1)
+        row_spans = left_padded_spans(new_mask, 1)  # [3]: each row's first key
         token_row, token_column, token_start, positions, ids = [], [], [], [], []
         for r, (tokens, prompt) in enumerate(zip(fed, prompts, strict=True)):
             if prompt is None:  # decoding: at the new column, over every key of its row
                 assert len(tokens) == 1, "a decoding row adds one token"
                 begin, columns = None, [width]
             else:  # its prompt's room ends at the new column
-                begin = int(first_valid[r]) if cached[r] else width - prompt
+                begin = int(row_spans[r, 3]) if cached[r] else width - prompt
                 columns = list(range(begin + cached[r], begin + cached[r] + len(tokens)))
                 assert not columns or columns[-1] < width, "the row has no room for its prompt"
             for i, (token, column) in enumerate(zip(tokens, columns, strict=True)):
@@ -887,9 +889,6 @@ class XLoraModel(nn.Module):
         if not 0 < n <= MAX_BATCH:
             raise ValueError(f"a step feeds 1 to {MAX_BATCH} tokens, not {n}")
 
-        decoding = torch.tensor([p is None for p in prompts], dtype=mask.dtype, device=mask.device)
-        new_mask = torch.cat([mask, decoding[:, None]], dim=1)
-        row_spans = left_padded_spans(new_mask, 1)
         spans = []
         for r, column, begin in zip(token_row, token_column, token_start, strict=True):
             end = column + 1
