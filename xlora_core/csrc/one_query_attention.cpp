@@ -4,11 +4,14 @@
 // Why in C++: a decode step attends one query per row in every layer. Row by row through PyTorch's SDPA that
 // is a Python loop of several calls per row (tens of microseconds each, and a trip from the compiled step back
 // into Python). Here each (row, head) is one loop over its own keys, in their order, whatever else is in the
-// batch: a row gets the same bits alone or among others (README "Batch invariance").
+// batch: a row gets the same bits alone or among others (README "Batch invariance"). The query heads that share a
+// kv head go together and the next keys are prefetched: at a batch of 8 the keys and values of a step come from
+// memory, and reading them is most of the kernel's time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -21,23 +24,55 @@ constexpr int64_t kLanes = 16;
 // kLanes floats, held and added as one vector where the CPU has them (GCC's vector extension).
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 
-// a . b in kLanes partial sums, then those added in a fixed tree (halves, quarters, ...): every key gets the
-// same sequence of operations.
-inline float dot(const float* a, const float* b, int64_t n) {
-  Lanes acc = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    Lanes x, y;
-    std::memcpy(&x, a + i, sizeof(Lanes));
-    std::memcpy(&y, b + i, sizeof(Lanes));
-    acc += x * y;
-  }
-  for (; i < n; ++i) acc[i % kLanes] += a[i] * b[i];
+inline Lanes load(const float* p) {
+  Lanes x;
+  std::memcpy(&x, p, sizeof(Lanes));
+  return x;
+}
+
+// The sum of a vector's lanes in a fixed tree: lane i + lane i+8, then +4, +2, +1.
+inline float sum_lanes(Lanes acc) {
   acc += __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
   acc += __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
   acc += __builtin_shufflevector(acc, acc, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
   acc += __builtin_shufflevector(acc, acc, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
   return acc[0];
+}
+
+// The sums of 16 vectors' lanes at once, lane j the sum of vector j, each in sum_lanes' tree: two vectors are
+// folded together at each level, so 15 shuffle pairs and adds in all rather than 4 for every vector.
+inline Lanes fold8(Lanes x, Lanes y) {  // [x0..7 + x8..15, y0..7 + y8..15]
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline Lanes fold4(Lanes x, Lanes y) {  // in each half: [x0..3 + x4..7, y0..3 + y4..7]
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline Lanes fold2(Lanes x, Lanes y) {  // in each quarter: [x0,1 + x2,3, y0,1 + y2,3]
+  return __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline Lanes fold1(Lanes x, Lanes y) {  // in each eighth: [x0 + x1, y0 + y1]
+  return __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+inline Lanes sum_lanes16(const Lanes* a) {
+  Lanes b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j) b[j] = fold8(a[j], a[j + 8]);  // b[j]: vectors j, j+8
+  for (int j = 0; j < 4; ++j) c[j] = fold4(b[j], b[j + 4]);  // c[j]: j, j+4, j+8, j+12
+  for (int j = 0; j < 2; ++j) d[j] = fold2(c[j], c[j + 2]);  // d[j]: j, j+2, ..., j+14
+  return fold1(d[0], d[1]);                                  // lane j: vector j
+}
+
+// a . b in kLanes partial sums (chunk after chunk), then summed in sum_lanes' tree: every key gets the same
+// sequence of operations.
+inline float dot(const float* a, const float* b, int64_t n) {
+  Lanes acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
+  for (; i < n; ++i) acc[i % kLanes] += a[i] * b[i];
+  return sum_lanes(acc);
 }
 
 typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -63,6 +98,95 @@ inline Lanes exp_lanes(Lanes x) {
   Lanes scale;
   std::memcpy(&scale, &bits, sizeof(Lanes));
   return p * scale;
+}
+
+constexpr int64_t kMaxGroup = 8;  // query heads of one kv head computed together
+constexpr int64_t kAhead = 16;    // keys prefetched ahead: a decode step's keys come from memory, not cache
+constexpr int64_t kLineFloats = 64 / sizeof(float);  // a cache line
+
+// `group` query heads (qv[g] -> o[g]) over the keys of one span on one kv head (key and value: its first column).
+// Each query head's scores, softmax and sum over values are the same operations in the same order whatever the
+// other heads, spans and keys are.
+void attend(const float* const* qv, float* const* o, int64_t group, const float* key, int64_t ks2,
+            const float* value, int64_t vs2, const int64_t* p, int64_t dim, float scale, std::vector<float>& weights) {
+  const int64_t n1 = p[4] - p[3], n = n1 + (p[6] - p[5]);
+  if (n == 0) return;
+  auto column = [&](int64_t i) { return i < n1 ? p[3] + i : p[5] + (i - n1); };
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  weights.resize(group * padded);
+  float top[kMaxGroup], total[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) top[g] = -std::numeric_limits<float>::infinity();
+
+  // scores, kLanes keys at a time
+  const bool whole = dim % kLanes == 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    const int64_t m = std::min(kLanes, n - i0);
+    for (int64_t i = i0; i < i0 + m; ++i) {  // keys ahead, and these keys' values for the sum below
+      for (int64_t d = 0; d < dim; d += kLineFloats) {
+        if (i + kAhead < n) __builtin_prefetch(key + column(i + kAhead) * ks2 + d);
+        __builtin_prefetch(value + column(i) * vs2 + d);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float* w = weights.data() + g * padded + i0;
+      if (whole) {
+        Lanes partial[kLanes];
+        for (int64_t j = 0; j < kLanes; ++j) {
+          Lanes acc = {};
+          const float* k = key + column(i0 + std::min(j, m - 1)) * ks2;
+          for (int64_t d = 0; j < m && d < dim; d += kLanes) acc += load(qv[g] + d) * load(k + d);
+          partial[j] = acc;
+        }
+        const Lanes scores = sum_lanes16(partial) * scale;
+        std::memcpy(w, &scores, m * sizeof(float));
+      } else {
+        for (int64_t j = 0; j < m; ++j) w[j] = dot(qv[g], key + column(i0 + j) * ks2, dim) * scale;
+      }
+      for (int64_t j = 0; j < m; ++j) top[g] = std::max(top[g], w[j]);
+    }
+  }
+
+  // softmax weights, unnormalized
+  for (int64_t g = 0; g < group; ++g) {
+    float* w = weights.data() + g * padded;
+    for (int64_t i = n; i < padded; ++i) w[i] = top[g];  // padding: exp(0), never added
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const Lanes x = exp_lanes(load(w + i) - top[g]);
+      std::memcpy(w + i, &x, sizeof(Lanes));
+    }
+    float t = 0.f;
+    for (int64_t i = 0; i < n; ++i) t += w[i];
+    total[g] = t;
+  }
+
+  // out[d] = sum over keys of weight * value[d], key after key; 4 kLanes of d at a time in registers
+  for (int64_t g = 0; g < group; ++g) {
+    const float* w = weights.data() + g * padded;
+    int64_t d = 0;
+    for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
+      Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t i = 0; i < n; ++i) {
+        const float* x = value + column(i) * vs2 + d;
+        a0 += w[i] * load(x);
+        a1 += w[i] * load(x + kLanes);
+        a2 += w[i] * load(x + 2 * kLanes);
+        a3 += w[i] * load(x + 3 * kLanes);
+      }
+      const Lanes sums[4] = {a0, a1, a2, a3};
+      for (int64_t c = 0; c < 4; ++c)
+        for (int64_t e = 0; e < kLanes; ++e) o[g][d + c * kLanes + e] = sums[c][e] / total[g];
+    }
+    for (; d + kLanes <= dim; d += kLanes) {
+      Lanes a = {};
+      for (int64_t i = 0; i < n; ++i) a += w[i] * load(value + column(i) * vs2 + d);
+      for (int64_t e = 0; e < kLanes; ++e) o[g][d + e] = a[e] / total[g];
+    }
+    for (; d < dim; ++d) {
+      float a = 0.f;
+      for (int64_t i = 0; i < n; ++i) a += w[i] * value[column(i) * vs2 + d];
+      o[g][d] = a / total[g];
+    }
+  }
 }
 
 // query [batch, heads, queries, dim], key and value [cache rows, kv heads, columns, dim], all float32; spans
@@ -108,50 +232,24 @@ at::Tensor one_query_attention(const at::Tensor& query, const at::Tensor& key, c
   const int64_t group = heads / kv_heads;
   const float fscale = static_cast<float>(scale);
 
-  // Every (span, head) is computed by one thread alone, so how the work is split changes nothing.
-  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+  // Every (span, kv head) is computed by one thread alone, so how the work is split changes nothing; its query
+  // heads (up to kMaxGroup at a time) go together, so that each key and value is read once for all of them.
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weights;
-    std::vector<float> acc(dim);
+    const float* qv[kMaxGroup];
+    float* o[kMaxGroup];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t* p = span + 7 * (item / heads);
-      const int64_t b = p[0], r = row_per_span ? item / heads : b, query_at = p[1], h = item % heads, kv = h / group;
-      const float* qv = qp + ((r * heads + h) * queries + query_at) * dim;
-      const int64_t n1 = p[4] - p[3], n = n1 + (p[6] - p[5]);
-      if (n == 0) continue;
-      auto column = [&](int64_t i) { return i < n1 ? p[3] + i : p[5] + (i - n1); };
-      weights.resize(n);
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < n; ++i) {
-        weights[i] = dot(qv, kp + b * ks0 + kv * ks1 + column(i) * ks2, dim) * fscale;
-        top = std::max(top, weights[i]);
-      }
-      weights.resize((n + kLanes - 1) / kLanes * kLanes, top);  // padding: exp(0), never added
-      for (int64_t i = 0; i < n; i += kLanes) {
-        Lanes x;
-        std::memcpy(&x, weights.data() + i, sizeof(Lanes));
-        x = exp_lanes(x - top);
-        std::memcpy(weights.data() + i, &x, sizeof(Lanes));
-      }
-      float total = 0.f;
-      for (int64_t i = 0; i < n; ++i) total += weights[i];
-      // acc[d] = sum over keys of weight * value[d], key after key, kLanes values of d at a time in registers
-      int64_t d = 0;
-      for (; d + kLanes <= dim; d += kLanes) {
-        Lanes a = {};
-        for (int64_t i = 0; i < n; ++i) {
-          Lanes x;
-          std::memcpy(&x, vp + b * vs0 + kv * vs1 + column(i) * vs2 + d, sizeof(Lanes));
-          a += weights[i] * x;
+      const int64_t* p = span + 7 * (item / kv_heads);
+      const int64_t b = p[0], r = row_per_span ? item / kv_heads : b, query_at = p[1], kv = item % kv_heads;
+      for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
+        const int64_t n = std::min(kMaxGroup, group - g0);
+        for (int64_t g = 0; g < n; ++g) {
+          const int64_t h = kv * group + g0 + g;
+          qv[g] = qp + ((r * heads + h) * queries + query_at) * dim;
+          o[g] = op + ((r * queries + query_at) * heads + h) * dim;
         }
-        std::memcpy(acc.data() + d, &a, sizeof(Lanes));
+        attend(qv, o, n, kp + b * ks0 + kv * ks1, ks2, vp + b * vs0 + kv * vs1, vs2, p, dim, fscale, weights);
       }
-      for (; d < dim; ++d) {
-        float a = 0.f;
-        for (int64_t i = 0; i < n; ++i) a += weights[i] * vp[b * vs0 + kv * vs1 + column(i) * vs2 + d];
-        acc[d] = a;
-      }
-      float* o = op + ((r * queries + query_at) * heads + h) * dim;
-      for (int64_t e = 0; e < dim; ++e) o[e] = acc[e] / total;
     }
   });
   return out;
