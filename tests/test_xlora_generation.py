@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from xlora_core import ParameterError, Routing, RowDecoder, SamplingParams, XLoraCache, XLoraConfig, XLoraModel
+from xlora_core.sampling import greedy_token
 
 from .tiny_world import VOCAB, build_world, load_base, make_tiny_tokenizer
 
@@ -126,6 +127,19 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     assert any(model.generate(p, seed=s, **sample).tolist() != first.tolist() for s in (8, 9, 10))
     greedy = model.generate(p, max_new_tokens=16)
     assert model.generate(p, seed=1, top_k=1, **sample).tolist() == greedy.tolist()
+
+
+def test_greedy_token_is_torch_argmax():
+    """numpy's argmax on the CPU (sampling.greedy_token) picks what torch.argmax picks: the first of equal
+    maxima, a NaN before any number, in views and in float64 too."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 49152, generator=g)
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first one
+    logits[2, 300] = logits[2, 7] = float("nan")  # NaN wins, the first NaN
+    logits[3] = float("-inf")
+    for row in (*logits, logits[:, 5], logits[0].double(), logits[0, ::3], logits[0].bfloat16()):
+        assert greedy_token(row) == int(row.argmax())
+    assert [greedy_token(row) for row in logits[:3]] == [int(logits[0].argmax()), 10, 7]
 
 
 def test_eos_and_stop_strings_end_generation(model, tokenizer):

@@ -141,6 +141,15 @@ class SamplingParams:
         return self.temperature >= MIN_TEMPERATURE
 
 
+def greedy_token(scores: torch.Tensor) -> int:
+    """The index of the largest score (the first of equal ones; a NaN counts as largest), as torch.argmax gives it.
+    On the CPU through numpy: torch's CPU argmax does not vectorize, and over a 49k vocabulary it took 0.1 to
+    0.2 ms a row, a few percent of a batched decode step; numpy's takes 5 us."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return int(scores.detach().reshape(-1).numpy().argmax())
+    return int(scores.argmax())
+
+
 class RowDecoder:
     """Chooses and records the tokens of one request; says when it is finished and why.
 
@@ -251,7 +260,7 @@ class RowDecoder:
     def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
         """The token, and the scores it was chosen from (after the grammar, processors and warpers)."""
         if not self.processors and self.generator is None and self.matcher is None:
-            return int(logits.argmax()), logits  # plain greedy: nothing to process
+            return greedy_token(logits), logits  # plain greedy: nothing to process
         scores = logits.view(1, -1).float()
         if self.matcher is not None:  # first, so every processor sees only the tokens the grammar allows
             allowed = self.matcher.allowed(scores.shape[-1]).to(scores.device)
@@ -259,7 +268,7 @@ class RowDecoder:
         ids = self._ids[:, : len(self.prompt_ids) + len(self.completion_ids)].to(logits.device)
         scores = self.processors(ids, scores)
         if self.generator is None:
-            token = int(scores.argmax(dim=-1))
+            token = greedy_token(scores)
             if self.matcher is not None and scores[0, token] == -torch.inf:
                 raise self._nothing_allowed()
             return token, scores
