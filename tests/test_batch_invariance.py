@@ -88,11 +88,14 @@ def finish(batch: DecodeBatch, max_tokens: int | None = None) -> None:
         batch.step(max_tokens=max_tokens)
 
 
-def from_prefix_cache(model: XLoraModel, max_tokens: int | None = None) -> tuple[list[BatchRow], PrefixCache]:
-    """Other prompts that begin as these do fill a prefix cache; then these join a running batch from it."""
+def from_prefix_cache(
+    model: XLoraModel, max_tokens: int | None = None, same: int = 2
+) -> tuple[list[BatchRow], PrefixCache]:
+    """Other prompts that begin as these do (all but their last `same` tokens) fill a prefix cache; then these
+    join a running batch from it."""
     prefix_cache = PrefixCache(1 << 30)
     batch = DecodeBatch(model, [], None, prefix_cache)
-    batch.step(joining=[BatchRow(RowDecoder(SamplingParams(max_new_tokens=1), None, p[:-2] + [4]), r)
+    batch.step(joining=[BatchRow(RowDecoder(SamplingParams(max_new_tokens=1), None, p[:-same] + [4]), r)
                         for p, r in requests()])  # fmt: skip
     finish(batch)
     cached = rows()
@@ -154,7 +157,8 @@ def test_a_row_gets_the_same_tokens_alone_together_joining_mid_step_in_chunks_an
 def test_with_the_compiled_step_prompts_fed_a_token_a_row_get_the_same_tokens_in_any_batch(model, tmp_path_factory):
     """With the packaged compiled step, prompts go into the running rows' steps a token a row
     (XLoraModel.decode_rows): each of the 8 rows alone, all together, joining a running batch at three steps, 7
-    tokens a step, and from a prefix cache that other prompts filled: the same tokens and scalings."""
+    tokens a step, and from a prefix cache that other prompts filled (their full blocks, or all but the last
+    token: tails): the same tokens and scalings."""
     if reason := compiled_step.supported(model):
         pytest.skip(reason)
     if not native.load():
@@ -197,13 +201,17 @@ def test_with_the_compiled_step_prompts_fed_a_token_a_row_get_the_same_tokens_in
             finish(batch, max_tokens=7)
 
             cached, prefix_cache = from_prefix_cache(model)
+            tailed, tail_cache = from_prefix_cache(model, same=1)  # prompts that differ in their last token only
     finally:
         model.use_packaged_step(None)
 
     # The 90-token prompt alone took 6 steps of 16 tokens; with 7 tokens a step, more (an eager prefill: 1).
     assert alone[2].chunks == 6 and budget[2].chunks > 6 and prefix_cache.hits == 3
+    assert tail_cache.hits == 8 and [row.reused_tokens for row in tailed] == [len(p) - 1 for p, _ in requests()]
+    assert all(row.chunks == 1 for row in tailed)
+    others = (("together", together), ("joining", joining), ("7 a step", budget), ("prefix", cached), ("tail", tailed))
     for i, a in enumerate(alone):
-        for name, other in (("together", together), ("joining", joining), ("7 a step", budget), ("prefix", cached)):
+        for name, other in others:
             assert other[i].decoder.completion_ids == a.decoder.completion_ids, f"row {i} {name}"
             assert torch.equal(other[i].all_scalings(), a.all_scalings()), f"row {i} {name} scalings"
 

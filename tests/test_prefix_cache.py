@@ -96,6 +96,35 @@ def test_a_hit_never_crosses_routing_model_settings_or_models(model, world):
     assert cache.hits == 1 and len(cache) == 3
 
 
+def test_a_tail_gives_back_the_whole_prompt_but_its_last_token(model):
+    """insert(tail=True) also stores a prompt's tokens after its last full block before its last token (what
+    rows fed a token a row store); lookup(tail=True) then finds the whole prompt but its last token, with the
+    keys, values and scalings its row held. A plain lookup, another last-but-one token or an evicted tail stop
+    at the full blocks; the tail is evicted before its blocks."""
+    prompt = prompts(1, seed=5)[0]  # 47 tokens: 2 full blocks, then a tail of 14 before the last token
+    _, scalings, cache = model.prefill(torch.tensor([prompt]))
+    store = PrefixCache(1 << 26)
+    store.insert(model, model.routing, prompt, cache, 0, scalings[0], tail=True)
+    assert len(store) == 3
+    hit = store.lookup(model, model.routing, prompt, tail=True)
+    assert hit.tokens == len(prompt) - 1 == 46 and store.tokens_reused == 46
+    for got, held in ((hit.cache.scaling, cache.scaling), (hit.cache.real, cache.real)):
+        for a, b in zip(got.layers, held.layers, strict=True):
+            assert torch.equal(a.keys[0], b.keys[0, :, :46]) and torch.equal(a.values[0], b.values[0, :, :46])
+    assert torch.equal(hit.scalings, scalings[0, :46].float())
+    assert store.lookup(model, model.routing, prompt[:-1] + [3], tail=True).tokens == 46  # any last token
+    assert store.lookup(model, model.routing, prompt).tokens == 32  # no tail asked: the full blocks
+    assert store.lookup(model, model.routing, prompt[:-2] + [3, prompt[-1]], tail=True).tokens == 32
+    assert store.lookup(model, model.routing, prompt + [3], tail=True).tokens == 32  # a tail of 15: not stored
+
+    plain = PrefixCache(1 << 26)
+    plain.insert(model, model.routing, prompt, cache, 0, scalings[0])
+    assert len(plain) == 2 and plain.lookup(model, model.routing, prompt, tail=True).tokens == 32
+    small = PrefixCache(store.nbytes - 1)  # room for the blocks, not the tail too
+    small.insert(model, model.routing, prompt, cache, 0, scalings[0], tail=True)
+    assert len(small) == 2 and small.lookup(model, model.routing, prompt, tail=True).tokens == 32
+
+
 def test_the_cache_stays_under_its_byte_bound_evicting_the_least_recently_used(model):
     a, b, c = prompts(3, suffix=1, seed=2)[0], prompts(1, seed=3)[0], prompts(1, seed=4)[0]
     probe = PrefixCache(1 << 26)

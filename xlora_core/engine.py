@@ -259,7 +259,7 @@ class DecodeBatch:
                 row.chunks += 1
                 if not row.prefilling:
                     done.append(row)
-        self._store_prompts(done)
+        self._store_prompts(done, tail=True)
         return self._advance(logits, last)
 
     def _join_with_room(self, rows: list[BatchRow]) -> None:
@@ -269,7 +269,8 @@ class DecodeBatch:
         # far are the batch's, and `_step_token_rows` takes them out again.
         fresh = []
         for row in rows:
-            hit = self.prefix_cache.lookup(self.model, row.routing, row.prompt_ids) if self.prefix_cache else None
+            cached = self.prefix_cache
+            hit = cached.lookup(self.model, row.routing, row.prompt_ids, tail=True) if cached else None
             if hit is None:
                 fresh.append(row)
                 continue
@@ -303,14 +304,15 @@ class DecodeBatch:
         self.cache = hit.cache if self.cache is None else XLoraCache.concat([self.cache, hit.cache])
         return True
 
-    def _store_prompts(self, rows: list[BatchRow]) -> None:
-        """Store these rows' prompts, just done (their cache rows hold the prompt only), in the prefix cache."""
+    def _store_prompts(self, rows: list[BatchRow], tail: bool = False) -> None:
+        """Store these rows' prompts, just done (their cache rows hold the prompt only), in the prefix cache;
+        with `tail` (fed a token a row), their tails too (prefix_cache.py)."""
         if self.prefix_cache is None:
             return
         for row in rows:
             i = next(i for i, r in enumerate(self.rows) if r is row)
             scalings = torch.cat(row.scalings)[: len(row.prompt_ids)]
-            self.prefix_cache.insert(self.model, row.routing, row.prompt_ids, self.cache, i, scalings)
+            self.prefix_cache.insert(self.model, row.routing, row.prompt_ids, self.cache, i, scalings, tail=tail)
 
     def filter(self, keep: list[int]) -> None:
         """Keep these rows (indices into `rows`), in this order; the others' cache rows are freed."""

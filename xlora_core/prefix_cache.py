@@ -11,6 +11,13 @@ a block is found only behind the very same tokens. A lookup walks a prompt's blo
 missing; it never takes the last token (the request needs that position's logits). The blocks held are bounded
 in bytes and evicted least recently used (a prompt's later blocks before its earlier ones).
 
+Tails, for prompts fed a token a row in the compiled step (`XLoraModel.decode_rows`): a prompt asked again comes
+back whole but its last token, where full blocks leave up to 16 tokens to compute again. A tail is a prompt's
+tokens after its last full block before its last token, stored under the hash of its blocks and those tokens.
+It ends off the QUERY_BLOCK grid, where an eager prefill of the rest would run other attention blocks than the
+whole prompt did (other bits); a token a row gets the same bits however its prompt is split, so only rows fed
+that way store tails (`insert(tail=True)`) and take them (`lookup(tail=True)`).
+
 The cache belongs to one process and is safe to share between threads. `DecodeBatch` reads it when rows
 join and fills it when a row's prompt is done; `generate(prefix_cache=...)` and the server use it alike.
 """
@@ -85,6 +92,10 @@ class _Block:
     scalings: torch.Tensor  # [tokens, layers, experts], float32 CPU
 
     @property
+    def tokens(self) -> int:
+        return self.kv.shape[3]
+
+    @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size() + self.scalings.numel() * self.scalings.element_size()
 
@@ -121,22 +132,36 @@ class PrefixCache:
             self._bytes = 0
 
     def _hashes(self, key: tuple, prompt: list[int], blocks: int) -> list[bytes]:
-        """The hash of each of the prompt's first `blocks` blocks: of `key` and every token up to its end."""
+        """The hash of `key` alone, then of each of the prompt's first `blocks` blocks: of `key` and every token
+        up to its end."""
         digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
-        out, b = [], self.block_tokens
+        out, b = [digest], self.block_tokens
         for i in range(blocks):
             chunk = array("q", prompt[i * b : (i + 1) * b]).tobytes()
             digest = hashlib.blake2b(digest + chunk, digest_size=16).digest()
             out.append(digest)
         return out
 
+    def _tail_hash(self, chain: list[bytes], prompt: list[int]) -> bytes | None:
+        """The hash of the prompt's tail (`chain`: `_hashes` up to its last full block before its last token),
+        or None if it has none (its last token begins a block)."""
+        tail = prompt[(len(chain) - 1) * self.block_tokens : len(prompt) - 1]
+        if not tail:
+            return None
+        return hashlib.blake2b(chain[-1] + b"tail" + array("q", tail).tobytes(), digest_size=16).digest()
+
     def lookup(
-        self, model: XLoraModel, routing: Routing, prompt: list[int]
+        self, model: XLoraModel, routing: Routing, prompt: list[int], tail: bool = False
     ) -> PrefixHit | None:
-        """The longest run of stored blocks this prompt begins with (its last token is never taken), or None."""
+        """The longest run of stored blocks this prompt begins with (its last token is never taken), or None.
+        With `tail`, a run of every block before its last token goes on with its stored tail, if there is one:
+        the hit is then the whole prompt but its last token."""
         if self.max_bytes == 0:
             return None
-        hashes = self._hashes(values_key(model, routing), prompt, (len(prompt) - 1) // self.block_tokens)
+        chain = self._hashes(values_key(model, routing), prompt, (len(prompt) - 1) // self.block_tokens)
+        hashes = chain[1:]
+        if tail and (tail_hash := self._tail_hash(chain, prompt)) is not None:
+            hashes.append(tail_hash)
         with self._lock:
             found = []
             for h in hashes:
@@ -149,7 +174,7 @@ class PrefixCache:
                 return None
             for h in reversed(hashes[: len(found)]):  # the first block ends most recent: evicted last
                 self._blocks.move_to_end(h)
-            tokens = len(found) * self.block_tokens
+            tokens = sum(block.tokens for block in found)
             self.hits += 1
             self.tokens_reused += tokens
         kv = torch.cat([block.kv for block in found], dim=3)
@@ -164,32 +189,43 @@ class PrefixCache:
         cache: XLoraCache,
         row: int,
         scalings: torch.Tensor,
+        tail: bool = False,
     ) -> None:
         """Store the full blocks of `prompt`, whose keys and values are row `row` of `cache` (the prompt and
-        nothing after it yet; the row granular) and whose scalings are `scalings` [prompt, layers, experts]."""
+        nothing after it yet; the row granular) and whose scalings are `scalings` [prompt, layers, experts];
+        with `tail` (the prompt was fed a token a row), its tail too."""
         if self.max_bytes == 0 or cache.scaling is None:
             return
-        blocks = len(prompt) // self.block_tokens
-        hashes = self._hashes(values_key(model, routing), prompt, blocks)
+        b = self.block_tokens
+        blocks, before_last = len(prompt) // b, (len(prompt) - 1) // b
+        chain = self._hashes(values_key(model, routing), prompt, blocks)
+        hashes = chain[1:]
+        tail_hash = self._tail_hash(chain[: before_last + 1], prompt) if tail else None
         with self._lock:
             first = next((i for i, h in enumerate(hashes) if h not in self._blocks), blocks)
-        if first == blocks:
+            new_tail = tail_hash is not None and tail_hash not in self._blocks
+        scalings = scalings.float().cpu()
+        parts = {}  # hash -> (begin, end) of the prompt's tokens to store under it
+        for i in range(first, blocks):
+            parts[hashes[i]] = (i * b, (i + 1) * b)
+        if new_tail:
+            parts[tail_hash] = (before_last * b, len(prompt) - 1)
+        if not parts:
             return
-        kv = _row_kv(cache, row, len(prompt), first * self.block_tokens, blocks * self.block_tokens)
+        begin = min(start for start, _ in parts.values())
+        kv = _row_kv(cache, row, len(prompt), begin, max(end for _, end in parts.values()))
         if kv is None:
             return
-        scalings = scalings.float().cpu()
-        b = self.block_tokens
         with self._lock:
-            for i in range(first, blocks):
-                if hashes[i] in self._blocks:
+            for h, (start, end) in parts.items():
+                if h in self._blocks:
                     continue
-                part = kv[:, :, :, (i - first) * b : (i - first + 1) * b].clone()
-                block = _Block(part, scalings[i * b : (i + 1) * b].clone())
-                self._blocks[hashes[i]] = block
+                block = _Block(kv[:, :, :, start - begin : end - begin].clone(), scalings[start:end].clone())
+                self._blocks[h] = block
                 self._bytes += block.nbytes
-            # Later blocks are evicted first: put this prompt's blocks most recent, its first one last of all.
-            for h in reversed(hashes):
+            # Later blocks are evicted first: put this prompt's tail, then its blocks most recent, its first one
+            # last of all.
+            for h in ([tail_hash] if tail_hash in self._blocks else []) + hashes[::-1]:
                 self._blocks.move_to_end(h)
             while self._bytes > self.max_bytes and self._blocks:
                 _, block = self._blocks.popitem(last=False)
