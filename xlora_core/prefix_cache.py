@@ -225,8 +225,9 @@ class PrefixCache:
                 self._bytes += block.nbytes
             # Later blocks are evicted first: put this prompt's tail, then its blocks most recent, its first one
             # last of all.
-            for h in ([tail_hash] if tail_hash in self._blocks else []) + hashes[::-1]:
-                self._blocks.move_to_end(h)
+            for h in [tail_hash, *hashes[::-1]]:
+                if h in self._blocks:  # (another thread's insert may have evicted it meanwhile)
+                    self._blocks.move_to_end(h)
             while self._bytes > self.max_bytes and self._blocks:
                 _, block = self._blocks.popitem(last=False)
                 self._bytes -= block.nbytes
