@@ -3,14 +3,16 @@
 once no request is running (holding new ones back if need be), none dropped or changed; the package lands in the
 cache, where another
 process finds it under the same key and decodes the same greedy tokens with it; a restart loads it instead of
-compiling; a corrupt package is ignored with a warning; a server stopped mid-build ends the build and the process
-compiling a part beside it.
+compiling; a corrupt package is ignored with a warning; a cache folder keeps the packages used last; a server
+stopped mid-build ends the build and the process compiling a part beside it.
 
 One package is built for the whole module (the tiny world's model, float32: about a minute on 2 cores)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -109,8 +111,10 @@ def test_another_process_finds_the_package_under_the_same_key_and_decodes_the_sa
         assert path.is_file(), list(cache.rglob("*"))  # built by the server's compile process
         expected = {flag: run_joining_and_leaving(model, flag) for flag in (False, True)}
         assert compiled_step.split_faithfully(model, compiled_step.PARTS)
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
         step = load_package(path)
         assert step is not None and len(step.runners) == compiled_step.PARTS  # one layer each, built side by side
+        assert time.time() - path.stat().st_mtime < 600  # used now: prune_packages keeps it
         model.use_packaged_step(step)
         for frozen_row in (False, True):  # batch sizes 1, 2, 3, 2, 1, rows joining and leaving
             assert run_joining_and_leaving(model, frozen_row) == expected[frozen_row]
@@ -137,6 +141,27 @@ def test_a_corrupt_package_is_ignored_with_a_warning_and_removed(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="xlora.compiled_step"):
         assert load_package(bad) is None
     assert "ignoring the compiled decode step" in caplog.text and not bad.exists()
+
+
+def test_a_cache_folder_keeps_the_packages_used_last_and_drops_what_killed_builders_left(tmp_path):
+    """prune_packages (after every build): the KEEP_PACKAGES packages used last stay, older ones go with their
+    lock and log files; a killed builder's partial file goes, one whose builder holds its lock stays."""
+    now = time.time()
+    keys = [f"{i:024x}" for i in range(compiled_step.KEEP_PACKAGES + 2)]
+    for age, key in enumerate(keys):  # keys[0] used last
+        for suffix in (".pt2", ".lock", ".log"):
+            (tmp_path / f"step-{key}{suffix}").write_bytes(b"x")
+        os.utime(tmp_path / f"step-{key}.pt2", (now - 60 * age, now - 60 * age))
+    killed, building = tmp_path / "step-dead.partial-1.pt2", tmp_path / "step-busy.partial-2.pt2"
+    killed.write_bytes(b"x")
+    building.write_bytes(b"x")
+    with open(tmp_path / "step-busy.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a builder at work (another open file: flock conflicts in-process too)
+        removed = compiled_step.prune_packages(tmp_path)
+    old = [tmp_path / f"step-{k}{x}" for k in keys[compiled_step.KEEP_PACKAGES :] for x in (".pt2", ".lock", ".log")]
+    assert sorted(removed) == sorted([killed, *old])
+    assert all((tmp_path / f"step-{key}.pt2").is_file() for key in keys[: compiled_step.KEEP_PACKAGES])
+    assert building.is_file() and compiled_step.prune_packages(tmp_path) == [building]
 
 
 def _sessions_of_builds() -> dict[int, list[int]]:

@@ -422,7 +422,47 @@ def build_package_once(model: XLoraModel, path: str | os.PathLike) -> bool:
         for partial in path.parent.glob(path.stem + ".partial-*"):  # left by a builder that was killed
             partial.unlink(missing_ok=True)
         build_package(model, path)
-        return True
+    prune_packages(path.parent)
+    return True
+
+
+# Packages a cache folder keeps: the ones used last (built or loaded). Each holds its model's weights (about 530
+# MB for the embedded default), and any change to the step's code gives them other keys: without a bound every
+# upgrade would leave one behind.
+KEEP_PACKAGES = 4
+
+
+def prune_packages(folder: str | os.PathLike, keep: int = KEEP_PACKAGES) -> list[Path]:
+    """Remove the packages in `folder` beyond the `keep` used last (by modification time: `load_package` touches
+    what it loads) with their lock and log files, and what killed builders left (`.partial-*` files whose lock
+    no builder holds). Returns the files removed."""
+    import fcntl
+
+    folder = Path(folder)
+
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:  # removed meanwhile by another process
+            return 0.0
+
+    packages = sorted((p for p in folder.glob("step-*.pt2") if ".partial-" not in p.name), key=used, reverse=True)
+    doomed = [p.with_suffix(suffix) for p in packages[keep:] for suffix in (".pt2", ".lock", ".log")]
+    for partial in folder.glob("step-*.partial-*"):
+        with open(folder / (partial.name.split(".partial-")[0] + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its builder is at work
+                continue
+            doomed.append(partial)
+    removed = []
+    for path in doomed:
+        if path.exists():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d old files from the compiled decode step cache %s", len(removed), folder)
+    return removed
 
 
 class PackagedStep:
@@ -487,9 +527,12 @@ def load_package(path: str | os.PathLike) -> PackagedStep | None:
     if not path.is_file():
         return None
     try:
-        return PackagedStep(path)
+        step = PackagedStep(path)
     except Exception as exc:  # any failure to load means: not usable; eager decoding stays correct
         log.warning("ignoring the compiled decode step %s (cannot load it: %s: %s); it will be built again",
                     path, type(exc).__name__, exc)  # fmt: skip
         path.unlink(missing_ok=True)
         return None
+    with contextlib.suppress(OSError):  # used now: kept by prune_packages (a read-only cache keeps its own)
+        os.utime(path)
+    return step
