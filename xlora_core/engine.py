@@ -267,10 +267,9 @@ class DecodeBatch:
         XLoraModel.decode_rows), holding its longest stored prefix from the prefix cache if there is one."""
         # Rows and cache rows are added together (the caches change in place): if this fails, the rows in so
         # far are the batch's, and `_step_token_rows` takes them out again.
-        fresh = []
+        fresh, prefixes = [], self.prefix_cache
         for row in rows:
-            cached = self.prefix_cache
-            hit = cached.lookup(self.model, row.routing, row.prompt_ids, tail=True) if cached else None
+            hit = prefixes.lookup(self.model, row.routing, row.prompt_ids, tail=True) if prefixes else None
             if hit is None:
                 fresh.append(row)
                 continue
