@@ -36,11 +36,14 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
+import sys
 import tempfile
 import time
+import traceback
 import zipfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -331,8 +334,9 @@ def build_package(model: XLoraModel, path: str | os.PathLike) -> Path:
     """Export and compile `model`'s decode step into the package at `path` (minutes for a real model). The
     file appears whole or not at all (written beside it, then renamed).
 
-    The step is exported as PARTS graphs of consecutive layers (one if splitting would change its numbers);
-    this process compiles the last while one process each compiles the others, and one package holds them."""
+    The step is exported as PARTS graphs of consecutive layers (one if splitting would change its numbers).
+    A process of its own per part but the last loads the model (pickled into a file) and exports and
+    compiles its layers while this one does the last part; one package holds them."""
     from torch._inductor.package import package_aoti
 
     path = Path(path)
@@ -342,36 +346,105 @@ def build_package(model: XLoraModel, path: str | os.PathLike) -> Path:
     configs = {**inductor_configs(model), "aot_inductor.package": True}
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".partial-", suffix=".pt2", dir=path.parent)
     os.close(fd)
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: fork and torch's threads do not mix
+    compilers: list[PartCompiler] = []
     try:
-        with tempfile.TemporaryDirectory() as folder, ProcessPoolExecutor(max(parts - 1, 1), context) as pool:
-            if parts > 1:
-                pool.submit(part_bounds, 1, 1)  # the workers import torch meanwhile
-            others, bounds = [], part_bounds(layers, parts)
-            for i, (first, end) in enumerate(bounds[:-1]):  # each exported, saved and handed to a worker
-                with _no_gc():
-                    torch.export.save(export_step(model, first, end), f"{folder}/part{i}.pt2")
-                others.append(pool.submit(_compile, f"{folder}/part{i}.pt2", configs, torch.get_num_threads()))
+        with tempfile.TemporaryDirectory() as folder:
+            model_file = Path(folder) / "model.pickle"
+            if parts > 1 and not _pickled(model, model_file):
+                parts = 1
+            bounds = part_bounds(layers, parts)
+            compilers = [PartCompiler(model_file, first, end, configs) for first, end in bounds[:-1]]
             with _no_gc():
                 program = export_step(model, *bounds[-1])
-            last = _compile(program, configs)  # while the workers compile theirs
-            files = [other.result() for other in others] + [last]
+            last = _compile(program, configs, f"layers [{bounds[-1][0]}, {bounds[-1][1]})")
+            del program
+            files = [compiler.result(model) for compiler in compilers] + [last]
         package_aoti(tmp, {f"part{i}": part_files for i, part_files in enumerate(files)})
         os.replace(tmp, path)
     finally:
+        for compiler in compilers:
+            compiler.stop()
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
-def _compile(program: torch.export.ExportedProgram | str, configs: dict[str, Any], threads: int = 0) -> list[str]:
-    """AOTInductor's files for one part (`program`, or the file it was saved to by another process)."""
-    started = time.monotonic()
-    name = program if isinstance(program, str) else "the last part"
-    if isinstance(program, str):
+def _pickled(model: XLoraModel, file: Path) -> bool:
+    """Write `model` to `file` for the part compilers (a second or two, where exporting a part, saving it and
+    loading it there took 20 s); False if it cannot be pickled (its parts are then compiled here)."""
+    try:
+        with open(file, "wb") as out:
+            pickle.dump(model, out, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        log.warning("compiling the decode step as one graph: the model cannot be pickled for a second process (%s)",
+                    exc)  # fmt: skip
+        return False
+    return True
+
+
+class PartCompiler:
+    """A process that exports and compiles layers [first, end) of the model pickled in `model_file`, as
+    `build_package` does the last part (spawned: a fresh interpreter, as fork and torch's threads do not
+    mix). Compiling is single-threaded, so two parts on two cores take about the time of one."""
+
+    def __init__(self, model_file: Path, first: int, end: int, configs: dict[str, Any]) -> None:
+        self.first, self.end, self.configs = first, end, configs
+        context = multiprocessing.get_context("spawn")
+        self.results, sender = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=_compile_part, args=(sender, str(model_file), first, end, configs, torch.get_num_threads()),
+            name=f"xlora-compile-layers-{first}-{end}",
+        )  # fmt: skip
+        self.process.start()
+        sender.close()
+
+    def result(self, model: XLoraModel) -> list[str]:
+        """The part's files, once compiled; if its process failed, the part compiled here instead."""
+        try:
+            kind, value = self.results.recv()
+        except EOFError:  # it died without a word (killed, out of memory)
+            kind, value = "error", None
+        self.process.join()
+        if kind == "files":
+            return value
+        log.warning("compiling layers [%d, %d) failed in a process of its own (exit code %s); compiling them here. %s",
+                    self.first, self.end, self.process.exitcode, value or "")  # fmt: skip
+        with _no_gc():
+            program = export_step(model, self.first, self.end)
+        return _compile(program, self.configs, f"layers [{self.first}, {self.end})")
+
+    def stop(self) -> None:
+        """End the process if it still runs (the build failed or was interrupted)."""
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def _compile_part(
+    results: Connection, model_file: str, first: int, end: int, configs: dict[str, Any], threads: int
+) -> None:
+    """A PartCompiler's process: load the model, export and compile its layers, send back their files (or the
+    error), and exit at once: tearing down the compiler's millions of objects would take seconds the build
+    waits for."""
+    try:
         torch.set_num_threads(threads)  # the GEMM kernels are built for the serving process's thread count
-        native.load()  # the step calls our C++ attention: its op must be known to load the program
-        program = torch.export.load(program)
+        with open(model_file, "rb") as file:
+            model = pickle.load(file)
+        with _no_gc():
+            program = export_step(model, first, end)
+        results.send(("files", _compile(program, configs, f"layers [{first}, {end})")))
+    except BaseException:  # noqa: BLE001 - whatever it is, the builder says it and compiles the part itself
+        results.send(("error", traceback.format_exc()))
+    finally:
+        results.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _compile(program: torch.export.ExportedProgram, configs: dict[str, Any], name: str) -> list[str]:
+    """AOTInductor's files for one part."""
+    started = time.monotonic()
     with _no_gc(), _templates_parsed_once():
         args, kwargs = program.example_inputs
         files = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs, options=configs)

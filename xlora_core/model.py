@@ -90,6 +90,15 @@ class XLoraModel(nn.Module):
         self.freeze_experts()
         self.eval()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling keeps: all but the lock and the compiled steps, which cannot be pickled (the package
+        build hands the model to its part compilers this way: compiled_step.PartCompiler)."""
+        return {**self.__dict__, "_structure": None, "_compiled_step": None, "_packaged_step": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._structure = threading.Lock()
+
     def _index_columns(self) -> None:
         """The rank columns of every fused layer, layer after layer: which layer, expert and scale each is."""
         layers = self._lora_layers
