@@ -17,6 +17,7 @@ server.shutdown_grace_s), then the process exits 0. A second signal stops at onc
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -165,7 +166,14 @@ def _precompile(settings) -> int:
     except Exception as exc:
         print(f"xlora-serve: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    return precompile(settings, model)
+    # Neither collect nor tear down what the build leaves (millions of the compiler's objects) before exiting:
+    # seconds that a server waiting for this process (serving/compiled.py) would wait too.
+    gc.disable()
+    code = precompile(settings, model)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _serve_on_ray(settings, replicas: int, ray_address: str | None) -> int:

@@ -110,6 +110,25 @@ def linear(
     return out[:n].view(*x.shape[:-1], weight.shape[0])
 
 
+def frozen_linear(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """`linear(x, weight_t.T, inductor=True)` for a constant of a graph compiled with frozen weights and
+    inductor's C++ GEMM, stored transposed ([in, out]: compiled_step.joint_weights). F.linear would transpose
+    an [out, in] weight inside the graph; inductor packs that view for its GEMM but then keeps the unpacked
+    constant in the package as well (torch 2.13 drops only weights used as stored): 110 MB more a part for the
+    embedded default. The packed weight and the results are the same bits."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if not rows_fixed(x, weight_t):
+        out = torch.mm(rows, weight_t)
+    elif n <= ROWS_PER_CALL:  # the compiled step's case: one call of ROWS_PER_CALL rows, as `linear`
+        padded = rows.new_zeros(ROWS_PER_CALL, rows.shape[1]).index_copy(0, torch.arange(n, device=x.device), rows)
+        out = torch.mm(padded, weight_t)[:n]
+    else:
+        padded = torch.cat([rows, rows.new_zeros(-n % ROWS_PER_CALL, rows.shape[1])])
+        out = torch.cat([torch.mm(part, weight_t) for part in padded.split(ROWS_PER_CALL)])[:n]
+    return out.view(*x.shape[:-1], weight_t.shape[1])
+
+
 class RowInvariantLinear(nn.Linear):
     """An nn.Linear (same parameters, same state-dict keys) whose forward is `linear`. `slot` is its model's
     `lora.ExpertWeightsSlot`, whose `inductor` says whether the pass running is being compiled."""

@@ -228,18 +228,21 @@ def joint_weights(model: XLoraModel) -> Iterator[None]:
     """Each fused layer over a plain linear without bias gets its base weight and its experts' A stacked
     (`FusedLoraLinear.joint_weight`) while this lasts: the exported step then runs one matmul for both, and
     reads and pads its input once (a constant concatenation inside the graph would not get inductor's C++
-    GEMM: its weight must be a constant)."""
+    GEMM: its weight must be a constant). Stored transposed for the C++ GEMM (batch_invariant.frozen_linear);
+    as it is for oneDNN's packed matmuls (AUTOTUNE "none"), which inductor makes of F.linear only."""
     layers = [
         m for m in model.modules()
         if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear) and m.base_layer.bias is None
     ]  # fmt: skip
+    transposed = "max_autotune" in inductor_configs(model)
     for m in layers:
-        m.joint_weight = torch.cat([m.base_layer.weight, m.lora_A]).detach()
+        joint = torch.cat([m.base_layer.weight, m.lora_A]).detach()
+        m.joint_weight, m.joint_transposed = (joint.t().contiguous(), True) if transposed else (joint, False)
     try:
         yield
     finally:
         for m in layers:
-            m.joint_weight = None
+            m.joint_weight, m.joint_transposed = None, False
 
 
 def split_faithfully(model: XLoraModel, parts: int) -> bool:
@@ -348,18 +351,15 @@ def build_package(model: XLoraModel, path: str | os.PathLike) -> Path:
     os.close(fd)
     compilers: list[PartCompiler] = []
     try:
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, _no_gc():
             model_file = Path(folder) / "model.pickle"
             if parts > 1 and not _pickled(model, model_file):
                 parts = 1
             bounds = part_bounds(layers, parts)
             compilers = [PartCompiler(model_file, first, end, configs) for first, end in bounds[:-1]]
-            with _no_gc():
-                program = export_step(model, *bounds[-1])
-            last = _compile(program, configs, f"layers [{bounds[-1][0]}, {bounds[-1][1]})")
-            del program
+            last = _compile(export_step(model, *bounds[-1]), configs, f"layers [{bounds[-1][0]}, {bounds[-1][1]})")
             files = [compiler.result(model) for compiler in compilers] + [last]
-        package_aoti(tmp, {f"part{i}": part_files for i, part_files in enumerate(files)})
+            package_aoti(tmp, {f"part{i}": part_files for i, part_files in enumerate(files)})
         os.replace(tmp, path)
     finally:
         for compiler in compilers:
@@ -409,9 +409,7 @@ class PartCompiler:
             return value
         log.warning("compiling layers [%d, %d) failed in a process of its own (exit code %s); compiling them here. %s",
                     self.first, self.end, self.process.exitcode, value or "")  # fmt: skip
-        with _no_gc():
-            program = export_step(model, self.first, self.end)
-        return _compile(program, self.configs, f"layers [{self.first}, {self.end})")
+        return _compile(export_step(model, self.first, self.end), self.configs, f"layers [{self.first}, {self.end})")
 
     def stop(self) -> None:
         """End the process if it still runs (the build failed or was interrupted)."""
@@ -428,11 +426,9 @@ def _compile_part(
     waits for."""
     try:
         torch.set_num_threads(threads)  # the GEMM kernels are built for the serving process's thread count
-        with open(model_file, "rb") as file:
+        with open(model_file, "rb") as file, _no_gc():
             model = pickle.load(file)
-        with _no_gc():
-            program = export_step(model, first, end)
-        results.send(("files", _compile(program, configs, f"layers [{first}, {end})")))
+            results.send(("files", _compile(export_step(model, first, end), configs, f"layers [{first}, {end})")))
     except BaseException:  # noqa: BLE001 - whatever it is, the builder says it and compiles the part itself
         results.send(("error", traceback.format_exc()))
     finally:
@@ -445,7 +441,7 @@ def _compile_part(
 def _compile(program: torch.export.ExportedProgram, configs: dict[str, Any], name: str) -> list[str]:
     """AOTInductor's files for one part."""
     started = time.monotonic()
-    with _no_gc(), _templates_parsed_once():
+    with _templates_parsed_once():
         args, kwargs = program.example_inputs
         files = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs, options=configs)
     print(f"compiled {name} in {time.monotonic() - started:.0f} s", flush=True)
@@ -454,13 +450,18 @@ def _compile(program: torch.export.ExportedProgram, configs: dict[str, Any], nam
 
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
-    """Python's collector off while inductor builds millions of short-lived objects: 5% of a cold build."""
+    """Python's collector off while inductor builds millions of short-lived objects: 5% of a cold build. Once,
+    around the whole build, and left off if it was off: the first collection after it walks every object
+    still alive (2 to 4 s), which a process that exits right after skips (a part compiler, and
+    `xlora-serve --precompile`, which turns the collector off for good)."""
+    enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

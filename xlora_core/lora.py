@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .batch_invariant import linear
+from .batch_invariant import frozen_linear, linear
 from .config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .hub import hub_folder
 from .quantize import QuantizedLinear
@@ -198,8 +198,10 @@ class FusedLoraLinear(nn.Module):
         self.ranks = {e: a.shape[0] for e, a, _, _ in experts}
         self.first_column = 0  # where this layer's columns start in slot.columns (set by attach_experts)
         # [base weight; A], only while the compiled step is exported (compiled_step.joint_weights): a constant
-        # of the package, not a second copy of the weights in the model.
+        # of the package, not a second copy of the weights in the model. Transposed ([in, out + rank]) where
+        # inductor's C++ GEMM takes it (batch_invariant.frozen_linear says why).
         self.joint_weight: torch.Tensor | None = None
+        self.joint_transposed = False
         self._runs: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
 
     def add_experts(self, experts: list[tuple[int, torch.Tensor, torch.Tensor, float]]) -> None:
@@ -272,7 +274,10 @@ class FusedLoraLinear(nn.Module):
         """The same for the compiled step: the base weight and the experts' A in one matmul (`joint_weight`), so
         `x` is read, padded and multiplied once."""
         out = self.base_layer.weight.shape[0]
-        both = linear(x, self.joint_weight, inductor=True)
+        if self.joint_transposed:
+            both = frozen_linear(x, self.joint_weight)
+        else:
+            both = linear(x, self.joint_weight, inductor=True)
         hidden = both[..., out:] * column_weights.to(x.dtype)
         return both[..., :out] + linear(hidden, self.lora_B, inductor=True)
 
