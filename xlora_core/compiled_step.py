@@ -370,8 +370,8 @@ def build_package(model: XLoraModel, path: str | os.PathLike) -> Path:
 
 
 def _pickled(model: XLoraModel, file: Path) -> bool:
-    """Write `model` to `file` for the part compilers (a second or two, where exporting a part, saving it and
-    loading it there took 20 s); False if it cannot be pickled (its parts are then compiled here)."""
+    """Write `model` to `file` for the part compilers (half a second for the embedded default; saving its
+    exported part and loading that there took 10 s); False if it cannot be pickled (one part is compiled)."""
     try:
         with open(file, "wb") as out:
             pickle.dump(model, out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -424,18 +424,20 @@ def _compile_part(
     """A PartCompiler's process: load the model, export and compile its layers, send back their files (or the
     error), and exit at once: tearing down the compiler's millions of objects would take seconds the build
     waits for."""
+    code = 0
     try:
         torch.set_num_threads(threads)  # the GEMM kernels are built for the serving process's thread count
         with open(model_file, "rb") as file, _no_gc():
             model = pickle.load(file)
             results.send(("files", _compile(export_step(model, first, end), configs, f"layers [{first}, {end})")))
     except BaseException:  # noqa: BLE001 - whatever it is, the builder says it and compiles the part itself
+        code = 1
         results.send(("error", traceback.format_exc()))
     finally:
         results.close()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
 
 
 def _compile(program: torch.export.ExportedProgram, configs: dict[str, Any], name: str) -> list[str]:
