@@ -1,6 +1,6 @@
 """The decode step compiled ahead of time (xlora_core/compiled_step.py) against eager, in one process: each
-package's build time (export + AOTInductor), its load time, then greedy tok/s, granular and frozen@0, eager
-and each package taking turns (so that a busy machine slows them alike).
+package's build time (export + AOTInductor), its load time and the memory (RSS) loading it adds, then greedy
+tok/s, granular and frozen@0, eager and each package taking turns (so that a busy machine slows them alike).
 
     python -m bench.compiled_step                                   # docs/compiled-decoding.md
     python -m bench.compiled_step --package a.pt2 --package b.pt2   # packages built before (or built now)
@@ -22,6 +22,8 @@ from xlora_core import Routing, XLoraModel
 from xlora_core.base_model import load_base_model
 from xlora_core.compiled_step import AUTOTUNE, PackagedStep, build_package, cpu_features, load_package
 
+from .models import rss_mib
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,14 +40,17 @@ def main() -> None:
     model = XLoraModel.from_pretrained(base, args.checkpoint)
     print(f"{model.dtype}, CPU {cpu_features()}, {args.threads} thread(s), torch {torch.__version__}", flush=True)
     steps: dict[str, PackagedStep | None] = {"eager": None}
+    model_mib = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    before_all = rss_mib()
     for path in args.package or [f"{tempfile.mkdtemp()}/step.pt2"]:
         if load_package(path) is None:
             start = time.perf_counter()
             build_package(model, path)
             print(f"{path}: built in {time.perf_counter() - start:.0f} s (autotune: {AUTOTUNE})", flush=True)
-        start = time.perf_counter()
+        start, before = time.perf_counter(), rss_mib()
         steps[path] = load_package(path)
-        print(f"{path}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"{path}: loaded in {time.perf_counter() - start:.1f} s, RSS +{rss_mib() - before:.0f} MiB "
+              f"(the model: {model_mib:.0f} MiB of weights, RSS {before_all:.0f} MiB before any package)", flush=True)
 
     prompt = torch.randint(100, 40000, (1, 1), generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
