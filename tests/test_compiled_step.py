@@ -229,4 +229,3 @@ def _alive(pids: list[int]) -> bool:
         except OSError:
             continue
     return False
-
