@@ -82,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="fetch the config's Hugging Face Hub ids into the cache (HF_HOME), then exit")
     parser.add_argument("--precompile", action="store_true",
                         help="build the compiled decode step into the cache (once per model and machine), then exit")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="with --precompile: stop building if the process that started this one ends "
+                             "(a server's background build)")
     args = parser.parse_args(argv)
     if args.replicas is not None and args.replicas < 1:
         parser.error("--replicas must be at least 1")
+    if args.exit_with_parent and not args.precompile:
+        parser.error("--exit-with-parent goes with --precompile")
 
     try:
         settings = load_settings(args.config)
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.download_only:
         return _download_only(settings)
     if args.precompile:
-        return _precompile(settings)
+        return _precompile(settings, args.exit_with_parent)
     if args.replicas is not None:
         return _serve_on_ray(settings, args.replicas, args.ray_address)
 
@@ -156,10 +161,14 @@ def _download_only(settings) -> int:
     return 0
 
 
-def _precompile(settings) -> int:
+def _precompile(settings, exit_with_parent: bool) -> int:
     """Load the config's model and build its compiled decode step into the cache (server/serving/compiled.py)."""
     from server.serving.compiled import precompile
     from server.serving.manager import build_model
+    from xlora_core import compiled_step
+
+    if exit_with_parent:
+        compiled_step.exit_with_parent()
 
     try:
         model, _, _ = build_model(settings)

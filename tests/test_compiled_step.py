@@ -203,7 +203,10 @@ def _sessions_of_builds() -> dict[int, list[int]]:
     return {sid: [pid for pid, s, _ in processes if s == sid] for sid in leaders}
 
 
-def test_stopping_the_server_mid_build_ends_the_build_and_its_part_compilers(start_server, world, tmp_path):
+@pytest.mark.parametrize("end", ["stopped", "killed"])
+def test_a_server_ended_mid_build_ends_the_build_and_its_part_compilers(end, start_server, world, tmp_path):
+    """Stopped (SIGTERM): the server ends the build's session. Killed (SIGKILL: out of memory, a Ray replica
+    killed): nothing of the server runs, and the build and its part compilers see that they are orphans."""
     before = set(_sessions_of_builds())
     proc = start_server(server_config(world, model={"compile": "auto"}), env=env(tmp_path / "cache"))
     deadline = time.monotonic() + 120
@@ -213,6 +216,9 @@ def test_stopping_the_server_mid_build_ends_the_build_and_its_part_compilers(sta
             break
         assert time.monotonic() < deadline, (builds, proc.log())
         time.sleep(0.1)
+    if end == "killed":
+        proc.proc.kill()
+        proc.proc.wait(10)
     proc.stop()
     deadline = time.monotonic() + 15
     while any(sid in _sessions_of_builds() or _alive(pids) for sid, pids in builds.items()):

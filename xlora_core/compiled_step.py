@@ -39,6 +39,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import zipfile
@@ -425,6 +426,7 @@ def _compile_part(
     error), and exit at once: tearing down the compiler's millions of objects would take seconds the build
     waits for."""
     code = 0
+    exit_with_parent()  # a builder killed outright (SIGKILL) would otherwise leave this compiling for nobody
     try:
         torch.set_num_threads(threads)  # the GEMM kernels are built for the serving process's thread count
         with open(model_file, "rb") as file, _no_gc():
@@ -438,6 +440,21 @@ def _compile_part(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this process (exit code 1, at once) when the one that started it has ended. Linux tells a child
+    nothing when its parent dies, and a build runs for minutes: a part compiler whose builder was killed, or a
+    server's background build whose server was killed (SIGKILL, out of memory, a Ray replica killed), would
+    compile on for nobody, on the cores the next server needs."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is handed to init (or a subreaper): another parent
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _compile(program: torch.export.ExportedProgram, configs: dict[str, Any], name: str) -> list[str]:
