@@ -36,7 +36,10 @@ def _ray_processes(before: set[int]) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def ray_url(world, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray")
-    config = server_config(world, server={"scalings_log_size": LOG_SIZE, "max_batch_size": 4})
+    # compile false: replicas do not get the suite's XLORA_COMPILE=false (conftest's servers), and with `auto`
+    # each would build a compiled step beside the tests, into the user's cache.
+    config = server_config(world, model={"compile": False},
+                           server={"scalings_log_size": LOG_SIZE, "max_batch_size": 4})  # fmt: skip
     settings = load_settings(write_config(folder, config))
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     start_local_cluster(num_cpus=2)
