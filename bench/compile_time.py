@@ -5,8 +5,9 @@ seconds (the compilation) and tok/s after it, against eager, in one process.
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m bench.compile_time --autotune none
 
 The embedded default in float32, greedy, --new-tokens from a 1-token prompt (prefill included), 1 thread.
-`--autotune CPP,ATEN` is what `XLoraModel.compile()` does on CPU; `CPP` autotunes among inductor's C++
-GEMMs only; `none` freezes the weights without autotuning. An empty cache dir times a cold compilation.
+The default is what `XLoraModel.compile()` does on this CPU (`compiled_step.AUTOTUNE`: `CPP` with AMX, else
+`none`); `CPP` takes inductor's C++ GEMMs, `CPP,ATEN` benchmarks them against aten's matmuls, `none` freezes
+the weights for oneDNN's packed matmuls. An empty cache dir times a cold compilation.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 
 from xlora_core import XLoraModel
 from xlora_core.base_model import load_base_model
+from xlora_core.compiled_step import AUTOTUNE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="default")
     parser.add_argument("--checkpoint", default="checkpoints/default")
-    parser.add_argument("--autotune", default="CPP,ATEN", help="GEMM backends to autotune among, or none")
+    parser.add_argument("--autotune", default=AUTOTUNE, help="GEMM backends to autotune among, or none")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

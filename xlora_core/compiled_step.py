@@ -263,16 +263,18 @@ def split_faithfully(model: XLoraModel, parts: int) -> bool:
 
 
 def default_autotune() -> str:
-    """The GEMM kernels inductor chooses among. With AMX, inductor's C++ micro-GEMMs beat oneDNN's (ATEN) on
-    every matmul shape of the step, 4 to 10x (docs/compiled-decoding.md), so they are taken without
-    benchmarking both (which cost a fifth of a cold build); elsewhere both are benchmarked."""
+    """The GEMM kernels inductor uses. With AMX, inductor's C++ micro-GEMMs beat oneDNN's (ATEN) on every
+    matmul shape of the step, 4 to 10x (docs/compiled-decoding.md), so they are taken without benchmarking.
+    Without AMX they multiply bf16 in fp32 vector code: on an AMD EPYC with AVX-512 BF16 the step ran 1.5x
+    faster on oneDNN's packed matmuls (`none`), which benchmarking could not pick (its oneDNN choice is an
+    unpacked matmul), and built in 51 s instead of 80."""
     import torch.cpu
 
-    return "CPP" if torch.cpu._is_amx_tile_supported() else "CPP,ATEN"
+    return "CPP" if torch.cpu._is_amx_tile_supported() else "none"
 
 
-# "CPP", "CPP,ATEN" (what XLoraModel.compile() does) or "none": frozen weights with oneDNN's packed matmuls,
-# no C++ GEMM kernels.
+# "CPP", "CPP,ATEN" (both benchmarked for each matmul) or "none": frozen weights with oneDNN's packed
+# matmuls, no C++ GEMM kernels.
 AUTOTUNE = os.environ.get("XLORA_COMPILE_AUTOTUNE") or default_autotune()
 
 

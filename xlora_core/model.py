@@ -440,8 +440,9 @@ class XLoraModel(nn.Module):
     def compile(self, enabled: bool = True, mode: str | None = None) -> None:
         """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
 
-        The weights are frozen into the graph; on CPU the matmuls use inductor's autotuned C++ GEMM
-        kernels, which stream a step's weights faster than eager torch's GEMV. Prefill and training stay
+        The weights are frozen into the graph; on CPU the matmuls use the kernels the packaged step uses
+        (`compiled_step.AUTOTUNE`: inductor's C++ GEMMs with AMX, oneDNN's packed ones elsewhere), which
+        stream a step's weights faster than eager torch's GEMV. Prefill and training stay
         eager. The compilation itself happens on the first steps, and again for a new batch size until
         torch treats the size as dynamic (README "Compiled decoding"). `enabled=False`: eager again.
         `mode`: torch.compile's (None: its default; "reduce-overhead" adds CUDA graphs on a GPU, measured by
@@ -451,9 +452,9 @@ class XLoraModel(nn.Module):
             return
         import torch._inductor.config  # noqa: F401  (makes torch._inductor.config reachable in _backbone)
 
-        self._inductor_config = {"freezing": True}
-        if self.device.type == "cpu":
-            self._inductor_config |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        from .compiled_step import inductor_configs
+
+        self._inductor_config = inductor_configs(self)
         self._compiled_step = torch.compile(self._one_token_pass, mode=mode)
 
     # ---- scalings inspection -------------------------------------------------------------------
