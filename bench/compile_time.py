@@ -5,9 +5,9 @@ seconds (the compilation) and tok/s after it, against eager, in one process.
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m bench.compile_time --autotune none
 
 The embedded default in float32, greedy, --new-tokens from a 1-token prompt (prefill included), 1 thread.
-The default is what `XLoraModel.compile()` does on this CPU (`compiled_step.AUTOTUNE`: `CPP` with AMX, else
-`none`); `CPP` takes inductor's C++ GEMMs, `CPP,ATEN` benchmarks them against aten's matmuls, `none` freezes
-the weights for oneDNN's packed matmuls. An empty cache dir times a cold compilation.
+Without --autotune, what `XLoraModel.compile()` does on this CPU (`CPP,ATEN` with AMX, else `none`); `CPP`
+takes inductor's C++ GEMMs, `CPP,ATEN` benchmarks them against aten's matmuls, `none` freezes the weights for
+oneDNN's packed matmuls. An empty cache dir times a cold compilation.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import torch
 
 from xlora_core import XLoraModel
 from xlora_core.base_model import load_base_model
-from xlora_core.compiled_step import AUTOTUNE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="default")
     parser.add_argument("--checkpoint", default="checkpoints/default")
-    parser.add_argument("--autotune", default=AUTOTUNE, help="GEMM backends to autotune among, or none")
+    parser.add_argument("--autotune", help="GEMM backends to autotune among, or none (default: compile()'s)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -45,13 +44,15 @@ def main() -> None:
         eager_s, eager_ids = run()
         print(f"eager: {n / eager_s:.1f} tok/s", flush=True)
         model.compile()
-        model._inductor_config = {"freezing": True}  # compile()'s settings, then the variant's
-        if args.autotune != "none":
-            model._inductor_config |= {"max_autotune": True, "max_autotune_gemm_backends": args.autotune}
+        if args.autotune is not None:  # the variant's settings instead of compile()'s
+            model._inductor_config = {"freezing": True}
+            if args.autotune != "none":
+                model._inductor_config |= {"max_autotune": True, "max_autotune_gemm_backends": args.autotune}
+        setting = args.autotune or model._inductor_config.get("max_autotune_gemm_backends", "none")
         first_s, ids = run()
         print(f"first compiled generation: {first_s:.0f} s", flush=True)
         best = min(run()[0] for _ in range(3))
-        print(f"compiled ({args.autotune}): {n / best:.1f} tok/s, {eager_s / best:.2f}x eager; "
+        print(f"compiled ({setting}): {n / best:.1f} tok/s, {eager_s / best:.2f}x eager; "
               f"same tokens as eager: {torch.equal(ids, eager_ids)}")  # fmt: skip
 
 

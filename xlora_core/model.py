@@ -441,7 +441,8 @@ class XLoraModel(nn.Module):
         """Compile the one-token pass that every decode step runs (both passes use it), with inductor.
 
         The weights are frozen into the graph; on CPU the matmuls use the kernels the packaged step uses
-        (`compiled_step.AUTOTUNE`: inductor's C++ GEMMs with AMX, oneDNN's packed ones elsewhere), which
+        (`compiled_step.AUTOTUNE`: inductor's C++ GEMMs with AMX, benchmarked against aten's matmul, which
+        takes the matmuls their template cannot, as a quantized base's; oneDNN's packed ones elsewhere), which
         stream a step's weights faster than eager torch's GEMV. Prefill and training stay
         eager. The compilation itself happens on the first steps, and again for a new batch size until
         torch treats the size as dynamic (README "Compiled decoding"). `enabled=False`: eager again.
@@ -455,6 +456,8 @@ class XLoraModel(nn.Module):
         from .compiled_step import inductor_configs
 
         self._inductor_config = inductor_configs(self)
+        if self._inductor_config.get("max_autotune_gemm_backends") == "CPP":
+            self._inductor_config["max_autotune_gemm_backends"] = "CPP,ATEN"  # any graph: a fallback for each matmul
         self._compiled_step = torch.compile(self._one_token_pass, mode=mode)
 
     # ---- scalings inspection -------------------------------------------------------------------
