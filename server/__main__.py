@@ -82,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="fetch the config's Hugging Face Hub ids into the cache (HF_HOME), then exit")
     parser.add_argument("--precompile", action="store_true",
                         help="build the compiled decode step into the cache (once per model and machine), then exit")
-    parser.add_argument("--exit-with-parent", action="store_true",
-                        help="with --precompile: stop building if the process that started this one ends "
+    parser.add_argument("--exit-with-parent", type=int, metavar="PID",
+                        help="with --precompile: stop building once process PID, which started this one, has ended "
                              "(a server's background build)")
     args = parser.parse_args(argv)
     if args.replicas is not None and args.replicas < 1:
         parser.error("--replicas must be at least 1")
-    if args.exit_with_parent and not args.precompile:
+    if args.exit_with_parent is not None and not args.precompile:
         parser.error("--exit-with-parent goes with --precompile")
 
     try:
@@ -161,14 +161,14 @@ def _download_only(settings) -> int:
     return 0
 
 
-def _precompile(settings, exit_with_parent: bool) -> int:
+def _precompile(settings, parent: int | None) -> int:
     """Load the config's model and build its compiled decode step into the cache (server/serving/compiled.py)."""
     from server.serving.compiled import precompile
     from server.serving.manager import build_model
     from xlora_core import compiled_step
 
-    if exit_with_parent:
-        compiled_step.exit_with_parent()
+    if parent is not None:
+        compiled_step.exit_with_parent(parent)
 
     try:
         model, _, _ = build_model(settings)

@@ -187,51 +187,52 @@ def test_a_cache_folder_keeps_the_packages_used_last_and_drops_what_killed_build
     assert building.is_file() and compiled_step.prune_packages(tmp_path) == [building]
 
 
-def _sessions_of_builds() -> dict[int, list[int]]:
-    """session id -> its processes, for every session led by an `xlora-serve --precompile` build (procfs)."""
+def _processes() -> list[tuple[int, int, str]]:
+    """(pid, session id, command line) of every process that runs (zombies waiting to be reaped do not), from
+    procfs."""
     processes = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            sid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            state, *fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, ValueError, IndexError):  # not a process, or it ended meanwhile
             continue
-        processes.append((int(entry.name), sid, cmdline))
+        if state != "Z":
+            processes.append((int(entry.name), int(fields[2]), cmdline))  # ppid, pgrp, session
+    return processes
+
+
+def _sessions_of_builds() -> dict[int, list[str]]:
+    """session id -> the command lines of its processes, for every session an `xlora-serve --precompile` build
+    leads."""
+    processes = _processes()
     leaders = {pid for pid, sid, cmdline in processes if pid == sid and "--precompile" in cmdline}
-    return {sid: [pid for pid, s, _ in processes if s == sid] for sid in leaders}
+    return {sid: [cmdline for _, s, cmdline in processes if s == sid] for sid in leaders}
 
 
-@pytest.mark.parametrize("end", ["stopped", "killed"])
-def test_a_server_ended_mid_build_ends_the_build_and_its_part_compilers(end, start_server, world, tmp_path):
+@pytest.mark.parametrize(("end", "when"), [("stopped", "compiling"), ("killed", "starting"), ("killed", "compiling")])
+def test_a_server_ended_mid_build_ends_the_build_and_its_part_compilers(end, when, start_server, world, tmp_path):
     """Stopped (SIGTERM): the server ends the build's session. Killed (SIGKILL: out of memory, a Ray replica
-    killed): nothing of the server runs, and the build and its part compilers see that they are orphans."""
+    killed): nothing of the server runs, and the build and its part compiler see that they are orphans, even
+    when it happened while they were still starting (`starting`: as soon as the build's process exists;
+    `compiling`: once its part compiler, a `spawn`ed process, exists too)."""
     before = set(_sessions_of_builds())
     proc = start_server(server_config(world, model={"compile": "auto"}), env=env(tmp_path / "cache"))
     deadline = time.monotonic() + 120
-    while True:  # the build (a session of its own) and the process compiling a part beside it
-        builds = {sid: pids for sid, pids in _sessions_of_builds().items() if sid not in before}
-        if builds and max(len(pids) for pids in builds.values()) >= 2:
+    while True:
+        builds = {sid: cmdlines for sid, cmdlines in _sessions_of_builds().items() if sid not in before}
+        part_compiler = any("spawn_main" in cmdline for cmdlines in builds.values() for cmdline in cmdlines)
+        if builds and (when == "starting" or part_compiler):
             break
         assert time.monotonic() < deadline, (builds, proc.log())
-        time.sleep(0.1)
+        time.sleep(0.05)
     if end == "killed":
         proc.proc.kill()
         proc.proc.wait(10)
     proc.stop()
-    deadline = time.monotonic() + 15
-    while any(sid in _sessions_of_builds() or _alive(pids) for sid, pids in builds.items()):
-        assert time.monotonic() < deadline, builds
+    deadline = time.monotonic() + 15  # every process of the build's session, those started after the kill too
+    while left := [cmdline for _, sid, cmdline in _processes() if sid in builds]:
+        assert time.monotonic() < deadline, left
         time.sleep(0.2)
-
-
-def _alive(pids: list[int]) -> bool:
-    """Whether any of `pids` still runs (a zombie waiting to be reaped does not)."""
-    for pid in pids:
-        try:
-            if (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                return True
-        except OSError:
-            continue
-    return False

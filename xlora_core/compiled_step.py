@@ -395,7 +395,8 @@ class PartCompiler:
         context = multiprocessing.get_context("spawn")
         self.results, sender = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=_compile_part, args=(sender, str(model_file), first, end, configs, torch.get_num_threads()),
+            target=_compile_part,
+            args=(sender, str(model_file), first, end, configs, torch.get_num_threads(), os.getpid()),
             name=f"xlora-compile-layers-{first}-{end}",
         )  # fmt: skip
         self.process.start()
@@ -422,13 +423,13 @@ class PartCompiler:
 
 
 def _compile_part(
-    results: Connection, model_file: str, first: int, end: int, configs: dict[str, Any], threads: int
+    results: Connection, model_file: str, first: int, end: int, configs: dict[str, Any], threads: int, builder: int
 ) -> None:
     """A PartCompiler's process: load the model, export and compile its layers, send back their files (or the
     error), and exit at once: tearing down the compiler's millions of objects would take seconds the build
     waits for."""
     code = 0
-    exit_with_parent()  # a builder killed outright (SIGKILL) would otherwise leave this compiling for nobody
+    exit_with_parent(builder)  # a builder killed outright (SIGKILL) would otherwise leave this compiling for nobody
     try:
         torch.set_num_threads(threads)  # the GEMM kernels are built for the serving process's thread count
         with open(model_file, "rb") as file, _no_gc():
@@ -444,12 +445,12 @@ def _compile_part(
         os._exit(code)
 
 
-def exit_with_parent(poll_s: float = 0.5) -> None:
-    """End this process (exit code 1, at once) when the one that started it has ended. Linux tells a child
-    nothing when its parent dies, and a build runs for minutes: a part compiler whose builder was killed, or a
-    server's background build whose server was killed (SIGKILL, out of memory, a Ray replica killed), would
-    compile on for nobody, on the cores the next server needs."""
-    parent = os.getppid()
+def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """End this process (exit code 1, at once) when process `parent`, which started it, has ended. Linux tells
+    a child nothing when its parent dies, and a build runs for minutes: a part compiler whose builder was
+    killed, or a server's background build whose server was killed (SIGKILL, out of memory, a Ray replica
+    killed), would compile on for nobody, on the cores the next server needs. The parent's pid is given, not
+    read here: one that died while this process was still starting would not be missed."""
 
     def watch() -> None:
         while os.getppid() == parent:  # an orphan is handed to init (or a subreaper): another parent

@@ -3,7 +3,7 @@
 `model.compile`:
 - `auto` (the default): if the cache (~/.cache/xlora-server/compiled) has this model's package, load it
   before serving (seconds). Otherwise serve eagerly at once and build the package in a separate process
-  (`xlora-serve --config FILE --precompile --exit-with-parent`, at nice 19: a thread of this process would
+  (`xlora-serve --config FILE --precompile --exit-with-parent PID`, at nice 19: a thread of this process would
   starve the eager worker of the GIL; it stops if this process dies), then load it and switch to it once no
   request is running (Scheduler.use_packaged_step).
 - `true`: the same, but a missing package is built before serving (start-up waits for it).
@@ -114,7 +114,7 @@ class StepCompiler:
         # one inductor compile worker, and nice 19: the eager worker goes first.
         env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
         command = [sys.executable, "-m", "server", "--config", str(self.settings.source), "--precompile",
-                   "--exit-with-parent"]  # fmt: skip
+                   "--exit-with-parent", str(os.getpid())]  # fmt: skip
         with open(log_path, "wb") as out:
             # A session of its own: stop() ends it with the processes it spawns to compile parts side by side.
             self.process = subprocess.Popen(
