@@ -19,6 +19,7 @@ import torch
 
 from xlora_core import XLoraModel
 from xlora_core.base_model import load_base_model
+from xlora_core.compiled_step import inductor_configs
 
 
 def main() -> None:
@@ -45,9 +46,7 @@ def main() -> None:
         print(f"eager: {n / eager_s:.1f} tok/s", flush=True)
         model.compile()
         if args.autotune is not None:  # the variant's settings instead of compile()'s
-            model._inductor_config = {"freezing": True}
-            if args.autotune != "none":
-                model._inductor_config |= {"max_autotune": True, "max_autotune_gemm_backends": args.autotune}
+            model._inductor_config = inductor_configs(model, args.autotune)
         setting = args.autotune or model._inductor_config.get("max_autotune_gemm_backends", "none")
         first_s, ids = run()
         print(f"first compiled generation: {first_s:.0f} s", flush=True)

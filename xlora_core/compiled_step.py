@@ -278,11 +278,12 @@ def default_autotune() -> str:
 AUTOTUNE = os.environ.get("XLORA_COMPILE_AUTOTUNE") or default_autotune()
 
 
-def inductor_configs(model: XLoraModel) -> dict[str, Any]:
-    """Frozen weights, and on CPU the GEMM kernels that AUTOTUNE says."""
+def inductor_configs(model: XLoraModel, autotune: str | None = None) -> dict[str, Any]:
+    """Frozen weights, and on CPU the GEMM kernels that `autotune` (default: AUTOTUNE) says."""
+    autotune = autotune or AUTOTUNE
     configs: dict[str, Any] = {"freezing": True}
-    if model.device.type == "cpu" and AUTOTUNE != "none":
-        configs |= {"max_autotune": True, "max_autotune_gemm_backends": AUTOTUNE}
+    if model.device.type == "cpu" and autotune != "none":
+        configs |= {"max_autotune": True, "max_autotune_gemm_backends": autotune}
     return configs
 
 

@@ -453,11 +453,11 @@ class XLoraModel(nn.Module):
             return
         import torch._inductor.config  # noqa: F401  (makes torch._inductor.config reachable in _backbone)
 
-        from .compiled_step import inductor_configs
+        from . import compiled_step
 
-        self._inductor_config = inductor_configs(self)
-        if self._inductor_config.get("max_autotune_gemm_backends") == "CPP":
-            self._inductor_config["max_autotune_gemm_backends"] = "CPP,ATEN"  # any graph: a fallback for each matmul
+        # The package's kernels; with AMX aten's matmul beside the C++ GEMM, for any graph (a quantized base).
+        autotune = "CPP,ATEN" if compiled_step.AUTOTUNE == "CPP" else compiled_step.AUTOTUNE
+        self._inductor_config = compiled_step.inductor_configs(self, autotune)
         self._compiled_step = torch.compile(self._one_token_pass, mode=mode)
 
     # ---- scalings inspection -------------------------------------------------------------------
