@@ -33,9 +33,11 @@ from xlora_core import (
 from xlora_core.base_model import resolve_dtype
 from xlora_core.batch_invariant import (
     ROWS_PER_CALL,
+    least_rows,
     left_padded_spans,
     linear,
     one_query_attention,
+    probe_inputs,
     ragged_spans,
     rows_fixed,
 )
@@ -226,15 +228,20 @@ def test_with_the_compiled_step_prompts_fed_a_token_a_row_get_the_same_tokens_in
     reason="this CPU has no native bfloat16: linear is F.linear",
 )
 def test_linear_gives_each_row_the_same_bits_for_any_number_of_rows():
-    """The shapes of the embedded default's layers and LoRA matrices, 1 to 40 rows."""
-    g = torch.Generator().manual_seed(0)
+    """The shapes of the embedded default's layers, LoRA matrices and classifier, 1 to 40 rows, on inputs that
+    show any change in the order of a row's additions (`probe_inputs`, other seeds than least_rows measured
+    with), and on plain random ones."""
+    shapes = [(1536, 576), (576, 1536), (576, 24), (1536, 24), (24, 576), (24, 1536), (192, 576), (3, 256)]
     with torch.inference_mode():
-        for out_features, in_features in [(1536, 576), (576, 1536), (576, 24), (1536, 24), (24, 576), (192, 576)]:
-            weight = torch.randn(out_features, in_features, generator=g).bfloat16()
-            x = torch.randn(40, in_features, generator=g).bfloat16()
-            one_by_one = torch.cat([linear(x[i : i + 1], weight) for i in range(40)])
-            for n in (2, 3, 8, ROWS_PER_CALL, ROWS_PER_CALL + 1, 40):
-                assert torch.equal(linear(x[:n], weight), one_by_one[:n]), (out_features, in_features, n)
+        for seed, (out_features, in_features) in enumerate(shapes):
+            sharp = probe_inputs(out_features, in_features, rows=40, seed=100 + seed)
+            g = torch.Generator().manual_seed(seed)
+            plain = torch.randn(40, in_features, generator=g).bfloat16(), torch.randn(out_features, in_features).bfloat16()
+            for x, weight in (sharp, plain):
+                one_by_one = torch.cat([linear(x[i : i + 1], weight) for i in range(40)])
+                for n in (2, 3, 8, ROWS_PER_CALL, ROWS_PER_CALL + 1, ROWS_PER_CALL + 2, 40):
+                    assert torch.equal(linear(x[:n], weight), one_by_one[:n]), (out_features, in_features, n)
+            assert 1 <= least_rows(out_features, in_features) <= ROWS_PER_CALL
 
 
 needs_kernel = pytest.mark.skipif(not native.load(), reason="the C++ attention kernel cannot be built here")

@@ -6,11 +6,13 @@ which bfloat16 then rounds into different tokens:
 
 - matmul kernels pick their blocking, and so their order of additions, by the number of rows M, and
   bfloat16 rounds the results: one element in a few thousand then differs between M=1 and M=8. `linear`
-  (bfloat16 on CPU) always calls oneDNN with exactly `ROWS_PER_CALL` rows, padding the last call with zero
-  rows, on weights prepacked once: every call has the same shape, so every row gets the same arithmetic.
-  On CPUs with AMX or AVX-512 BF16 a call of 16 rows costs about what one row costs (decoding reads
-  weights; it does not multiply much), and prepacking saves the repacking torch's plain bf16 path does at
-  every call: the whole decode step costs 5% more at batch 1 (`python -m bench.batch_invariance`).
+  (bfloat16 on CPU) calls oneDNN at most `ROWS_PER_CALL` rows at a time, on weights prepacked once, and
+  pads a call with zero rows up to the fewest rows from which oneDNN gives every row the bits it gets in
+  a call of ROWS_PER_CALL rows (`least_rows`, measured once per weight shape on this CPU at this number
+  of threads): every row then gets the arithmetic of a full call, alone or not. On an AMD EPYC with
+  AVX-512 BF16 that is 1 row for most shapes and 2 for a 1536-wide input, where a call of 16 rows costs
+  twice one row's; with AMX it costs about the same. Inductor's C++ GEMM templates (the compiled step
+  with AMX) are not measured: their calls keep ROWS_PER_CALL rows.
 - attention over a padded batch: the padding shifts where a row's keys fall in the kernel's vector lanes.
   `row_attention` runs each row's queries over its own keys only (`left_padded_spans`, `ragged_spans`), the same call
   with the same shapes as when the row is alone. A single query (every row of a decode step) goes to our C++
@@ -79,25 +81,111 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return entry[1]
 
 
+# (out features, in features) -> least_rows for that weight shape, at _PROBED_THREADS torch threads.
+_LEAST_ROWS: dict[tuple[int, int], int] = {}
+_PROBED_THREADS = 0
+
+
+def least_rows(out_features: int, in_features: int) -> int:
+    """The fewest rows a oneDNN call on a bf16 weight of this shape needs for each of its rows to get the same
+    bits as in a call of ROWS_PER_CALL rows, whatever else is in it (1 to ROWS_PER_CALL). Measured once per
+    shape and number of torch threads (`_measure_least_rows`, about a millisecond)."""
+    global _PROBED_THREADS
+    threads = torch.get_num_threads()
+    if threads != _PROBED_THREADS:  # oneDNN splits work among threads: another count, other kernels
+        _LEAST_ROWS.clear()
+        _PROBED_THREADS = threads
+    key = (out_features, in_features)
+    if key not in _LEAST_ROWS:
+        _LEAST_ROWS[key] = _measure_least_rows(out_features, in_features)
+    return _LEAST_ROWS[key]
+
+
+def measure_rows(weights: list[torch.Tensor]) -> None:
+    """least_rows for the shape of every bf16 matrix in `weights`, ahead of compiling a pass that calls
+    `linear` on them: a compiled call reads the measurement and cannot make it (it pads to ROWS_PER_CALL
+    rows for a shape not measured)."""
+    for weight in weights:
+        if weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+            least_rows(*weight.shape)
+
+
+def probe_inputs(
+    out_features: int, in_features: int, rows: int = ROWS_PER_CALL, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 inputs [rows, in] and weight [out, in] on which any change in the order of a row's additions shows
+    in its bf16 result: pairs of input columns hold +B and -B (B up to 2^15) over equal weight columns, so
+    the partial sums are large while the result stays small, and where those terms are added among the
+    others decides its last bits. Plain random inputs hide most such changes (the real down_proj of the
+    embedded default showed one that randn data did not)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    pairs = torch.randperm(in_features, generator=g)[: 2 * max(1, in_features // 16)].view(-1, 2)
+    for a, b in pairs.tolist():
+        weight[:, b] = weight[:, a]
+        big = float(2 ** int(torch.randint(8, 16, (1,), generator=g)))
+        x[:, a], x[:, b] = big, -big
+    return x.bfloat16(), weight.bfloat16()
+
+
+def _measure_least_rows(out_features: int, in_features: int, seeds: int = 3) -> int:
+    """least_rows, measured: every call of M rows (M from ROWS_PER_CALL - 1 down) against a full call, on
+    `probe_inputs`, for oneDNN's packed matmul (what `linear` calls eagerly) and F.linear's (what inductor may
+    keep), both of which a compiled pass may run."""
+    least = 1
+    with torch.inference_mode():
+        for seed in range(seeds):
+            x, weight = probe_inputs(out_features, in_features, seed=seed)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_PER_CALL)
+            calls = (
+                lambda rows: torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], ""),  # noqa: B023
+                lambda rows: F.linear(rows, weight),  # noqa: B023
+            )
+            for call in calls:
+                full = call(x)
+                for m in range(ROWS_PER_CALL - 1, least - 1, -1):
+                    if not torch.equal(call(x[:m]), full[:m]):
+                        least = m + 1
+                        break
+    return least
+
+
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, inductor: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    inductor: bool = False,
+    cpp_gemm: bool = False,
 ) -> torch.Tensor:
-    """F.linear; for bf16 inference on CPU, calls of exactly ROWS_PER_CALL rows (the last one padded with
-    zero rows), so each row's result is the same for any number of rows. Eagerly on a prepacked weight;
-    with `inductor` (the pass is being compiled) through F.linear, whose weight inductor's freezing packs
-    for that shape. (Not torch.compiler.is_compiling(): that flag is process-wide, and another thread may be
-    compiling while this one runs eagerly.)"""
+    """F.linear; for bf16 inference on CPU, calls of at most ROWS_PER_CALL rows, each padded with zero rows to
+    at least `least_rows`, so each row's result is the same for any number of rows. Eagerly on a prepacked
+    weight; with `inductor` (the pass is being compiled) through F.linear, whose weight inductor's freezing
+    packs, reading least_rows as measured before (`measure_rows`); with `cpp_gemm` (inductor's C++ GEMM
+    templates take the matmul) always ROWS_PER_CALL rows. (Not torch.compiler.is_compiling(): that flag is
+    process-wide, and another thread may be compiling while this one runs eagerly.)"""
     if not rows_fixed(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
+    if inductor:
+        least = ROWS_PER_CALL if cpp_gemm else _LEAST_ROWS.get((weight.shape[0], weight.shape[1]), ROWS_PER_CALL)
+    else:
+        least = least_rows(weight.shape[0], weight.shape[1])
     if inductor and n <= ROWS_PER_CALL:
-        # One call of exactly ROWS_PER_CALL rows, with no branch on the number of rows: a step exported
-        # for any batch up to ROWS_PER_CALL (compiled_step.py) keeps that as one graph.
-        padded = rows.new_zeros(ROWS_PER_CALL, rows.shape[1]).index_copy(0, torch.arange(n, device=x.device), rows)
-        return F.linear(padded, weight, bias)[:n].view(*x.shape[:-1], weight.shape[0])
-    if n % ROWS_PER_CALL:
-        rows = torch.cat([rows, rows.new_zeros(ROWS_PER_CALL - n % ROWS_PER_CALL, rows.shape[1])])
+        # One call with no branch on the number of rows: a step exported for any batch up to ROWS_PER_CALL
+        # (compiled_step.py) keeps that as one graph.
+        at = torch.arange(n, device=x.device)
+        if least == 1:
+            out = F.linear(rows, weight, bias)
+        elif least == ROWS_PER_CALL:
+            out = F.linear(rows.new_zeros(ROWS_PER_CALL, rows.shape[1]).index_copy(0, at, rows), weight, bias)[:n]
+        else:  # index_select, not [:n]: export cannot tell that n <= max(n, least)
+            padded = rows.new_zeros(torch.sym_max(n, least), rows.shape[1]).index_copy(0, at, rows)
+            out = F.linear(padded, weight, bias).index_select(0, at)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    if 0 < n % ROWS_PER_CALL < least:
+        rows = torch.cat([rows, rows.new_zeros(least - n % ROWS_PER_CALL, rows.shape[1])])
     if inductor:
         parts = [F.linear(part, weight, bias) for part in rows.split(ROWS_PER_CALL)]
     else:
@@ -136,7 +224,7 @@ class RowInvariantLinear(nn.Linear):
     slot: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.slot.inductor)
+        return linear(x, self.weight, self.bias, self.slot.inductor, self.slot.cpp_gemm)
 
 
 def use_row_invariant_linears(module: nn.Module, slot: Any) -> None:

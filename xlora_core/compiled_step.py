@@ -53,7 +53,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from . import native
+from . import batch_invariant, native
 from .batch_invariant import ROWS_PER_CALL
 from .cache import GrowingLayer
 from .lora import FusedLoraLinear
@@ -131,12 +131,14 @@ class OneTokenStep(nn.Module):
         cache = DynamicCache(config=self.model.base.config)
         cache.layers = [own[i - self.first] if self.first <= i < self.end else own[0] for i in range(len(cache.layers))]
         ids, embeds = (inputs, None) if self.first == 0 else (None, inputs)
-        self.model.slot.inductor = True  # the matmuls as inductor should see them (batch_invariant.linear)
+        slot = self.model.slot
+        # the matmuls as inductor should see them (batch_invariant.linear)
+        slot.inductor, slot.cpp_gemm = True, "max_autotune" in inductor_configs(self.model)
         try:
             with _only_layers(self.model.base.get_decoder(), self.first, self.end):
                 return self.model._one_token_pass(ids, attention_mask, position_ids, cache, columns, spans, embeds)
         finally:
-            self.model.slot.inductor = False
+            slot.inductor, slot.cpp_gemm = False, False
 
 
 @contextlib.contextmanager
@@ -221,6 +223,8 @@ def export_step(model: XLoraModel, first: int = 0, end: int | None = None) -> to
     kv = [{0: rows, 2: capacity}] * (step.end - step.first)
     dynamic = ({0: batch}, {0: batch, 1: width}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, kv, kv)
     with torch.inference_mode(False), torch.no_grad(), joint_weights(model):
+        joint = [m.joint_weight for m in model.modules() if getattr(m, "joint_weight", None) is not None]
+        batch_invariant.measure_rows([*model.parameters(), *joint])  # what the traced calls read
         return torch.export.export(step, example_inputs(model, first, end), dynamic_shapes=dynamic, strict=False)
 
 

@@ -156,7 +156,8 @@ class ExpertWeightsSlot:
     once (`columns`, [batch, 1, all columns], layer after layer): one gather per pass instead of one
     per layer. Each layer then reads its own slice. Both None: the experts are off.
 
-    `inductor` is True while the compiled step runs: the matmuls then go to inductor (batch_invariant.linear).
+    `inductor` is True while the compiled step runs: the matmuls then go to inductor (batch_invariant.linear);
+    `cpp_gemm` says that inductor's C++ GEMM templates take them (compiled_step.AUTOTUNE with AMX).
 
     `groups` (several models in one batch, XLoraModel.hosted): None runs every rank column for every row, as
     one model does. Otherwise one (mask, experts) per distinct set of experts the rows use: each set's columns
@@ -170,6 +171,7 @@ class ExpertWeightsSlot:
         self.columns: torch.Tensor | None = None
         self.groups: list[tuple[torch.Tensor | None, tuple[int, ...]]] | None = None
         self.inductor = False
+        self.cpp_gemm = False
 
 
 class FusedLoraLinear(nn.Module):
@@ -264,11 +266,11 @@ class FusedLoraLinear(nn.Module):
             for mask, experts in self.slot.groups:
                 for a, b, lo, hi in self.runs(experts):
                     weights = column_weights[:, :, lo:hi] if mask is None else column_weights[:, :, lo:hi] * mask
-                    hidden = linear(x, a, inductor=self.slot.inductor) * weights.to(x.dtype)
-                    result = result + linear(hidden, b, inductor=self.slot.inductor)
+                    hidden = linear(x, a, None, self.slot.inductor, self.slot.cpp_gemm) * weights.to(x.dtype)
+                    result = result + linear(hidden, b, None, self.slot.inductor, self.slot.cpp_gemm)
             return result
-        hidden = linear(x, self.lora_A, inductor=self.slot.inductor) * column_weights.to(x.dtype)
-        return result + linear(hidden, self.lora_B, inductor=self.slot.inductor)
+        hidden = linear(x, self.lora_A, None, self.slot.inductor, self.slot.cpp_gemm) * column_weights.to(x.dtype)
+        return result + linear(hidden, self.lora_B, None, self.slot.inductor, self.slot.cpp_gemm)
 
     def _joint(self, x: torch.Tensor, column_weights: torch.Tensor) -> torch.Tensor:
         """The same for the compiled step: the base weight and the experts' A in one matmul (`joint_weight`), so
@@ -279,7 +281,7 @@ class FusedLoraLinear(nn.Module):
         else:
             both = linear(x, self.joint_weight, inductor=True)
         hidden = both[..., out:] * column_weights.to(x.dtype)
-        return both[..., :out] + linear(hidden, self.lora_B, inductor=True)
+        return both[..., :out] + linear(hidden, self.lora_B, None, True, self.slot.cpp_gemm)
 
     def expert_matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This module's (A, B) of one expert, as stored by PEFT (for saving and inspection)."""

@@ -458,6 +458,7 @@ class XLoraModel(nn.Module):
         # The package's kernels; with AMX aten's matmul beside the C++ GEMM, for any graph (a quantized base).
         autotune = "CPP,ATEN" if compiled_step.AUTOTUNE == "CPP" else compiled_step.AUTOTUNE
         self._inductor_config = compiled_step.inductor_configs(self, autotune)
+        batch_invariant.measure_rows(list(self.parameters()))  # what the traced calls read (batch_invariant.linear)
         self._compiled_step = torch.compile(self._one_token_pass, mode=mode)
 
     # ---- scalings inspection -------------------------------------------------------------------
@@ -528,12 +529,12 @@ class XLoraModel(nn.Module):
                 # Inductor's settings as a patch around the call (where compilation happens): torch 2.13
                 # ignores `freezing` given as torch.compile(options=...), and unfrozen weights get no
                 # C++ GEMM kernels.
-                self.slot.inductor = True
+                self.slot.inductor, self.slot.cpp_gemm = True, "max_autotune" in self._inductor_config
                 try:
                     with torch._inductor.config.patch(self._inductor_config):
                         return self._compiled_step(input_ids, attention_mask, position_ids, cache, columns, spans)
                 finally:
-                    self.slot.inductor = False
+                    self.slot.inductor, self.slot.cpp_gemm = False, False
             return self._one_token_pass(input_ids, attention_mask, position_ids, cache, columns, spans)
         return self._per_token_pass(input_ids, attention_mask, position_ids, cache, weights, spans)
 
