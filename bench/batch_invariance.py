@@ -3,8 +3,8 @@
     python -m bench.batch_invariance --threads 1        # docs/batch-invariance.md
 
 The embedded default in the default dtype (`--dtype auto`: bf16 on CPUs with native bf16), side by side in
-one process, with xlora_core/batch_invariant.py's kernels (16-row prepacked matmuls, attention row by row)
-and without them (plain F.linear, transformers' batched SDPA):
+one process, with xlora_core/batch_invariant.py's kernels (prepacked matmuls padded to the rows oneDNN
+needs, `least_rows`; attention row by row) and without them (plain F.linear, transformers' batched SDPA):
 - how many of 8 prompts (bench.load's, and 4 more) get other greedy tokens when prefilled together, or
   when joining a running batch mid-step, than alone (--new-tokens each);
 - ms per granular decode step at batch 1 and 8 (bench.kv_dtype's step, after a 32-token prefill).

@@ -236,8 +236,8 @@ def test_linear_gives_each_row_the_same_bits_for_any_number_of_rows():
         for seed, (out_features, in_features) in enumerate(shapes):
             sharp = probe_inputs(out_features, in_features, rows=40, seed=100 + seed)
             g = torch.Generator().manual_seed(seed)
-            plain = torch.randn(40, in_features, generator=g).bfloat16(), torch.randn(out_features, in_features).bfloat16()
-            for x, weight in (sharp, plain):
+            plain = (torch.randn(40, in_features, generator=g), torch.randn(out_features, in_features, generator=g))
+            for x, weight in (sharp, tuple(t.bfloat16() for t in plain)):
                 one_by_one = torch.cat([linear(x[i : i + 1], weight) for i in range(40)])
                 for n in (2, 3, 8, ROWS_PER_CALL, ROWS_PER_CALL + 1, ROWS_PER_CALL + 2, 40):
                     assert torch.equal(linear(x[:n], weight), one_by_one[:n]), (out_features, in_features, n)

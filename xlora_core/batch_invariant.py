@@ -37,7 +37,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import native
 
-# The rows of every prepacked matmul call (AMX tiles are 16 rows high).
+# The most rows of a prepacked matmul call, and the rows of every call where oneDNN's kernels were not
+# measured (inductor's C++ GEMM templates; AMX tiles are 16 rows high).
 ROWS_PER_CALL = 16
 
 # False: plain F.linear and transformers' batched SDPA, for A/B benchmarks (bench.batch_invariance) only.
@@ -48,8 +49,8 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def rows_fixed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` runs calls of exactly ROWS_PER_CALL rows: bfloat16 inference on a CPU whose oneDNN
-    runs bf16 natively."""
+    """Whether `linear` runs fixed calls (at most ROWS_PER_CALL rows, at least `least_rows`): bfloat16
+    inference on a CPU whose oneDNN runs bf16 natively."""
     return (
         ENABLED
         and x.device.type == "cpu"
