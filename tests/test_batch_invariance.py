@@ -160,8 +160,8 @@ def test_with_the_compiled_step_prompts_fed_a_token_a_row_get_the_same_tokens_in
     """With the packaged compiled step, prompts go into the running rows' steps a token a row
     (XLoraModel.decode_rows): each of the 8 rows alone, all together, joining a running batch at three steps, 7
     tokens a step, and from a prefix cache that other prompts filled (their full blocks, or all but the last
-    token: tails): the same tokens and scalings. The package is built as the default builds it (AUTOTUNE), and
-    with only inductor's C++ GEMM (the default with AMX) it holds each joint weight once."""
+    token: tails): the same tokens and scalings. The package is built as the default builds it (AUTOTUNE), with
+    its weights frozen, and with only inductor's C++ GEMM (the default with AMX) it holds each joint weight once."""
     if reason := compiled_step.supported(model):
         pytest.skip(reason)
     if not native.load():
@@ -169,6 +169,13 @@ def test_with_the_compiled_step_prompts_fed_a_token_a_row_get_the_same_tokens_in
     path = compiled_step.package_path(model, tmp_path_factory.mktemp("compiled"))
     compiled_step.build_package_once(model, path)
     step = compiled_step.load_package(path)
+    if compiled_step.AUTOTUNE == "none":
+        # Weights frozen into the package (inductor freezes them only when built without grad): every matmul's
+        # weight is a constant oneDNN packed, none a parameter or joint weight as the model holds it.
+        for runner in step.runners:
+            constants = runner.get_constant_fqns()
+            as_held = [n for n in constants if n.startswith("_tensor_constant") or n.endswith(("lora_A", "lora_B"))]
+            assert not as_held and any(n.startswith("_frozen_param") for n in constants), sorted(as_held)
     if compiled_step.AUTOTUNE == "CPP":  # with ATEN too, a matmul oneDNN wins keeps its weight as stored, once
         # A layer's base weight and experts' A are one matmul's weight (compiled_step.joint_weights), which the
         # C++ GEMM packs; the package keeps only the packed copy (batch_invariant.frozen_linear says why).

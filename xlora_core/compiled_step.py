@@ -468,7 +468,9 @@ def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
 def _compile(program: torch.export.ExportedProgram, configs: dict[str, Any], name: str) -> list[str]:
     """AOTInductor's files for one part."""
     started = time.monotonic()
-    with _templates_parsed_once():
+    # No grad: inductor freezes the weights (oneDNN-packed constants, the C++ GEMMs) only then, and ignores
+    # `freezing` silently otherwise.
+    with _templates_parsed_once(), torch.no_grad():
         args, kwargs = program.example_inputs
         files = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs, options=configs)
     print(f"compiled {name} in {time.monotonic() - started:.0f} s", flush=True)
