@@ -122,11 +122,10 @@ def probe_inputs(
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(rows, in_features, generator=g)
-    pairs = torch.randperm(in_features, generator=g)[: 2 * max(1, in_features // 16)].view(-1, 2)
-    for a, b in pairs.tolist():
-        weight[:, b] = weight[:, a]
-        big = float(2 ** int(torch.randint(8, 16, (1,), generator=g)))
-        x[:, a], x[:, b] = big, -big
+    a, b = torch.randperm(in_features, generator=g)[: 2 * max(1, in_features // 16)].view(2, -1)
+    weight[:, b] = weight[:, a]
+    big = 2.0 ** torch.randint(8, 16, (a.numel(),), generator=g)
+    x[:, a], x[:, b] = big, -big
     return x.bfloat16(), weight.bfloat16()
 
 
