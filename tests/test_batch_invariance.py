@@ -238,7 +238,7 @@ def test_linear_gives_each_row_the_same_bits_for_any_number_of_rows():
     """The shapes of the embedded default's layers, LoRA matrices and classifier, 1 to 40 rows, on inputs that
     show any change in the order of a row's additions (`probe_inputs`, other seeds than least_rows measured
     with), and on plain random ones."""
-    shapes = [(1536, 576), (576, 1536), (576, 24), (1536, 24), (24, 576), (24, 1536), (192, 576), (3, 256)]
+    shapes = [(1536, 576), (576, 1536), (576, 24), (1536, 24), (24, 576), (24, 1536), (192, 576), (3, 256), (8, 1)]
     with torch.inference_mode():
         for seed, (out_features, in_features) in enumerate(shapes):
             sharp = probe_inputs(out_features, in_features, rows=40, seed=100 + seed)

@@ -122,7 +122,8 @@ def probe_inputs(
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(rows, in_features, generator=g)
-    a, b = torch.randperm(in_features, generator=g)[: 2 * max(1, in_features // 16)].view(2, -1)
+    pairs = max(1, in_features // 16) if in_features > 1 else 0  # one input column: one addition, no order
+    a, b = torch.randperm(in_features, generator=g)[: 2 * pairs].view(2, -1)
     weight[:, b] = weight[:, a]
     big = 2.0 ** torch.randint(8, 16, (a.numel(),), generator=g)
     x[:, a], x[:, b] = big, -big
