@@ -236,3 +236,27 @@ def test_a_server_ended_mid_build_ends_the_build_and_its_part_compilers(end, whe
     while left := [cmdline for _, sid, cmdline in _processes() if sid in builds]:
         assert time.monotonic() < deadline, left
         time.sleep(0.2)
+
+
+def test_layers_that_take_the_same_input_are_one_matmul_in_the_exported_step(tmp_path):
+    """compiled_step.joint_weights: a layer's base weight and its experts' A are one matmul, and so are q, k and v
+    (one input) and gate with up (the world's experts leave up plain: it stays a matmul of its own). 5 matmuls a
+    layer instead of 7, and the exported step gives the eager pass's hidden states and caches."""
+    from xlora_core import XLoraConfig, XLoraModel
+
+    from .tiny_world import build_world, load_base
+
+    base, experts = build_world(tmp_path)
+    model = XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16))
+    inputs = compiled_step.example_inputs(model)
+    inputs[4].copy_(torch.rand(inputs[4].shape, generator=torch.Generator().manual_seed(0)))  # the experts on
+    program = compiled_step.export_step(model)
+    matmuls = [node for node in program.graph.nodes if node.target == torch.ops.aten.linear.default]
+    assert len(matmuls) == 5 * model.base.config.num_hidden_layers
+    exported = pickle.loads(pickle.dumps(inputs))
+    with torch.no_grad():
+        expected = compiled_step.OneTokenStep(model)(*inputs)
+        hidden = program.module()(*exported)
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(inputs[6] + inputs[7], exported[6] + exported[7], strict=True):
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

@@ -56,7 +56,7 @@ from transformers.cache_utils import DynamicLayer
 from . import batch_invariant, native
 from .batch_invariant import ROWS_PER_CALL
 from .cache import GrowingLayer
-from .lora import FusedLoraLinear
+from .lora import FusedLoraLinear, JointMatmul
 from .quantize import QuantizedLinear
 
 if TYPE_CHECKING:
@@ -222,32 +222,55 @@ def export_step(model: XLoraModel, first: int = 0, end: int | None = None) -> to
     capacity = torch.export.Dim("capacity", min=2, max=1 << 20)
     kv = [{0: rows, 2: capacity}] * (step.end - step.first)
     dynamic = ({0: batch}, {0: batch, 1: width}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, kv, kv)
-    with torch.inference_mode(False), torch.no_grad(), joint_weights(model):
-        joint = [m.joint_weight for m in model.modules() if getattr(m, "joint_weight", None) is not None]
+    with torch.inference_mode(False), torch.no_grad(), joint_weights(model) as joint:
         batch_invariant.measure_rows([*model.parameters(), *joint])  # what the traced calls read
         return torch.export.export(step, example_inputs(model, first, end), dynamic_shapes=dynamic, strict=False)
 
 
+# Fused layers that transformers' decoder layers (Llama, Mistral, Qwen, ...) call one after the other on the
+# same input, by name: one matmul for each such group of siblings (lora.JointMatmul).
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 @contextlib.contextmanager
-def joint_weights(model: XLoraModel) -> Iterator[None]:
-    """Each fused layer over a plain linear without bias gets its base weight and its experts' A stacked
-    (`FusedLoraLinear.joint_weight`) while this lasts: the exported step then runs one matmul for both, and
-    reads and pads its input once (a constant concatenation inside the graph would not get inductor's C++
-    GEMM: its weight must be a constant). Stored transposed for the C++ GEMM (batch_invariant.frozen_linear);
-    as it is for oneDNN's packed matmuls (AUTOTUNE "none"), which inductor makes of F.linear only."""
-    layers = [
-        m for m in model.modules()
-        if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear) and m.base_layer.bias is None
-    ]  # fmt: skip
+def joint_weights(model: XLoraModel) -> Iterator[list[torch.Tensor]]:
+    """Each fused layer over a plain linear without bias gets its base weight and its experts' A stacked into
+    one matmul while this lasts (`FusedLoraLinear.joint`), and so do sibling layers that take the same input
+    (SHARED_INPUT): the exported step then reads, pads and multiplies an input once for all of them, 4 oneDNN
+    calls a Llama layer instead of 7, each call costing some 13 µs more than its weight's bytes (a constant
+    concatenation inside the graph would not get inductor's C++ GEMM: its weight must be a constant). Stored
+    transposed for the C++ GEMM (batch_invariant.frozen_linear); as it is for oneDNN's packed matmuls
+    (AUTOTUNE "none"), which inductor makes of F.linear only. Yields the joint weights."""
+    siblings: dict[str, dict[str, FusedLoraLinear]] = {}
+    for name, m in model.base.named_modules():
+        if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear) and m.base_layer.bias is None:
+            parent, _, attr = name.rpartition(".")
+            siblings.setdefault(parent, {})[attr] = m
+    groups: list[list[FusedLoraLinear]] = []
+    for layers in siblings.values():
+        for names in SHARED_INPUT:
+            group = [layers.pop(n) for n in names if n in layers]
+            if len({m.base_layer.in_features for m in group}) == 1:
+                groups.append(group)
+            else:
+                groups += [[m] for m in group]
+        groups += [[m] for m in layers.values()]
     transposed = "max_autotune" in inductor_configs(model)
-    for m in layers:
-        joint = torch.cat([m.base_layer.weight, m.lora_A]).detach()
-        m.joint_weight, m.joint_transposed = (joint.t().contiguous(), True) if transposed else (joint, False)
+    weights = []
+    for group in groups:
+        weight = torch.cat([w for m in group for w in (m.base_layer.weight, m.lora_A)]).detach()
+        matmul = JointMatmul(weight.t().contiguous() if transposed else weight, transposed)
+        first = 0
+        for m in group:
+            m.joint = (matmul, first)
+            first += m.base_layer.out_features + m.lora_A.shape[0]
+        weights.append(matmul.weight)
     try:
-        yield
+        yield weights
     finally:
-        for m in layers:
-            m.joint_weight, m.joint_transposed = None, False
+        for group in groups:
+            for m in group:
+                m.joint = None
 
 
 def split_faithfully(model: XLoraModel, parts: int) -> bool:

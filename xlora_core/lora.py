@@ -174,6 +174,25 @@ class ExpertWeightsSlot:
         self.cpp_gemm = False
 
 
+class JointMatmul:
+    """One matmul of the compiled step for fused layers that a decoder layer calls one after the other on the
+    same input (attention's q, k and v; the MLP's gate and up), or for one layer alone: their base weights and
+    experts' A stacked into one weight (compiled_step.joint_weights), [sum of outs and ranks, in], or [in, that]
+    if `transposed` (batch_invariant.frozen_linear). The first layer called multiplies its input; the next
+    ones, given the same input tensor, take their columns of that result. Given another, they multiply it
+    again: the same numbers, only slower."""
+
+    def __init__(self, weight: torch.Tensor, transposed: bool) -> None:
+        self.weight, self.transposed = weight, transposed
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, output)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            out = frozen_linear(x, self.weight) if self.transposed else linear(x, self.weight, inductor=True)
+            self._last = (x, out)
+        return self._last[1]
+
+
 class FusedLoraLinear(nn.Module):
     """base(x) + sum over experts e of w_e(token) * scale_e * B_e A_e x, as two matmuls."""
 
@@ -199,11 +218,10 @@ class FusedLoraLinear(nn.Module):
         )
         self.ranks = {e: a.shape[0] for e, a, _, _ in experts}
         self.first_column = 0  # where this layer's columns start in slot.columns (set by attach_experts)
-        # [base weight; A], only while the compiled step is exported (compiled_step.joint_weights): a constant
-        # of the package, not a second copy of the weights in the model. Transposed ([in, out + rank]) where
-        # inductor's C++ GEMM takes it (batch_invariant.frozen_linear says why).
-        self.joint_weight: torch.Tensor | None = None
-        self.joint_transposed = False
+        # Only while the compiled step is exported (compiled_step.joint_weights): the matmul whose weight holds
+        # this layer's [base weight; A] (a constant of the package, not a second copy of the weights in the
+        # model), and the first of its output columns that are this layer's.
+        self.joint: tuple[JointMatmul, int] | None = None
         self._runs: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
 
     def add_experts(self, experts: list[tuple[int, torch.Tensor, torch.Tensor, float]]) -> None:
@@ -255,7 +273,7 @@ class FusedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slot.columns is not None:  # a one-token step: gathered for every layer at once
             column_weights = self.slot.columns[:, :, self.first_column : self.first_column + self.lora_A.shape[0]]
-            if self.joint_weight is not None and self.slot.inductor and self.slot.groups is None:
+            if self.joint is not None and self.slot.inductor and self.slot.groups is None:
                 return self._joint(x, column_weights)
         elif self.slot.weights is not None:  # [batch, seq, n_experts] -> one weight per rank column
             column_weights = self.slot.weights[:, :, self.layer_index, self.expert_of_column] * self.scale_of_column
@@ -273,13 +291,11 @@ class FusedLoraLinear(nn.Module):
         return result + linear(hidden, self.lora_B, None, self.slot.inductor, self.slot.cpp_gemm)
 
     def _joint(self, x: torch.Tensor, column_weights: torch.Tensor) -> torch.Tensor:
-        """The same for the compiled step: the base weight and the experts' A in one matmul (`joint_weight`), so
-        `x` is read, padded and multiplied once."""
+        """The same for the compiled step: the base weight and the experts' A in one matmul (`joint`, shared with
+        the layers called on the same input), so `x` is read, padded and multiplied once."""
+        matmul, first = self.joint
         out = self.base_layer.weight.shape[0]
-        if self.joint_transposed:
-            both = frozen_linear(x, self.joint_weight)
-        else:
-            both = linear(x, self.joint_weight, inductor=True)
+        both = matmul(x)[..., first : first + out + self.lora_A.shape[0]]
         hidden = both[..., out:] * column_weights.to(x.dtype)
         if self.slot.cpp_gemm:
             return both[..., :out] + linear(hidden, self.lora_B, None, True, True)
