@@ -262,7 +262,7 @@ def joint_weights(model: XLoraModel) -> Iterator[list[torch.Tensor]]:
         matmul = JointMatmul(weight.t().contiguous() if transposed else weight, transposed)
         first = 0
         for m in group:
-            m.joint = (matmul, first)
+            m.joint = (matmul, first, None if transposed else m.lora_B.detach().t().contiguous())
             first += m.base_layer.out_features + m.lora_A.shape[0]
         weights.append(matmul.weight)
     try:

@@ -221,7 +221,7 @@ class FusedLoraLinear(nn.Module):
         # Only while the compiled step is exported (compiled_step.joint_weights): the matmul whose weight holds
         # this layer's [base weight; A] (a constant of the package, not a second copy of the weights in the
         # model), and the first of its output columns that are this layer's.
-        self.joint: tuple[JointMatmul, int] | None = None
+        self.joint: tuple[JointMatmul, int, torch.Tensor | None] | None = None
         self._runs: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
 
     def add_experts(self, experts: list[tuple[int, torch.Tensor, torch.Tensor, float]]) -> None:
@@ -293,16 +293,17 @@ class FusedLoraLinear(nn.Module):
     def _joint(self, x: torch.Tensor, column_weights: torch.Tensor) -> torch.Tensor:
         """The same for the compiled step: the base weight and the experts' A in one matmul (`joint`, shared with
         the layers called on the same input), so `x` is read, padded and multiplied once."""
-        matmul, first = self.joint
+        matmul, first, b_t = self.joint
         out = self.base_layer.weight.shape[0]
         both = matmul(x)[..., first : first + out + self.lora_A.shape[0]]
         hidden = both[..., out:] * column_weights.to(x.dtype)
-        if self.slot.cpp_gemm:
+        if b_t is None:  # inductor's C++ GEMM takes B too
             return both[..., :out] + linear(hidden, self.lora_B, None, True, True)
         # B has as many columns as the experts have ranks (24 for the embedded default): too small a matmul to be
         # worth a oneDNN call (about 13 µs each, 7 a layer). A sum over the ranks, which inductor fuses into the
-        # add, computes each output alone, whatever the rows beside it.
-        return both[..., :out] + (hidden.unsqueeze(-2) * self.lora_B).sum(-1)
+        # add, computes each output alone, whatever the rows beside it; over B transposed ([ranks, out]), so
+        # that its vectors run along the outputs, with no sum across a vector's lanes per output.
+        return both[..., :out] + (hidden.unsqueeze(-1) * b_t).sum(-2)
 
     def expert_matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This module's (A, B) of one expert, as stored by PEFT (for saving and inspection)."""
