@@ -240,7 +240,8 @@ def joint_weights(model: XLoraModel) -> Iterator[list[torch.Tensor]]:
     calls a Llama layer instead of 7, each call costing some 13 µs more than its weight's bytes (a constant
     concatenation inside the graph would not get inductor's C++ GEMM: its weight must be a constant). Stored
     transposed for the C++ GEMM (batch_invariant.frozen_linear); as it is for oneDNN's packed matmuls
-    (AUTOTUNE "none"), which inductor makes of F.linear only. Yields the joint weights."""
+    (AUTOTUNE "none"), which inductor makes of F.linear only; there each layer also gets its B transposed, for
+    the sum over the ranks that replaces B's matmul (FusedLoraLinear._joint). Yields the joint weights."""
     siblings: dict[str, dict[str, FusedLoraLinear]] = {}
     for name, m in model.base.named_modules():
         if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear) and m.base_layer.bias is None:

@@ -220,7 +220,8 @@ class FusedLoraLinear(nn.Module):
         self.first_column = 0  # where this layer's columns start in slot.columns (set by attach_experts)
         # Only while the compiled step is exported (compiled_step.joint_weights): the matmul whose weight holds
         # this layer's [base weight; A] (a constant of the package, not a second copy of the weights in the
-        # model), and the first of its output columns that are this layer's.
+        # model), the first of its output columns that are this layer's, and B transposed ([ranks, out]; None
+        # where inductor's C++ GEMM multiplies by B).
         self.joint: tuple[JointMatmul, int, torch.Tensor | None] | None = None
         self._runs: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
 
