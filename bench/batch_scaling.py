@@ -1,6 +1,7 @@
 """How a decode step's cost grows with the batch: the ceiling batching can reach on this machine.
 
     python -m bench.batch_scaling --threads 1        # docs/benchmarks.md, "Serving under load"
+    python -m bench.batch_scaling --threads 1 --package a.pt2 --package b.pt2   # compiled steps too
 
 For each batch size, side by side in one process:
 - the granular X-LoRA decode step of the embedded default (eager, both passes, LM head), after a prefill
@@ -10,6 +11,8 @@ For each batch size, side by side in one process:
   memory as in a real step.
 Tokens/s at batch b over tokens/s at batch 1 is the most that b clients can get from batching; if the
 matmuls alone already cost much more at b than at 1, the rest of the step is not what limits it.
+With --package, the same step through each compiled-step package (xlora_core/compiled_step.py; built first
+if the file is missing), in the same process, after the eager one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from bench.kv_dtype import step_ms  # the same granular decode step, timed after a prefill
 from xlora_core import XLoraModel
 from xlora_core.base_model import load_base_model
+from xlora_core.compiled_step import build_package, load_package
 
 
 def matmuls_ms(weights: list[torch.Tensor], head: torch.Tensor, batch: int, steps: int) -> float:
@@ -54,10 +58,16 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32, help="prompt tokens per row before the timed steps")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--package", action="append", default=[], help="a compiled-step package (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, _ = load_base_model(args.base, device="cpu", dtype=args.dtype)
     model = XLoraModel.from_pretrained(base, args.checkpoint)
+    packages = {}
+    for path in args.package:
+        if load_package(path) is None:
+            build_package(model, path)
+        packages[path] = load_package(path)
     head = base.get_output_embeddings().weight
     # The decoder's own linear layers (inside the fused LoRA layers), in the order a pass runs them.
     weights = [m.weight for m in base.modules() if isinstance(m, torch.nn.Linear) and m.weight is not head]
@@ -65,18 +75,30 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} thread(s), "
           f"torch {torch.__version__}, {head.dtype}; {len(weights)} linear layers + LM head, "
           f"context {args.context}")  # fmt: skip
+    compiled = "".join(f" {path}: step (ms) | tok/s vs batch 1 |" for path in packages)
     print("| batch | X-LoRA step (ms) | tok/s | tok/s vs batch 1 | matmuls alone (ms) | matmuls vs batch 1 "
-          "| rest of the step (ms) |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          f"| rest of the step (ms) |{compiled}")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(packages))
     with torch.inference_mode():
-        first: tuple[float, float] | None = None
+        first: dict[str, float] = {}
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             step = step_ms(model, batch, args.context, args.steps)
             mm = matmuls_ms(weights, head, batch, args.steps)
-            tok_s = batch / step * 1000
-            first = first or (tok_s, mm)
-            print(f"| {batch} | {step:.1f} | {tok_s:.1f} | {tok_s / first[0]:.2f}x | {mm:.1f} | "
-                  f"{mm / first[1]:.2f}x | {step - mm:.1f} |", flush=True)  # fmt: skip
+            row = {"eager": batch / step * 1000, "matmuls": mm}
+            cells = ""
+            for path, package in packages.items():
+                model.use_packaged_step(package)
+                try:
+                    package_step = step_ms(model, batch, args.context, args.steps)
+                finally:
+                    model.use_packaged_step(None)
+                row[path] = batch / package_step * 1000
+                first.setdefault(path, row[path])
+                cells += f" {package_step:.1f} | {row[path] / first[path]:.2f}x |"
+            first.setdefault("eager", row["eager"])
+            first.setdefault("matmuls", mm)
+            print(f"| {batch} | {step:.1f} | {row['eager']:.1f} | {row['eager'] / first['eager']:.2f}x | {mm:.1f} | "
+                  f"{mm / first['matmuls']:.2f}x | {step - mm:.1f} |{cells}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
