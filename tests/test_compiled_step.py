@@ -238,15 +238,31 @@ def test_a_server_ended_mid_build_ends_the_build_and_its_part_compilers(end, whe
         time.sleep(0.2)
 
 
-def test_layers_that_take_the_same_input_are_one_matmul_in_the_exported_step(tmp_path):
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_layers_that_take_the_same_input_are_one_matmul_in_the_exported_step(tmp_path, bias):
     """compiled_step.joint_weights: a layer's base weight and its experts' A are one matmul, and so are q, k and v
     (one input) and gate with up (the world's experts leave up plain: it stays a matmul of its own). 5 matmuls a
-    layer instead of 7, and the exported step gives the eager pass's hidden states and caches."""
+    layer instead of 7, and the exported step gives the eager pass's hidden states and caches. With biases
+    (Qwen2's q, k and v have them; here every linear layer of a Llama with attention_bias and mlp_bias), each
+    joint matmul adds its layers' biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from xlora_core import XLoraConfig, XLoraModel
 
     from .tiny_world import build_world, load_base
 
     base, experts = build_world(tmp_path)
+    if bias:
+        config = LlamaConfig.from_pretrained(base)
+        config.attention_bias = config.mlp_bias = True
+        torch.manual_seed(3)
+        biased = LlamaForCausalLM(config)
+        with torch.no_grad():
+            for module in biased.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_()  # transformers initializes them to 0
+        base = tmp_path / "biased"
+        biased.save_pretrained(base)
     model = XLoraModel(load_base(base), XLoraConfig(hidden_size=32, adapters=experts, xlora_depth=2, xlora_size=16))
     inputs = compiled_step.example_inputs(model)
     inputs[4].copy_(torch.rand(inputs[4].shape, generator=torch.Generator().manual_seed(0)))  # the experts on

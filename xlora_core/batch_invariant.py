@@ -90,7 +90,7 @@ _PROBED_THREADS = 0
 def least_rows(out_features: int, in_features: int) -> int:
     """The fewest rows a oneDNN call on a bf16 weight of this shape needs for each of its rows to get the same
     bits as in a call of ROWS_PER_CALL rows, whatever else is in it (1 to ROWS_PER_CALL). Measured once per
-    shape and number of torch threads (`_measure_least_rows`: tens of ms, a second for a 49152-row LM head)."""
+    shape and number of torch threads (`_measure_least_rows`: tens of ms, 1.5 s for a 49152-row LM head)."""
     global _PROBED_THREADS
     threads = torch.get_num_threads()
     if threads != _PROBED_THREADS:  # oneDNN splits work among threads: another count, other kernels
@@ -132,15 +132,17 @@ def probe_inputs(
 
 def _measure_least_rows(out_features: int, in_features: int, seeds: int = 3) -> int:
     """least_rows, measured: every call of M rows (M from ROWS_PER_CALL - 1 down) against a full call, on
-    `probe_inputs`, for oneDNN's packed matmul (what `linear` calls eagerly) and F.linear's (what inductor may
-    keep), both of which a compiled pass may run."""
+    `probe_inputs`, for oneDNN's packed matmul (what `linear` calls eagerly), with and without a bias, and
+    F.linear's (what inductor may keep), all of which a compiled pass may run."""
     least = 1
     with torch.inference_mode():
         for seed in range(seeds):
             x, weight = probe_inputs(out_features, in_features, seed=seed)
+            bias = torch.randn(out_features, generator=torch.Generator().manual_seed(seed)).to(weight.dtype)
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_PER_CALL)
             calls = (
                 lambda rows: torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], ""),  # noqa: B023
+                lambda rows: torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], ""),  # noqa: B023
                 lambda rows: F.linear(rows, weight),  # noqa: B023
             )
             for call in calls:

@@ -234,17 +234,17 @@ SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 @contextlib.contextmanager
 def joint_weights(model: XLoraModel) -> Iterator[list[torch.Tensor]]:
-    """Each fused layer over a plain linear without bias gets its base weight and its experts' A stacked into
-    one matmul while this lasts (`FusedLoraLinear.joint`), and so do sibling layers that take the same input
-    (SHARED_INPUT): the exported step then reads, pads and multiplies an input once for all of them, 4 oneDNN
-    calls a Llama layer instead of 7, each call costing some 13 µs more than its weight's bytes (a constant
-    concatenation inside the graph would not get inductor's C++ GEMM: its weight must be a constant). Stored
-    transposed for the C++ GEMM (batch_invariant.frozen_linear); as it is for oneDNN's packed matmuls
-    (AUTOTUNE "none"), which inductor makes of F.linear only; there each layer also gets its B transposed, for
-    the sum over the ranks that replaces B's matmul (FusedLoraLinear._joint). Yields the joint weights."""
+    """Each fused layer over a plain linear gets its base weight and its experts' A stacked into one matmul (with its
+    base bias, zeros for the ranks) while this lasts (`FusedLoraLinear.joint`), and so do sibling layers that take
+    the same input (SHARED_INPUT): the exported step then reads, pads and multiplies an input once for all of
+    them, 4 oneDNN calls a Llama layer instead of 7, each call costing some 13 µs more than its weight's bytes (a
+    constant concatenation inside the graph would not get inductor's C++ GEMM: its weight must be a constant).
+    Stored transposed for the C++ GEMM (batch_invariant.frozen_linear); as it is for oneDNN's packed matmuls
+    (AUTOTUNE "none"), which inductor makes of F.linear only; there each layer also gets its B transposed, for the
+    sum over the ranks that replaces B's matmul (FusedLoraLinear._joint). Yields the joint weights."""
     siblings: dict[str, dict[str, FusedLoraLinear]] = {}
     for name, m in model.base.named_modules():
-        if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear) and m.base_layer.bias is None:
+        if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear):
             parent, _, attr = name.rpartition(".")
             siblings.setdefault(parent, {})[attr] = m
     groups: list[list[FusedLoraLinear]] = []
@@ -260,7 +260,15 @@ def joint_weights(model: XLoraModel) -> Iterator[list[torch.Tensor]]:
     weights = []
     for group in groups:
         weight = torch.cat([w for m in group for w in (m.base_layer.weight, m.lora_A)]).detach()
-        matmul = JointMatmul(weight.t().contiguous() if transposed else weight, transposed)
+        bias = None
+        if any(m.base_layer.bias is not None for m in group):
+            bias = torch.cat([
+                b for m in group for b in (
+                    m.base_layer.weight.new_zeros(m.base_layer.out_features) if m.base_layer.bias is None
+                    else m.base_layer.bias, m.lora_A.new_zeros(m.lora_A.shape[0]),
+                )
+            ]).detach()  # fmt: skip
+        matmul = JointMatmul(weight.t().contiguous() if transposed else weight, bias, transposed)
         first = 0
         for m in group:
             m.joint = (matmul, first, None if transposed else m.lora_B.detach().t().contiguous())

@@ -178,17 +178,21 @@ class JointMatmul:
     """One matmul of the compiled step for fused layers that a decoder layer calls one after the other on the
     same input (attention's q, k and v; the MLP's gate and up), or for one layer alone: their base weights and
     experts' A stacked into one weight (compiled_step.joint_weights), [sum of outs and ranks, in], or [in, that]
-    if `transposed` (batch_invariant.frozen_linear). The first layer called multiplies its input; the next
-    ones, given the same input tensor, take their columns of that result. Given another, they multiply it
-    again: the same numbers, only slower."""
+    if `transposed` (batch_invariant.frozen_linear), and their base biases (zeros for the ranks) if any has one.
+    The first layer called multiplies its input; the next ones, given the same input tensor, take their columns
+    of that result. Given another, they multiply it again: the same numbers, only slower."""
 
-    def __init__(self, weight: torch.Tensor, transposed: bool) -> None:
-        self.weight, self.transposed = weight, transposed
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> None:
+        self.weight, self.bias, self.transposed = weight, bias, transposed
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, output)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is None or self._last[0] is not x:
-            out = frozen_linear(x, self.weight) if self.transposed else linear(x, self.weight, inductor=True)
+            if self.transposed:
+                out = frozen_linear(x, self.weight)
+                out = out if self.bias is None else out + self.bias
+            else:
+                out = linear(x, self.weight, self.bias, inductor=True)
             self._last = (x, out)
         return self._last[1]
 
@@ -220,8 +224,8 @@ class FusedLoraLinear(nn.Module):
         self.first_column = 0  # where this layer's columns start in slot.columns (set by attach_experts)
         # Only while the compiled step is exported (compiled_step.joint_weights): the matmul whose weight holds
         # this layer's [base weight; A] (a constant of the package, not a second copy of the weights in the
-        # model), the first of its output columns that are this layer's, and B transposed ([ranks, out]; None
-        # where inductor's C++ GEMM multiplies by B).
+        # model) and its base bias, the first of its output columns that are this layer's, and B transposed
+        # ([ranks, out]; None where inductor's C++ GEMM multiplies by B).
         self.joint: tuple[JointMatmul, int, torch.Tensor | None] | None = None
         self._runs: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
 
