@@ -5,7 +5,9 @@ in the default dtype (bfloat16 on CPUs with native bf16, where this is exact; fl
 
 The model is a random Llama wide enough (hidden 256) for bfloat16 rounding to change tokens when a kernel's
 order of additions changes with the batch: before xlora_core/batch_invariant.py, 3 of these 8 rows changed.
-It runs on its float weights and on its weights quantized to int8 and int4 (xlora_core/quantize.py).
+It runs on its float weights, on its weights quantized to int8 and int4 (xlora_core/quantize.py), and as a
+Llama with a bias on every linear layer (Qwen2's q, k and v have them; the compiled step adds them in its
+joint matmuls).
 """
 
 from __future__ import annotations
@@ -50,15 +52,22 @@ from .tiny_world import VOCAB, save_expert
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module", params=["none", "int8", "int4"])
+@pytest.fixture(scope="module", params=["none", "int8", "int4", "bias"])
 def model(tmp_path_factory, request) -> XLoraModel:
     root = tmp_path_factory.mktemp("invariance")
     torch.manual_seed(0)
+    bias = request.param == "bias"
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        attention_bias=bias, mlp_bias=bias,
     )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(root / "base")
+    llama = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for module in llama.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.1)  # transformers initializes them to 0
+    llama.save_pretrained(root / "base")
     targets = [["q_proj", "v_proj", "gate_proj"], ["k_proj", "o_proj", "up_proj"], ["down_proj", "q_proj"]]
     experts = {
         f"e{i}": str(save_expert(root / "base", root / f"e{i}", seed=20 + i, gain=2.0, r=8, lora_alpha=16,
@@ -66,7 +75,8 @@ def model(tmp_path_factory, request) -> XLoraModel:
         for i, t in enumerate(targets)
     }  # fmt: skip
     dtype = resolve_dtype("auto", "cpu")  # the default dtype on this CPU
-    base = quantize_base(LlamaForCausalLM.from_pretrained(root / "base", dtype=dtype).eval(), request.param)
+    quantize = "none" if bias else request.param
+    base = quantize_base(LlamaForCausalLM.from_pretrained(root / "base", dtype=dtype).eval(), quantize)
     base.generation_config.eos_token_id = None  # random weights: every row runs its full length
     torch.manual_seed(1)
     return XLoraModel(base, XLoraConfig(hidden_size=256, adapters=experts, xlora_depth=2, xlora_size=64))
