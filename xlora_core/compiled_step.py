@@ -241,7 +241,8 @@ def joint_weights(model: XLoraModel) -> Iterator[list[torch.Tensor]]:
     constant concatenation inside the graph would not get inductor's C++ GEMM: its weight must be a constant).
     Stored transposed for the C++ GEMM (batch_invariant.frozen_linear); as it is for oneDNN's packed matmuls
     (AUTOTUNE "none"), which inductor makes of F.linear only; there each layer also gets its B transposed, for the
-    sum over the ranks that replaces B's matmul (FusedLoraLinear._joint). Yields the joint weights."""
+    sum over the ranks that replaces B's matmul (FusedLoraLinear._joint). Yields the joint weights whose
+    least_rows a traced call reads (none with the C++ GEMM)."""
     siblings: dict[str, dict[str, FusedLoraLinear]] = {}
     for name, m in model.base.named_modules():
         if isinstance(m, FusedLoraLinear) and isinstance(m.base_layer, nn.Linear):
@@ -273,7 +274,8 @@ def joint_weights(model: XLoraModel) -> Iterator[list[torch.Tensor]]:
         for m in group:
             m.joint = (matmul, first, None if transposed else m.lora_B.detach().t().contiguous())
             first += m.base_layer.out_features + m.lora_A.shape[0]
-        weights.append(matmul.weight)
+        if not transposed:  # the C++ GEMM's calls keep ROWS_PER_CALL rows: nothing to measure
+            weights.append(weight)
     try:
         yield weights
     finally:
