@@ -108,7 +108,8 @@ def test_a_tail_gives_back_the_whole_prompt_but_its_last_token(model):
     assert len(store) == 3
     hit = store.lookup(model, model.routing, prompt, tail=True)
     assert hit.tokens == len(prompt) - 1 == 46 and store.tokens_reused == 46
-    for got, held in ((hit.cache.scaling, cache.scaling), (hit.cache.real, cache.real)):
+    own = hit.one_row_cache(model)
+    for got, held in ((own.scaling, cache.scaling), (own.real, cache.real)):
         for a, b in zip(got.layers, held.layers, strict=True):
             assert torch.equal(a.keys[0], b.keys[0, :, :46]) and torch.equal(a.values[0], b.values[0, :, :46])
     assert torch.equal(hit.scalings, scalings[0, :46].float())
@@ -123,6 +124,38 @@ def test_a_tail_gives_back_the_whole_prompt_but_its_last_token(model):
     small = PrefixCache(store.nbytes - 1)  # room for the blocks, not the tail too
     small.insert(model, model.routing, prompt, cache, 0, scalings[0], tail=True)
     assert len(small) == 2 and small.lookup(model, model.routing, prompt, tail=True).tokens == 32
+
+
+def test_a_hit_goes_straight_into_a_running_batchs_free_rows(model):
+    """XLoraCache.with_stacked_row (how a row joins the compiled step from a hit): the hit's keys and values
+    land in a new last row, in both passes, at the columns it is told, zeros around them; the running rows and
+    their mask are as they were. Columns that cannot hold the hit are refused, the cache untouched."""
+    prompt = prompts(1, seed=5)[0]
+    _, scalings, held = model.prefill(torch.tensor([prompt]))
+    store = PrefixCache(1 << 26)
+    store.insert(model, model.routing, prompt, held, 0, scalings[0], tail=True)
+    hit = store.lookup(model, model.routing, prompt, tail=True)
+    running = prompts(2, suffix=20, seed=6)  # 60 and 61 tokens
+    width = max(len(p) for p in running)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in running])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in running])
+    _, _, batch = model.prefill(ids, mask)
+    before = [(layer.keys.clone(), layer.values.clone()) for c in (batch.scaling, batch.real) for layer in c.layers]
+    old_mask = batch.attention_mask.clone()
+    end = width - 5
+    joined = batch.with_stacked_row(hit.kv, end)
+    assert joined is not None and joined.batch_size == 3 and joined.seq_len == width
+    assert torch.equal(joined.attention_mask[:2], old_mask)
+    assert joined.attention_mask[2].tolist() == [0] * (end - 46) + [1] * 46 + [0] * (width - end)
+    after = [(layer.keys, layer.values) for c in (joined.scaling, joined.real) for layer in c.layers]
+    heldkv = [(layer.keys, layer.values) for c in (held.scaling, held.real) for layer in c.layers]
+    for (k0, v0), (k, v), (hk, hv) in zip(before, after, heldkv, strict=True):
+        assert torch.equal(k[:2], k0) and torch.equal(v[:2], v0)
+        for t, h in ((k, hk), (v, hv)):
+            assert torch.equal(t[2, :, end - 46 : end], h[0, :, :46])
+            assert not t[2, :, : end - 46].any() and not t[2, :, end:].any()
+    assert joined.with_stacked_row(hit.kv, 45) is None and joined.with_stacked_row(hit.kv, width + 1) is None
+    assert joined.batch_size == 3
 
 
 def test_the_cache_stays_under_its_byte_bound_evicting_the_least_recently_used(model):

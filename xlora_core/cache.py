@@ -312,6 +312,21 @@ class XLoraCache:
         frozen = self.frozen + other.frozen
         return XLoraCache(self.scaling, self.real, torch.cat([self.attention_mask, mask]), frozen)
 
+    def with_stacked_row(self, kv: torch.Tensor, end: int) -> XLoraCache | None:
+        """This cache with one granular row more, in its buffers' free rows: keys and values stacked as
+        [4 (scaling keys, scaling values, real keys, real values), layers, heads, tokens, dim] (a prefix cache
+        hit), their columns ending at column `end`, padding around them. None if it cannot take the row so (the
+        input is then untouched). `with_rows` for a row that is not a cache of its own yet: no copy in between."""
+        tokens = kv.shape[3]
+        if self.scaling is None or not _all_allocated(self.scaling, self.real) or not tokens <= end <= self.seq_len:
+            return None
+        for cache, (k, v) in ((self.scaling, (0, 1)), (self.real, (2, 3))):
+            for i, layer in enumerate(_layers(cache)):
+                layer.add_rows(kv[k, i].unsqueeze(0), kv[v, i].unsqueeze(0), end=end)
+        mask = self.attention_mask.new_zeros(1, self.seq_len)
+        mask[:, end - tokens : end] = 1
+        return XLoraCache(self.scaling, self.real, torch.cat([self.attention_mask, mask]), self.frozen + [None])
+
     def with_empty_rows(self, frozen: list[torch.Tensor | None]) -> XLoraCache | None:
         """This cache with rows of padding added (one per `frozen`, as `for_prompts` makes them), in its buffers'
         free rows; None if it cannot take them so (the input is then untouched)."""

@@ -276,11 +276,12 @@ class DecodeBatch:
             prompt, cache = len(row.prompt_ids), self.cache
             if cache is not None and cache.seq_len < prompt:
                 cache = self.cache = cache.padded(left=prompt - cache.seq_len)
-            if cache is not None and cache.can_take(hit.cache):  # its prefix where its prompt's room begins
-                cache = cache.with_rows(hit.cache, cache.seq_len - prompt + hit.tokens)
-            else:
-                room = hit.cache.padded(right=prompt - hit.tokens)
-                cache = room if cache is None else XLoraCache.concat([cache, room])
+            # its prefix where its prompt's room begins, written straight into the batch's free rows if it can
+            joined = None if cache is None else cache.with_stacked_row(hit.kv, cache.seq_len - prompt + hit.tokens)
+            if joined is None:
+                room = hit.one_row_cache(self.model).padded(right=prompt - hit.tokens)
+                joined = room if cache is None else XLoraCache.concat([cache, room])
+            cache = joined
             row.prefilled = row.reused_tokens = hit.tokens
             row.scalings = [hit.scalings]
             self.rows, self.cache = self.rows + [row], cache
@@ -300,7 +301,8 @@ class DecodeBatch:
         row.prefilled = row.reused_tokens = hit.tokens
         row.scalings = [hit.scalings]
         self.rows = self.rows + [row]
-        self.cache = hit.cache if self.cache is None else XLoraCache.concat([self.cache, hit.cache])
+        own = hit.one_row_cache(self.model)
+        self.cache = own if self.cache is None else XLoraCache.concat([self.cache, own])
         return True
 
     def _store_prompts(self, rows: list[BatchRow], tail: bool = False) -> None:

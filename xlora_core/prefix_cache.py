@@ -78,12 +78,24 @@ def values_key(model: XLoraModel, routing: Routing) -> tuple:
 
 @dataclass
 class PrefixHit:
-    """What a lookup found: the prompt's first `tokens` tokens as a one-row XLoraCache (both passes), and their
-    scalings [tokens, layers, experts] (float32, CPU)."""
+    """What a lookup found: the prompt's first `tokens` tokens' keys and values in both passes, stacked
+    (`kv`: [4 (scaling keys, scaling values, real keys, real values), layers, heads, tokens, dim], the layout
+    `XLoraCache.with_stacked_row` takes; read only, it may be a stored block's own tensor), and their scalings
+    [tokens, layers, experts] (float32, CPU, a copy)."""
 
     tokens: int
-    cache: XLoraCache
+    kv: torch.Tensor
     scalings: torch.Tensor
+
+    def one_row_cache(self, model: XLoraModel) -> XLoraCache:
+        """The hit as a batch-1 XLoraCache of its own (a copy of `kv`, in buffers with room to grow)."""
+        config, dtype = model.base.config, model.kv_dtype
+        scaling, real = growing_cache(config, dtype), growing_cache(config, dtype)
+        for c, (k, v) in ((scaling, (0, 1)), (real, (2, 3))):
+            for i, layer in enumerate(_layers(c)):
+                layer.replace(self.kv[k, i].unsqueeze(0), self.kv[v, i].unsqueeze(0))
+        mask = torch.ones((1, self.tokens), dtype=torch.long, device=self.kv.device)
+        return XLoraCache(scaling, real, mask)
 
 
 @dataclass
@@ -177,9 +189,9 @@ class PrefixCache:
             tokens = sum(block.tokens for block in found)
             self.hits += 1
             self.tokens_reused += tokens
-        kv = torch.cat([block.kv for block in found], dim=3)
+        kv = torch.cat([block.kv for block in found], dim=3) if len(found) > 1 else found[0].kv
         scalings = torch.cat([block.scalings for block in found])
-        return PrefixHit(tokens, _one_row_cache(model, kv), scalings)
+        return PrefixHit(tokens, kv, scalings)
 
     def insert(
         self,
@@ -249,13 +261,3 @@ def _row_kv(cache: XLoraCache, row: int, prompt_len: int, begin: int, end: int) 
             parts.append(torch.stack(tensors))
     return torch.stack(parts)
 
-
-def _one_row_cache(model: XLoraModel, kv: torch.Tensor) -> XLoraCache:
-    """A batch-1 XLoraCache holding `kv` [4, layers, heads, tokens, dim] (see _row_kv)."""
-    config, dtype = model.base.config, model.kv_dtype
-    scaling, real = growing_cache(config, dtype), growing_cache(config, dtype)
-    for c, (k, v) in ((scaling, (0, 1)), (real, (2, 3))):
-        for i, layer in enumerate(_layers(c)):
-            layer.replace(kv[k, i].unsqueeze(0), kv[v, i].unsqueeze(0))
-    mask = torch.ones((1, kv.shape[3]), dtype=torch.long, device=kv.device)
-    return XLoraCache(scaling, real, mask)
