@@ -47,7 +47,7 @@ bench-peers: $(STAMP)
 # 8 clients against one at a time, both servers decoding as the default does: the compiled step (built first
 # into the cache, minutes the first time) (docs/benchmarks.md#serving-under-load).
 bench-load: $(STAMP)
-	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --max-new-tokens 32 --torch-threads 1 --compiled
+	$(PY) -m bench.load --config $(CONFIG) --concurrency 1,4,8,16 --requests 4 --repeat 3 --max-new-tokens 32 --torch-threads 1 --compiled
 
 # The plain server against Ray Serve with 1 and 2 replicas (1 torch thread each), 8 clients (docs/scaling-out.md).
 bench-scale: $(STAMP)

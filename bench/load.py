@@ -18,6 +18,9 @@ Reports per C and mode: aggregate generated tokens/s (sum of completion_tokens /
 p50/p99 latency, p50/p99 time to first token (streamed requests), and every error (status + body). One
 markdown table at the end with both modes, the ratio batched / one-at-a-time, and both modes' token
 counts: greedy requests get the same tokens in any batch (docs/batch-invariance.md), so they match.
+With --repeat N every C runs N times in each mode, the modes taking turns; the table then gives each mode's
+median tok/s, the median of the N ratios (each batched round over the one-at-a-time round right after it:
+a 2-core VM's speed drifts by several percent between runs), and the latencies over all rounds.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -289,7 +294,7 @@ def run_all(configs: dict[str, Path], args, log_dir: Path) -> dict[str, list[Rou
                 raise RuntimeError(f"{mode}: --compiled, but the server decodes {step} (log {log_path})")
             warm_up(servers[mode].url, args.max_new_tokens, args.timeout)
         for c in args.concurrency:
-            for mode, server in servers.items():
+            for _, (mode, server) in itertools.product(range(args.repeat), servers.items()):
                 rnd = asyncio.run(run_round(server.url, c, args.requests, args.max_new_tokens, args.stream,
                                             args.timeout, mode))  # fmt: skip
                 results[mode].append(rnd)
@@ -324,25 +329,42 @@ def fmt(x: float, digits: int = 2) -> str:
 
 
 def table(batched: list[Round], single: list[Round], batch_size: int) -> str:
+    """One row per C: each mode's median tok/s over its rounds at that C, the median of the paired ratios (the
+    i-th batched round over the i-th one-at-a-time round), latencies over every round's requests."""
     head = (f"| C | requests | tok/s batched (max_batch_size {batch_size}) | tok/s one-at-a-time | ratio "
             "| latency p50/p99 batched (s) | latency p50/p99 one-at-a-time (s) "
             "| TTFT p50/p99 batched (s) | TTFT p50/p99 one-at-a-time (s) | tokens b/1 | errors b/1 |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    by_c = {r.concurrency: r for r in single}
 
-    def pair(rnd: Round | None, what: str) -> str:
-        if rnd is None:
+    def by_c(rounds: list[Round]) -> dict[int, list[Round]]:
+        out: dict[int, list[Round]] = {}
+        for r in rounds:
+            out.setdefault(r.concurrency, []).append(r)
+        return out
+
+    def pooled(rounds: list[Round] | None, what: str) -> str:
+        if not rounds:
             return "-"
-        get = getattr(rnd, what)
+        pool = Round(mode=rounds[0].mode, concurrency=rounds[0].concurrency, wall=0.0,
+                     results=[x for r in rounds for x in r.results])  # fmt: skip
+        get = getattr(pool, what)
         return f"{fmt(get(50))} / {fmt(get(99))}"
 
-    for b in batched:
-        s = by_c.get(b.concurrency)
-        ratio = b.tokens_per_s / s.tokens_per_s if s and s.tokens_per_s else math.nan
+    def tokens(rounds: list[Round] | None) -> str:
+        counts = sorted({r.tokens for r in rounds or []})
+        return ", ".join(str(n) for n in counts) or "-"
+
+    singles = by_c(single)
+    for c, b in by_c(batched).items():
+        s = singles.get(c)
+        ratios = [x.tokens_per_s / y.tokens_per_s for x, y in zip(b, s or [], strict=False) if y.tokens_per_s]
+        ratio = statistics.median(ratios) if ratios else math.nan
+        b_tok = statistics.median(r.tokens_per_s for r in b)
+        s_tok = fmt(statistics.median(r.tokens_per_s for r in s), 1) if s else "-"
         lines.append(
-            f"| {b.concurrency} | {len(b.results)} | {fmt(b.tokens_per_s, 1)} | {fmt(s.tokens_per_s, 1) if s else '-'} "
-            f"| {fmt(ratio)}x | {pair(b, 'latency')} | {pair(s, 'latency')} | {pair(b, 'ttft')} | {pair(s, 'ttft')} "
-            f"| {b.tokens} / {s.tokens if s else '-'} | {len(b.errors)} / {len(s.errors) if s else '-'} |"
+            f"| {c} | {len(b[0].results)} | {fmt(b_tok, 1)} | {s_tok} | {fmt(ratio)}x | {pooled(b, 'latency')} "
+            f"| {pooled(s, 'latency')} | {pooled(b, 'ttft')} | {pooled(s, 'ttft')} | {tokens(b)} / {tokens(s)} "
+            f"| {sum(len(r.errors) for r in b)} / {sum(len(r.errors) for r in s) if s else '-'} |"
         )
     return "\n".join(lines)
 
@@ -358,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds per C and mode, the modes taking turns; the table gives medians")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--stream", choices=["both", "on", "off"], default="both",
                         help="both = alternate streamed and plain requests (half each)")  # fmt: skip
@@ -371,14 +395,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="both servers on the compiled decode step (xlora-serve --precompile first)")  # fmt: skip
     args = parser.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     modes = args.modes.split(",")
 
     settings = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
     batch_size = (settings.get("server") or {}).get("max_batch_size", 8)
     threads = args.torch_threads or (settings.get("model") or {}).get("torch_threads") or "torch's default"
     print(f"# bench.load: {args.config}\nmachine: {machine()}\n"
-          f"C={args.concurrency}, {args.requests} requests per client, max_new_tokens {args.max_new_tokens}, "
-          f"greedy, stream={args.stream}, torch threads per server: {threads}, "
+          f"C={args.concurrency}, {args.requests} requests per client, {args.repeat} round(s) per C and mode, "
+          f"max_new_tokens {args.max_new_tokens}, greedy, stream={args.stream}, torch threads per server: {threads}, "
           f"decode step: {'compiled' if args.compiled else 'eager'}", flush=True)  # fmt: skip
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -394,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all({mode: configs[mode] for mode in modes}, args, args.log_dir)
 
     batched, single = results.get("batched", []), results.get("single", [])
-    print(f"\n## results ({args.config}, {args.requests} requests per client, max_new_tokens "
+    print(f"\n## results ({args.config}, {args.requests} requests per client, {args.repeat} round(s) per C and "
+          f"mode (medians), max_new_tokens "
           f"{args.max_new_tokens}, stream={args.stream}, torch threads {threads}, "
           f"{'compiled' if args.compiled else 'eager'} decode step)\nmachine: {machine()}\n")  # fmt: skip
     print(table(batched or single, single if batched else [], batch_size))
