@@ -142,6 +142,24 @@ def test_greedy_token_is_torch_argmax():
     assert [greedy_token(row) for row in logits[:3]] == [int(logits[0].argmax()), 10, 7]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_new_tokens_bars_eos_until_the_minimum_then_no_longer(temperature):
+    """A row whose EOS always has the largest logit: with min_new_tokens 3 its first 3 tokens are others, its
+    4th is EOS (greedy, and sampling with EOS all but certain); with 0 its first one is."""
+    eos, vocab = 7, 64
+    logits = torch.zeros(vocab)
+    logits[eos], logits[11] = 100.0, 50.0
+    for minimum, expected in ((3, [11, 11, 11, eos]), (0, [eos])):
+        params = SamplingParams(max_new_tokens=10, min_new_tokens=minimum, temperature=temperature, seed=0,
+                                eos_token_id=eos)  # fmt: skip
+        dec = RowDecoder(params, None, [1, 2, 3])
+        got = []
+        while dec.finish_reason is None:
+            token, _, _ = dec.step(logits)
+            got.append(token)
+        assert got == expected and dec.finish_reason == "stop"
+
+
 def test_eos_and_stop_strings_end_generation(model, tokenizer):
     (p,) = prompts(5, seed=5)
     free = model.generate(p, max_new_tokens=20)[0, 5:].tolist()
