@@ -202,6 +202,8 @@ def test_a_model_loaded_at_run_time_serves_among_the_others_then_unloads(client,
         assert "data: [DONE]" in rest and not any('"error"' in line for line in rest), rest[-3:]
     assert generate(client, model="up").status_code == 404
     assert "models" not in json.loads((world["root"] / "state.json").read_text())
+    frozen = [line for line in client.get("/metrics").text.splitlines() if line.startswith("xlora_gc_frozen_objects ")]
+    assert float(frozen[0].split()[1]) > 100_000  # the heap frozen again after the unload's full collection
     r = client.delete("/models/tiny-xlora")
     assert r.status_code == 409 and r.json()["error"]["code"] == "model_required"
     assert client.delete("/models/nope").status_code == 404

@@ -5,6 +5,7 @@ A Ray Serve replica passes its replica id: every sample it renders then carries 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,11 @@ class Metrics:
         )
         self.model_loaded = Gauge("xlora_model_loaded", "1 once the model is loaded and serving", registry=r)
         self.decode_compiled = Gauge("xlora_decode_compiled", "1 while decode steps run the compiled step", registry=r)
+        self.gc_frozen_objects = Gauge(
+            "xlora_gc_frozen_objects",
+            "Objects left out of Python's full garbage collections (the heap as loaded: gc.freeze)", registry=r,
+        )
+        self.gc_frozen_objects.set_function(gc.get_freeze_count)
 
     def set_routing(self, routing: Routing) -> None:
         self.routing_top_k.set(0 if routing.top_k is None else routing.top_k)

@@ -9,6 +9,7 @@ there is never a half-loaded model serving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -118,6 +119,7 @@ class ModelManager:
                 self.on_fatal(self.error)
             return
         if self.state == "loading":
+            freeze_heap()
             self.state = "ready"
             self.metrics.model_loaded.set(1)
             log.info("model ready: %s with experts %s", self.model_name, ", ".join(self.model.adapter_names))
@@ -238,6 +240,9 @@ class ModelManager:
             raise APIError(404, f"the model {name!r} does not exist", param="name", code="model_not_found") from None
         self.runtime_models = [e for e in self.runtime_models if e["name"] != name]
         self._save_models()
+        # Its objects were frozen with the heap: reference counting frees most, a full collection the cycles.
+        gc.unfreeze()
+        freeze_heap()
         log.info("model %s unloaded", name)
 
     def _refuse_on_replicas(self) -> None:
@@ -553,6 +558,16 @@ class ModelManager:
             "detail": self.error,
             "decode_step": self.step_compiler.state if self.step_compiler is not None else None,
         }
+
+
+def freeze_heap() -> None:
+    """Leave every object alive now out of Python's full garbage collections, as vLLM does after start-up.
+    torch, transformers and the model are some 460k objects: a full collection walked them all, holding the
+    GIL, and stalled the model worker for 0.2 to 0.4 s every few seconds under load (225 ms a collection here;
+    none after the freeze). Frozen objects are still freed when nothing refers to them; only reference cycles
+    among them wait for `gc.unfreeze()` (a model unloaded at run time)."""
+    gc.collect()
+    gc.freeze()
 
 
 def build_model(s: Settings):
